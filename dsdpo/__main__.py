@@ -1,0 +1,3 @@
+from dsdpo.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""The `dsdpo` command line: a click group; each command imports its heavy modules when it runs."""
+
+from __future__ import annotations
+
+import click
+
+from dsdpo import __version__
+from dsdpo.errors import DsdpoError
+
+
+class DsdpoGroup(click.Group):
+    """Turns a DsdpoError into click's one-line 'Error: ...' and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DsdpoError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=DsdpoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dsdpo")
+def main():
+    """Preference optimisation (DPO and its family) for masked diffusion language models.
+
+    Training runs under DeepSpeed: `deepspeed launch/train.py --help`. These commands build tiny
+    models, score and evaluate models, and export checkpoints.
+    """
+
+
+@main.command("init-tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--arch",
+    type=click.Choice(["gemma", "bert"]),
+    default="gemma",
+    show_default=True,
+    help="gemma: a bidirectional decoder like LLaDA; bert: a masked-LM encoder.",
+)
+@click.option("--hidden-size", default=64, show_default=True, help="Width of the model.")
+@click.option("--layers", "num_layers", default=2, show_default=True, help="Number of transformer layers.")
+@click.option("--heads", "num_heads", default=2, show_default=True, help="Attention heads.")
+@click.option("--intermediate-size", default=128, show_default=True, help="Width of the feed-forward layer.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
+def init_tiny_command(out_dir, **options):
+    """Write a tiny random model with a character tokenizer to OUT_DIR (for demos and tests).
+
+    The folder loads with transformers and with every dsdpo command; its config names the mask token.
+    """
+    from dsdpo.tiny import init_tiny
+
+    folder = init_tiny(out_dir, **options)
+    click.echo(f"wrote a tiny {options['arch']} model to {folder}")

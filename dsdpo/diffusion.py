@@ -1,0 +1,258 @@
+"""Monte Carlo ELBO scores of responses under a masked diffusion LM (DESIGN.md, "The score").
+
+    terms = elbo_terms(model, input_ids, response_mask, mask_token_id=m, draws=d)   # [B, n]
+    scores = elbo(model, input_ids, response_mask, mask_token_id=m, budget=8)      # [B]
+
+`model` is a plain transformers model (or any module whose forward(input_ids, attention_mask)
+returns logits or an output with `.logits`), a MaskedTokenScorer, or a DeepSpeed engine around one.
+Only response tokens are ever masked; the prompt is always visible; padding never counts.
+The rows of all draws go through the model in as few forward calls as `max_tokens_per_forward`
+allows (rows × sequence length per call), never one forward per draw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dsdpo.draws import DrawKey, Draws, sample_draws
+from dsdpo.errors import DsdpoError
+from dsdpo.logprobs import as_scorer
+
+
+@dataclass
+class ScoringBatch:
+    """Tokenised sequences (prompt + response) and which tokens are response tokens."""
+
+    input_ids: Tensor  # [B, S]
+    response_mask: Tensor  # [B, S] bool
+    attention_mask: Tensor  # [B, S] long, 0 on padding
+
+    @classmethod
+    def build(cls, input_ids: Tensor, response_mask: Tensor, attention_mask: Tensor | None) -> ScoringBatch:
+        response_mask = response_mask.bool()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape != response_mask.shape or input_ids.shape != attention_mask.shape:
+            raise DsdpoError(
+                f"input_ids {tuple(input_ids.shape)}, response_mask {tuple(response_mask.shape)} and "
+                f"attention_mask {tuple(attention_mask.shape)} must have the same shape"
+            )
+        if bool((response_mask & (attention_mask == 0)).any()):
+            raise DsdpoError("response_mask marks padding positions (attention_mask 0) as response tokens")
+        empty = (response_mask.sum(1) == 0).nonzero().flatten()
+        if empty.numel():
+            raise DsdpoError(f"response {int(empty[0])} of the batch is empty: there is nothing to score")
+        return cls(input_ids, response_mask, attention_mask)
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(1).cpu()
+
+    def response_positions(self) -> Tensor:
+        """[B, Lmax] sequence index of each response token, padded with S (an out-of-range column)."""
+        lengths = self.response_mask.sum(1)
+        width = int(lengths.max())
+        # A stable sort puts the response positions first, in sequence order.
+        order = torch.argsort((~self.response_mask).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=order.device) < lengths[:, None]
+        return torch.where(valid, order, self.input_ids.shape[1])
+
+    def sequence_ends(self) -> Tensor:
+        """[B] one past the last attended token: columns beyond it are padding for that row."""
+        columns = torch.arange(1, self.input_ids.shape[1] + 1, device=self.input_ids.device)
+        return (self.attention_mask.bool() * columns).amax(1).cpu()
+
+
+def _scatter_to_sequence(relative: Tensor, positions: Tensor, width: int) -> Tensor:
+    """Response-relative bool columns -> sequence columns (the padded index S lands in a dropped column)."""
+    out = torch.zeros(relative.shape[0], width + 1, dtype=torch.bool, device=positions.device)
+    out.scatter_(1, positions[:, : relative.shape[1]], relative.to(positions.device))
+    return out[:, :width]
+
+
+def forward_rows(batch: ScoringBatch, draws: Draws, rows: Tensor, mask_token_id: int) -> dict[str, Tensor]:
+    """The model inputs of some rows of `draws`: masked input ids, attention, scored positions, targets."""
+    device = batch.input_ids.device
+    rows = rows.to(draws.example.device)
+    example = draws.example[rows].to(device)
+    width = int(batch.sequence_ends()[draws.example[rows]].max())
+    positions = batch.response_positions()[example]
+    masked = _scatter_to_sequence(draws.masked[rows], positions, batch.input_ids.shape[1])[:, :width]
+    scored = _scatter_to_sequence(draws.scored[rows], positions, batch.input_ids.shape[1])[:, :width]
+    targets = batch.input_ids[example, :width]
+    return {
+        "input_ids": targets.masked_fill(masked, mask_token_id),
+        "attention_mask": batch.attention_mask[example, :width],
+        "scored": scored,
+        "targets": targets,
+    }
+
+
+def plan_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int | None) -> list[Tensor]:
+    """Split the rows into consecutive chunks of at most `max_tokens_per_forward` (rows × width) tokens.
+
+    A row longer than the budget goes alone. No budget: one chunk holding every row.
+    """
+    if max_tokens_per_forward is None or draws.num_rows == 0:
+        return [torch.arange(draws.num_rows)]
+    ends = batch.sequence_ends()[draws.example].tolist()
+    chunks, start, width = [], 0, 0
+    for row, end in enumerate(ends):
+        new_width = max(width, end)
+        if row > start and (row - start + 1) * new_width > max_tokens_per_forward:
+            chunks.append(torch.arange(start, row))
+            start, new_width = row, end
+        width = new_width
+    chunks.append(torch.arange(start, len(ends)))
+    return chunks
+
+
+def row_weights(draws: Draws) -> Tensor:
+    """[R] the coefficient of each row's log-probability sum in its response's score B̂ = mean_k f_k."""
+    return (draws.weight / draws.budget).float()
+
+
+def draw_terms(row_sums: Tensor, draws: Draws) -> Tensor:
+    """[B, n] per-draw terms f_k = Σ_rows weight · (row log-probability sum)."""
+    flat_index = (draws.example * draws.budget + draws.draw).to(row_sums.device)
+    terms = torch.zeros(draws.batch_size * draws.budget, dtype=row_sums.dtype, device=row_sums.device)
+    terms = terms.index_add(0, flat_index, row_sums * draws.weight.to(row_sums))
+    return terms.view(draws.batch_size, draws.budget)
+
+
+def row_logprob_sums(
+    model: nn.Module, batch: ScoringBatch, draws: Draws, *, mask_token_id: int, max_tokens_per_forward=None
+) -> Tensor:
+    """[R] Σ log p(y_i | x, y with the row's mask) over each row's scored positions."""
+    if not torch.equal(draws.lengths, batch.response_lengths):
+        raise DsdpoError(
+            f"the draws were made for response lengths {draws.lengths.tolist()}, "
+            f"but the batch has {batch.response_lengths.tolist()}"
+        )
+    scorer = as_scorer(model)
+    chunks = iter_chunk_inputs(batch, draws, mask_token_id, max_tokens_per_forward)
+    return torch.cat([scorer(**inputs) for _, inputs in chunks])
+
+
+def elbo_terms(
+    model: nn.Module,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    mask_token_id: int,
+    draws: Draws,
+    attention_mask: Tensor | None = None,
+    max_tokens_per_forward: int | None = None,
+) -> Tensor:
+    """[B, n] the per-draw ELBO terms f_k of each response (their mean over k is the score)."""
+    batch = ScoringBatch.build(input_ids, response_mask, attention_mask)
+    sums = row_logprob_sums(
+        model, batch, draws, mask_token_id=mask_token_id, max_tokens_per_forward=max_tokens_per_forward
+    )
+    return draw_terms(sums, draws)
+
+
+def elbo(
+    model: nn.Module,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    mask_token_id: int,
+    budget: int = 8,
+    estimator: str = "l_over_L",
+    draws: Draws | None = None,
+    seed: int = 0,
+    keys: Sequence[DrawKey] | None = None,
+    steps: int | None = None,
+    attention_mask: Tensor | None = None,
+    max_tokens_per_forward: int | None = None,
+) -> Tensor:
+    """[B] Monte Carlo estimate of each response's ELBO B_θ(y|x) with `budget` keyed draws.
+
+    Give `draws` to score exact, shared masks (policy and reference); otherwise they are sampled
+    from `keys` (default: seed `seed`, example id = batch index, epoch 0).
+    """
+    if draws is None:
+        if keys is None:
+            keys = [DrawKey(seed, index) for index in range(input_ids.shape[0])]
+        lengths = response_mask.bool().sum(1).cpu()
+        draws = sample_draws(input_ids.shape[0], lengths, budget, estimator, keys=keys, steps=steps)
+    terms = elbo_terms(
+        model,
+        input_ids,
+        response_mask,
+        mask_token_id=mask_token_id,
+        draws=draws,
+        attention_mask=attention_mask,
+        max_tokens_per_forward=max_tokens_per_forward,
+    )
+    return terms.mean(-1)
+
+
+def enumeration_draws(response_lengths: Sequence[int]) -> Draws:
+    """Every non-empty mask set M of every response as one row, weighted 1/(|M| · C(L, |M|)).
+
+    Summed, these rows give the ELBO exactly (DESIGN.md, "Exact value for small L"): 2^L - 1 rows a
+    response, so only for short ones.
+    """
+    lengths = torch.as_tensor(list(response_lengths), dtype=torch.long)
+    width = int(lengths.max())
+    if width > 16:
+        raise DsdpoError(f"exact ELBO enumerates 2^L mask sets; L={width} is too long (at most 16)")
+    example, masked, weight = [], [], []
+    for b, length in enumerate(lengths.tolist()):
+        for size in range(1, length + 1):
+            for subset in itertools.combinations(range(length), size):
+                row = torch.zeros(width, dtype=torch.bool)
+                row[list(subset)] = True
+                example.append(b)
+                masked.append(row)
+                weight.append(1.0 / (size * math.comb(length, size)))
+    mask_rows = torch.stack(masked)
+    return Draws(
+        example=torch.tensor(example),
+        draw=torch.zeros(len(example), dtype=torch.long),
+        masked=mask_rows,
+        scored=mask_rows,
+        weight=torch.tensor(weight, dtype=torch.float64),
+        lengths=lengths,
+        budget=1,
+    )
+
+
+@torch.no_grad()
+def exact_elbo(
+    model: nn.Module,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    mask_token_id: int,
+    attention_mask: Tensor | None = None,
+    max_tokens_per_forward: int | None = 65536,
+) -> Tensor:
+    """[B] the ELBO by enumerating every mask set: the number Monte Carlo estimates must converge to."""
+    draws = enumeration_draws(response_mask.bool().sum(1).tolist())
+    terms = elbo_terms(
+        model,
+        input_ids,
+        response_mask,
+        mask_token_id=mask_token_id,
+        draws=draws,
+        attention_mask=attention_mask,
+        max_tokens_per_forward=max_tokens_per_forward,
+    )
+    return terms[:, 0]
+
+
+def iter_chunk_inputs(
+    batch: ScoringBatch, draws: Draws, mask_token_id: int, max_tokens_per_forward: int | None
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """(row indices, model inputs) per chunk: what a trainer's gradient pass walks through."""
+    for rows in plan_chunks(batch, draws, max_tokens_per_forward):
+        yield rows, forward_rows(batch, draws, rows, mask_token_id)

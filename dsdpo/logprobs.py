@@ -1,0 +1,89 @@
+"""Log-probabilities of target tokens at chosen positions, the one forward computation of every score.
+
+The output layer of a diffusion LM is its largest activation (LLaDA: 126k vocabulary), and an ELBO
+term only needs it where tokens are masked. Where the model's structure is known to be
+"trunk -> linear head" the head runs on those positions alone; any other model gets full logits,
+gathered afterwards (correct, only heavier).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Model types whose logits are exactly `head(trunk(...).last_hidden_state)`, with no scaling or
+# soft-capping between them. A type not listed here falls back to full logits.
+SPLIT_HEAD_MODEL_TYPES = {
+    "gemma": ("model", "lm_head"),
+    "llama": ("model", "lm_head"),
+    "mistral": ("model", "lm_head"),
+    "qwen2": ("model", "lm_head"),
+    "qwen3": ("model", "lm_head"),
+    "bert": ("bert", "cls"),
+}
+
+
+def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    config = getattr(model, "config", None)
+    names = SPLIT_HEAD_MODEL_TYPES.get(getattr(config, "model_type", None))
+    if names is None or getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    trunk, head = (getattr(model, name, None) for name in names)
+    if trunk is None or head is None:
+        return None
+    return trunk, head
+
+
+def bidirectional_attention_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """A 4D additive key-padding mask, or None where nothing is padded.
+
+    transformers' decoders with `use_bidirectional_attention` (Gemma, 5.23) still build a *causal*
+    mask from a 2D padding mask: every query would stop seeing later tokens. A ready 4D mask is used
+    as it is, so padding is hidden from every query and nothing else is.
+    """
+    if bool(attention_mask.all()):
+        return None  # SDPA then runs unmasked, non-causal
+    hidden = torch.finfo(dtype).min * (attention_mask == 0).to(dtype)
+    return hidden[:, None, None, :].expand(-1, 1, attention_mask.shape[1], -1)
+
+
+def _logits(output) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+class MaskedTokenScorer(nn.Module):
+    """Wraps a denoiser; forward returns, per row, Σ log p(targets[i] | input) over scored positions i.
+
+    This is the module a DeepSpeed engine wraps, so that ZeRO-3's hooks see one root forward call.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._split = _trunk_and_head(model)
+        self._bidirectional_decoder = bool(
+            getattr(getattr(model, "config", None), "use_bidirectional_attention", False)
+        )
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, targets: Tensor) -> Tensor:
+        rows, positions = scored.nonzero(as_tuple=True)
+        if self._bidirectional_decoder:
+            attention_mask = bidirectional_attention_mask(attention_mask, self.model.dtype)
+        if self._split is not None:
+            trunk, head = self._split
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = head(hidden[rows, positions])
+        else:
+            logits = _logits(self.model(input_ids=input_ids, attention_mask=attention_mask))[rows, positions]
+        # log p(y_i) in fp32 whatever the model's dtype: the ELBO sums hundreds of these.
+        token_logprobs = -F.cross_entropy(logits.float(), targets[rows, positions], reduction="none")
+        per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+        return per_row.index_add(0, rows, token_logprobs)
+
+
+def as_scorer(model: nn.Module) -> nn.Module:
+    """The callable that scores rows: a MaskedTokenScorer, a DeepSpeed engine around one, or a model."""
+    if isinstance(model, MaskedTokenScorer) or isinstance(getattr(model, "module", None), MaskedTokenScorer):
+        return model
+    return MaskedTokenScorer(model)
