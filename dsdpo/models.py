@@ -83,6 +83,20 @@ def load_model(
     return cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Make the model deterministic in train mode (train mode keeps activation checkpointing on).
+
+    The chunked exact gradient recomputes every score in a second pass: both passes must compute
+    the same function. (TRL's DPO disables dropout too.)
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     folder = check_model_folder(path)
     try:

@@ -1,0 +1,213 @@
+"""Typed training configuration: dataclasses that validate themselves and name the bad field.
+
+A config comes from a YAML/JSON file with one section per dataclass (model, data, score, loss,
+train), then command-line overrides. DeepSpeed settings (ZeRO, offload, precision, batch sizes,
+optimizer) are not here: they live in the DeepSpeed JSON (see dsdpo/ds_config.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsdpo.draws import ESTIMATORS
+from dsdpo.errors import DsdpoError
+from dsdpo.loss import LossConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local Hugging Face folder of the policy (and, by default, the reference)
+    reference_path: str | None = None  # a different reference model; default: the policy's start
+    trust_remote_code: bool = False  # LLaDA and Dream ship their own modelling code
+    mask_token_id: int | None = None  # default: the config's mask_token_id, else the tokenizer's
+    gradient_checkpointing: bool = True  # activation checkpointing of the policy
+
+    def validate(self):
+        if not self.path:
+            raise DsdpoError("model.path is required: a local model folder (--model DIR)")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # preference pairs: JSONL, JSON, Parquet or a datasets folder
+    max_length: int = 1024  # prompt + response tokens
+    max_prompt_length: int | None = None
+    skip_invalid: bool = False  # skip malformed rows (counted by reason) instead of stopping
+
+    def validate(self):
+        if not self.path:
+            raise DsdpoError("data.path is required: a preference data file (--data FILE)")
+        if self.max_length < 2:
+            raise DsdpoError(f"data.max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class ScoreConfig:
+    estimator: str = "l_over_L"
+    budget: int = 8  # Monte Carlo draws per response (VRPO's n)
+    steps: int | None = None  # unmasking steps T of the trajectory estimator (default L)
+    # Tokens (rows × sequence length) in one forward with gradients: the activation-memory knob.
+    max_tokens_per_forward: int = 4096
+    # Tokens in one forward without gradients (reference and the first pass): no activations are
+    # kept for backward, so this can be several times larger. Default: 4 × max_tokens_per_forward.
+    max_tokens_no_grad: int | None = None
+
+    def validate(self):
+        if self.estimator not in ESTIMATORS:
+            raise DsdpoError(
+                f"score.estimator: unknown {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}"
+            )
+        if self.budget < 1:
+            raise DsdpoError(f"score.budget must be at least 1, got {self.budget}")
+        if self.max_tokens_per_forward < 1:
+            raise DsdpoError(
+                f"score.max_tokens_per_forward must be positive, got {self.max_tokens_per_forward}"
+            )
+
+    @property
+    def no_grad_tokens(self) -> int:
+        return self.max_tokens_no_grad or 4 * self.max_tokens_per_forward
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/dsdpo"  # everything the run writes goes here
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
+    seed: int = 0  # data order and Monte Carlo draws
+    log_every: int = 1  # optimizer steps between metrics lines
+    save_every: int | None = None  # optimizer steps between checkpoints (and always at the end)
+    keep_last: int = 2  # checkpoints kept
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss before training stops
+
+    def validate(self):
+        for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise DsdpoError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DsdpoError(f"train.{name} must be at least 1, got {value}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for section in (self.model, self.data, self.score, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check (and, for strings from the command line, convert) one field's value."""
+    hint = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in hint:
+            return None
+        raise DsdpoError(f"{name} may not be empty")
+    for kind in (k for k in hint if k is not type(None)):
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif kind is int and not isinstance(value, bool):
+            if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind is float and not isinstance(value, bool):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        elif kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    expected = " or ".join(getattr(k, "__name__", str(k)) for k in hint)
+    raise DsdpoError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], section: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {section}.{close[0]}?)" if close else f"; known: {', '.join(names)}"
+            raise DsdpoError(f"{source}: unknown field {section}.{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+    return cls(**kwargs)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from nested sections; unknown sections or fields are errors naming them."""
+    if not isinstance(data, dict):
+        raise DsdpoError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise DsdpoError(f"{source}: unknown section {name!r}; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise DsdpoError(f"{source}: section {name!r} must be a mapping of fields")
+        sections[name] = _section_from_dict(hints[name], values, name, source)
+    return Config(**sections)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON training config into nested dicts (not yet validated)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DsdpoError(f"{file}: no such training config file")
+    text = file.read_text()
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise DsdpoError(f"{file}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}") from err
+    return data or {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys ("score.budget": 4) on nested dicts; None values are left alone."""
+    merged = {section: dict(values) for section, values in data.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise DsdpoError(f"override {dotted!r}: use section.field=value, e.g. score.budget=4")
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, str]:
+    """`--set score.budget=4` pairs into a dict; values stay strings and are converted per field."""
+    parsed = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DsdpoError(f"--set {item!r}: expected section.field=value")
+        parsed[key.strip()] = value.strip()
+    return parsed

@@ -1,0 +1,117 @@
+"""DeepSpeed engines for the policy and the frozen reference: the one module that imports deepspeed.
+
+Both are ZeRO-3 engines around a MaskedTokenScorer (so ZeRO's hooks see one root forward). The
+policy is loaded partitioned (transformers' from_pretrained under HfDeepSpeedConfig) and trains;
+the reference has no optimizer state and runs under no_grad.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers.integrations import HfDeepSpeedConfig
+
+from dsdpo.config import ModelConfig
+from dsdpo.ds_config import reference_ds_config
+from dsdpo.logprobs import MaskedTokenScorer
+from dsdpo.models import disable_dropout, load_model
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group the `deepspeed` launcher set up, or make a one-process group.
+
+    Plain `python launch/train.py` has no launcher variables; DeepSpeed would then look for MPI.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_max(value: float) -> float:
+    """The largest value over all ranks (every rank must call it)."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor[0])
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    if world_size() == 1:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / world_size()).tolist()))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    return torch.device(deepspeed.get_accelerator().current_device_name())
+
+
+@dataclass
+class Engines:
+    policy: Any  # deepspeed.DeepSpeedEngine around MaskedTokenScorer(policy model)
+    reference: Any  # deepspeed.DeepSpeedEngine around MaskedTokenScorer(reference model), eval only
+    # Held for the engines' lifetime: transformers' ZeRO-3 loading reads it globally.
+    _hf_ds_config: Any = None
+
+
+def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
+    """Load a model straight into ZeRO-3 partitions (never whole on one rank)."""
+    hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
+    return model, hf_config
+
+
+def build_engines(model_config: ModelConfig, ds_config: dict[str, Any]) -> Engines:
+    """The training policy engine and the frozen reference engine."""
+    policy_model, hf_config = _load_partitioned(model_config.path, ds_config, model_config)
+    disable_dropout(policy_model)
+    if model_config.gradient_checkpointing:
+        policy_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy_scorer = MaskedTokenScorer(policy_model)
+    policy, *_ = deepspeed.initialize(
+        model=policy_scorer,
+        model_parameters=[p for p in policy_scorer.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+
+    reference_config = reference_ds_config(ds_config)
+    reference_model, _ = _load_partitioned(
+        model_config.reference_path or model_config.path, reference_config, model_config
+    )
+    reference_model.requires_grad_(False)
+    reference, *_ = deepspeed.initialize(model=MaskedTokenScorer(reference_model), config=reference_config)
+    reference.eval()
+    return Engines(policy=policy, reference=reference, _hf_ds_config=hf_config)

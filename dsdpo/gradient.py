@@ -1,0 +1,136 @@
+"""The exact preference gradient of one micro-batch of pairs, with the draws split into chunks.
+
+DESIGN.md, "Exact gradients when the score is chunked". The loss ℓ is not linear in the scores, so a
+chunk cannot backprop its own piece of ℓ. With B̂ = Σ_rows c_r s_r (s_r: a row's log-probability
+sum, c_r = weight_r / n; see diffusion.row_weights):
+
+    ∂ℓ/∂θ = Σ_responses (∂ℓ/∂B̂) ∇B̂ = Σ_rows (∂ℓ/∂B̂_{example(r)}) c_r ∇s_r
+
+Pass 1 computes every s_r without gradients (policy and reference), hence B̂, ℓ and g = ∂ℓ/∂B̂ by
+autograd on the scores alone (so any loss in dsdpo.loss works). Pass 2 recomputes the policy rows
+chunk by chunk with gradients and backprops Σ_r g c_r s_r. When all rows fit in one chunk, one
+forward with gradients does both. Peak activation memory is one chunk whatever the budget.
+
+Under ZeRO-3 every forward gathers parameters collectively, so all ranks run the same number of
+forward and backward calls: a rank with fewer chunks repeats its first one with a zero coefficient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks, row_weights
+from dsdpo.draws import Draws
+from dsdpo.engine import all_reduce_max
+from dsdpo.loss import LossConfig, LossOutput, preference_loss
+
+
+@dataclass
+class MicroStep:
+    """What one micro-batch did: its loss (None when non-finite and skipped) and diagnostics."""
+
+    finite: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    sweeps: int = 0  # parameter sweeps: forward and backward calls of the policy and the reference
+
+
+def _padded(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
+    """(rows, is_real) for `count` calls: the real chunks, then repeats of the first as fillers."""
+    return [(rows, True) for rows in chunks] + [(chunks[0], False)] * (count - len(chunks))
+
+
+@torch.no_grad()
+def _no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: int, chunks, count) -> Tensor:
+    sums = []
+    for rows, real in _padded(chunks, count):
+        result = engine(**forward_rows(batch, draws, rows, mask_token_id))
+        if real:
+            sums.append(result)
+    return torch.cat(sums)
+
+
+def _diagnostics(policy_terms: Tensor, reference_terms: Tensor) -> dict[str, float]:
+    """VRPO diagnostics: std error of B̂_θ, of B̂_θ − B̂_ref (antithetic), and their draw correlation."""
+    n = policy_terms.shape[1]
+    if n < 2:
+        return {}
+    difference = policy_terms - reference_terms
+    centred_p = policy_terms - policy_terms.mean(1, keepdim=True)
+    centred_r = reference_terms - reference_terms.mean(1, keepdim=True)
+    covariance = (centred_p * centred_r).sum(1)
+    norms = (centred_p.square().sum(1) * centred_r.square().sum(1)).sqrt().clamp_min(1e-12)
+    return {
+        "vrpo/score_stderr": float((policy_terms.std(1) / n**0.5).mean()),
+        "vrpo/diff_stderr": float((difference.std(1) / n**0.5).mean()),
+        "vrpo/policy_ref_corr": float((covariance / norms).mean()),
+    }
+
+
+def preference_micro_step(
+    policy,
+    reference,
+    batch: ScoringBatch,
+    draws: Draws,
+    *,
+    mask_token_id: int,
+    loss_config: LossConfig,
+    max_tokens_per_forward: int,
+    max_tokens_no_grad: int,
+    loss_scale: float,
+    preference_prob: Tensor | None = None,
+) -> MicroStep:
+    """Score a micro-batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected) and backprop its loss.
+
+    `loss_scale` multiplies the micro-batch's mean loss (1 / gradient accumulation steps), so that the
+    step's gradient is that of the mean loss over every pair of the step.
+    """
+    pairs = batch.input_ids.shape[0] // 2
+    grad_chunks = plan_chunks(batch, draws, max_tokens_per_forward)
+    no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
+    grad_calls, no_grad_calls = (int(all_reduce_max(len(chunks))) for chunks in (grad_chunks, no_grad_chunks))
+    single_pass = grad_calls == 1
+    coefficients = row_weights(draws).to(batch.input_ids.device)
+
+    reference_sums = _no_grad_row_sums(reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls)
+    sweeps = no_grad_calls
+    if single_pass:
+        policy_sums = policy(**forward_rows(batch, draws, grad_chunks[0], mask_token_id))
+    else:
+        policy_sums = _no_grad_row_sums(policy, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls)
+    sweeps += 1 if single_pass else no_grad_calls
+
+    policy_terms, reference_terms = draw_terms(policy_sums, draws), draw_terms(reference_sums, draws)
+    scores = policy_terms.mean(1) if single_pass else policy_terms.mean(1).requires_grad_()
+    reference_scores = reference_terms.mean(1)
+    out: LossOutput = preference_loss(
+        scores[:pairs],
+        scores[pairs:],
+        reference_scores[:pairs],
+        reference_scores[pairs:],
+        loss_config,
+        preference_prob,
+    )
+    metrics = {
+        **out.metrics(scores[:pairs], scores[pairs:]),
+        **_diagnostics(policy_terms.detach(), reference_terms),
+    }
+    # A non-finite loss on any rank skips this micro-batch everywhere (the ranks stay in lockstep).
+    finite = all_reduce_max(0.0 if bool(torch.isfinite(out.losses).all()) else 1.0) == 0.0
+    if not finite:
+        return MicroStep(finite=False, metrics=metrics, sweeps=sweeps)
+
+    if single_pass:
+        policy.backward(out.loss * loss_scale, scale_wrt_gas=False)
+        return MicroStep(finite=True, metrics=metrics, sweeps=sweeps + 1)
+
+    # g = ∂(scaled loss)/∂B̂ per response, spread onto rows: ∂/∂s_r = g[example(r)] · c_r.
+    (out.loss * loss_scale).backward()
+    row_grads = scores.grad[draws.example.to(scores.device)] * coefficients
+    for rows, real in _padded(grad_chunks, grad_calls):
+        sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
+        weight = row_grads[rows.to(row_grads.device)] if real else torch.zeros_like(sums)
+        policy.backward((sums * weight).sum(), scale_wrt_gas=False)
+    return MicroStep(finite=True, metrics=metrics, sweeps=sweeps + 2 * grad_calls)
