@@ -58,7 +58,7 @@ def resolve_batch_sizes(config: dict, world_size: int, source: str) -> dict[str,
             f"train_micro_batch_size_per_gpu ({micro}) × gradient_accumulation_steps ({accumulation}) "
             f"× world size ({world_size})"
         )
-    return dict(zip(BATCH_FIELDS, (total, micro, accumulation)))
+    return dict(zip(BATCH_FIELDS, (total, micro, accumulation), strict=True))
 
 
 def _fill_nvme_paths(zero: dict, nvme_path: str | None, source: str, role: str) -> None:

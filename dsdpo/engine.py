@@ -66,7 +66,7 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
         return values
     tensor = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(tensor)
-    return dict(zip(values, (tensor / world_size()).tolist()))
+    return dict(zip(values, (tensor / world_size()).tolist(), strict=True))
 
 
 def barrier() -> None:

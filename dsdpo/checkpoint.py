@@ -1,0 +1,176 @@
+"""Sharded checkpoints that a crash cannot corrupt, and exact resume.
+
+Layout under the run's output folder:
+
+    step_000123/            DeepSpeed's sharded ZeRO-3 files (every rank writes its own shard)
+    step_000123/hf/         the model's config and tokenizer (what `dsdpo export` needs beside weights)
+    step_000123/dsdpo_state.json   written last, by rank 0, after every rank finished: "complete"
+    latest                  the name of the newest complete checkpoint, replaced atomically
+
+`latest` moves only after the state file exists, so a process killed while writing leaves the
+previous checkpoint as the one that resumes. Data order and Monte Carlo draws are pure functions of
+(seed, epoch, position, example id), so restoring the batcher's position restores them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsdpo import __version__
+from dsdpo.errors import DsdpoError
+
+STATE_FILE = "dsdpo_state.json"
+LATEST_FILE = "latest"
+STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass
+class TrainState:
+    """Everything beside the engine's weights and optimizer that a resumed run needs."""
+
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    consumed_pairs: int = 0
+    skipped_steps: int = 0
+    bad_steps_in_row: int = 0
+    batcher: dict[str, Any] = field(default_factory=dict)  # PairBatcher.state_dict(): epoch, position
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+
+
+def save_checkpoint(
+    engine,
+    output: Path,
+    state: TrainState,
+    *,
+    config: dict[str, Any],
+    world_size: int,
+    is_rank0: bool,
+    save_hf_files,
+    keep_last: int,
+    barrier,
+) -> Path:
+    """Write step_NNNNNN (all ranks call this), then mark it complete and move `latest` (rank 0)."""
+    tag = step_tag(state.step)
+    folder = output / tag
+    client_state = {"dsdpo": asdict(state), "rng": _rng_state()}
+    engine.save_checkpoint(str(output), tag=tag, client_state=client_state, save_latest=False)
+    if is_rank0:
+        save_hf_files(folder / "hf")
+    barrier()  # every rank's shard is on disk
+    if is_rank0:
+        meta = {"dsdpo_version": __version__, "world_size": world_size, "state": asdict(state), "config": config}
+        _atomic_write(folder / STATE_FILE, json.dumps(meta, indent=1))
+        _atomic_write(output / LATEST_FILE, tag)
+        _prune(output, keep=keep_last, protect=tag)
+    barrier()
+    return folder
+
+
+def _prune(output: Path, *, keep: int, protect: str) -> None:
+    complete = sorted(complete_checkpoints(output))
+    for folder in complete[:-keep]:
+        if folder.name != protect:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def complete_checkpoints(output: Path) -> list[Path]:
+    """Checkpoint folders whose state file exists (written last), oldest first."""
+    if not output.is_dir():
+        return []
+    found = [p for p in output.iterdir() if STEP_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
+
+
+def find_resume_checkpoint(output: Path, resume: str) -> Path | None:
+    """`--resume auto`: the newest complete checkpoint in the output folder (None for a fresh run).
+    `--resume PATH`: that checkpoint folder, which must be complete."""
+    if resume == "auto":
+        latest = output / LATEST_FILE
+        if latest.is_file():
+            named = output / latest.read_text().strip()
+            if (named / STATE_FILE).is_file():
+                return named
+        complete = complete_checkpoints(output)
+        return complete[-1] if complete else None
+    folder = Path(resume)
+    check_checkpoint(folder)
+    return folder
+
+
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    """The checkpoint's metadata; a missing, partial or corrupt one is an error naming the file."""
+    if not folder.is_dir():
+        raise DsdpoError(f"{folder}: no such checkpoint folder")
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise DsdpoError(
+            f"{state_file} is missing: {folder} is not a complete dsdpo checkpoint "
+            "(it was interrupted while being written, or is not a checkpoint); resume from an earlier one"
+        )
+    try:
+        meta = json.loads(state_file.read_text())
+        meta["state"], meta["world_size"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DsdpoError(f"{state_file}: corrupt checkpoint state ({err})") from err
+    shards = list(folder.glob("*model_states.pt"))
+    if not shards:
+        raise DsdpoError(f"{folder}: no DeepSpeed model shards (*model_states.pt); the checkpoint is incomplete")
+    return meta
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested config dicts."""
+    names = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return names
+
+
+def load_checkpoint(engine, folder: Path, *, world_size: int) -> tuple[TrainState, dict[str, Any]]:
+    """Load weights, optimizer and scheduler into `engine`; return the train state and saved config."""
+    meta = check_checkpoint(folder)
+    if meta["world_size"] != world_size:
+        raise DsdpoError(
+            f"{folder} was written by {meta['world_size']} ranks and this run has {world_size}: ZeRO's "
+            "optimizer shards cannot be re-partitioned in place. Convert it with "
+            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder} --output_folder "
+            f"{folder}_universal`, or resume with {meta['world_size']} ranks"
+        )
+    try:
+        _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise DsdpoError(f"{folder}: cannot load the DeepSpeed shards ({err})") from err
+    if client_state is None:
+        raise DsdpoError(f"{folder}: DeepSpeed found no checkpoint to load")
+    _restore_rng(client_state["rng"])
+    return TrainState(**client_state["dsdpo"]), meta["config"]

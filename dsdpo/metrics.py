@@ -1,0 +1,82 @@
+"""What a run reports: a progress bar, metrics.jsonl, and TensorBoard events when it is installed.
+
+Only rank 0 writes; the other ranks get a logger that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory where there is one, else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class RunLogger:
+    """Rank 0's progress bar and metric files; `enabled=False` makes every call a no-op."""
+
+    BAR_FIELDS = {
+        "loss": "loss",
+        "rewards/accuracies": "acc",
+        "rewards/margins": "margin",
+        "pairs_per_s": "pairs/s",
+        "tokens_per_s": "tok/s",
+        "peak_memory_mb": "mem_mb",
+    }
+
+    def __init__(self, output: Path, *, total_steps: int, initial_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.metrics_file = (output / "metrics.jsonl").open("a")
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+        self.tensorboard = self._tensorboard(output / "tensorboard")
+
+    @staticmethod
+    def _tensorboard(folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra
+            return None
+        return SummaryWriter(str(folder))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics_file.flush()
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                if isinstance(value, int | float):
+                    self.tensorboard.add_scalar(name, value, step)
+        self.bar.set_postfix(
+            {short: f"{metrics[name]:.4g}" for name, short in self.BAR_FIELDS.items() if name in metrics},
+            refresh=False,
+        )
+
+    def advance(self, steps: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,236 @@
+"""The training loop: data -> micro-batches -> exact chunked gradient -> optimizer step -> log/save.
+
+One optimizer step consumes train_batch_size pairs: gradient_accumulation_steps micro-batches of
+train_micro_batch_size_per_gpu pairs on each rank. A micro-batch's draws are split into forward
+chunks by the scorer (dsdpo.gradient); the chunking never changes what a step means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dsdpo.checkpoint import (
+    TrainState,
+    config_differences,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dsdpo.config import Config
+from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
+from dsdpo.diffusion import ScoringBatch
+from dsdpo.draws import DrawKey, sample_draws
+from dsdpo.ds_config import read_ds_config, resolve_batch_sizes, resolve_ds_config
+from dsdpo.engine import (
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    build_engines,
+    device,
+    init_distributed,
+    rank,
+    world_size,
+)
+from dsdpo.errors import DsdpoError
+from dsdpo.gradient import preference_micro_step
+from dsdpo.metrics import RunLogger, peak_memory_mb
+from dsdpo.models import load_config, load_tokenizer, resolve_mask_token_id
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def step_groups(batcher: PairBatcher, accumulation: int) -> Iterator[tuple[int, list]]:
+    """(epoch, `accumulation` micro-batches) forever. An epoch's last micro-batches that do not fill
+    a whole step are skipped, so every step has the configured number of pairs."""
+    while True:
+        epoch, remaining = batcher.epoch, len(batcher) - batcher.position
+        batches = iter(batcher)
+        while remaining >= accumulation:
+            yield epoch, [next(batches) for _ in range(accumulation)]
+            remaining -= accumulation
+        for _ in batches:  # run out the epoch: the batcher moves on to the next one
+            pass
+
+
+def draw_keys_for(example_ids: list[str], seed: int, epoch: int) -> list[DrawKey]:
+    """Keys of the 2P responses in PairBatch order (chosen rows, then rejected rows)."""
+    return [DrawKey(seed, f"{example_id}:{side}", epoch) for side in ("chosen", "rejected") for example_id in example_ids]
+
+
+def _write_run_files(output: Path, config: Config, ds_config: dict[str, Any]) -> None:
+    (output / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (output / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+
+def train(
+    config: Config, ds_config_path: str | Path, *, nvme_path: str | None = None, resume: str | None = None
+) -> dict[str, float]:
+    """Run (or resume) training; return the last step's metrics."""
+    config.validate()
+    init_distributed()
+    is_rank0, ranks = rank() == 0, world_size()
+    output = Path(config.train.output)
+    if is_rank0:
+        output.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    hf_config = load_config(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
+    examples, skipped = load_preference_data(config.data.path, skip_invalid=config.data.skip_invalid)
+    pairs, truncated = tokenize_pairs(
+        examples, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
+    )
+
+    raw_ds_config = read_ds_config(ds_config_path)
+    batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
+    micro, accumulation = batch_sizes["train_micro_batch_size_per_gpu"], batch_sizes["gradient_accumulation_steps"]
+    batcher = PairBatcher(pairs, micro, seed=config.train.seed, world_size=ranks, rank=rank())
+    steps_per_epoch = len(batcher) // accumulation
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    if total_steps == 0:
+        raise DsdpoError(
+            f"{config.data.path}: {len(pairs)} pairs make no optimizer step of "
+            f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
+        )
+    ds_config = resolve_ds_config(
+        raw_ds_config, world_size=ranks, total_steps=total_steps, nvme_path=nvme_path, source=str(ds_config_path)
+    )
+    engines = build_engines(config.model, ds_config)
+    policy = engines.policy
+    if is_rank0:
+        _write_run_files(output, config, ds_config)
+
+    state, saved_config = TrainState(), None
+    checkpoint = find_resume_checkpoint(output, resume) if resume else None
+    if checkpoint is not None:
+        state, saved_config = load_checkpoint(policy, checkpoint, world_size=ranks)
+        batcher.load_state_dict(state.batcher)
+    logger = RunLogger(output, total_steps=total_steps, initial_step=state.step, enabled=is_rank0)
+    if checkpoint is not None:
+        for difference in config_differences(saved_config, config.to_dict()):
+            # Stated rule: the current options win; a change of data, seed or score breaks exactness.
+            logger.message(f"warning: option differs from {checkpoint.name}, using the new value: {difference}")
+        logger.message(f"resumed from {checkpoint} at step {state.step}")
+    elif is_rank0:
+        logger.message(
+            f"{len(pairs)} pairs ({sum(skipped.values())} rows skipped {skipped or ''}; truncated: {truncated}), "
+            f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs"
+        )
+
+    def save() -> Path:
+        return save_checkpoint(
+            policy, output, state, config=config.to_dict(), world_size=ranks, is_rank0=is_rank0,
+            save_hf_files=lambda folder: (hf_config.save_pretrained(folder), tokenizer.save_pretrained(folder)),
+            keep_last=config.train.keep_last, barrier=barrier,
+        )
+
+    stop = StopRequest()
+    groups = step_groups(batcher, accumulation)
+    metrics: dict[str, float] = {}
+    try:
+        while state.step < total_steps:
+            if all_reduce_max(1.0 if stop.requested else 0.0):
+                logger.message(f"stopping at step {state.step}: saving a checkpoint")
+                break
+            started = time.perf_counter()
+            epoch, micro_batches = next(groups)
+            metrics = _optimizer_step(
+                policy, engines.reference, micro_batches, epoch, config, mask_token_id, accumulation,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+            state.step += 1
+            state.consumed_pairs += batch_sizes["train_batch_size"]
+            if metrics.pop("finite") == 1.0:
+                state.bad_steps_in_row = 0
+            else:
+                state.skipped_steps += 1
+                state.bad_steps_in_row += 1
+            state.batcher = batcher.state_dict()
+            elapsed = time.perf_counter() - started
+            metrics.update(
+                epoch=epoch, consumed_pairs=state.consumed_pairs, skipped_steps=state.skipped_steps,
+                lr=float(policy.get_lr()[0]), seconds=elapsed,
+                pairs_per_s=batch_sizes["train_batch_size"] / elapsed,
+                tokens_per_s=metrics.pop("tokens") * ranks / elapsed, peak_memory_mb=peak_memory_mb(),
+            )
+            if state.step % config.train.log_every == 0 or state.step == total_steps:
+                logger.log(state.step, metrics)
+            logger.advance()
+            if state.bad_steps_in_row >= config.train.max_bad_steps:
+                raise DsdpoError(
+                    f"{state.bad_steps_in_row} steps in a row had a non-finite loss (step {state.step}); "
+                    "the weights were not updated by them. Lower the learning rate, or check the data"
+                )
+            if config.train.save_every and state.step % config.train.save_every == 0 and state.step < total_steps:
+                save()
+        save()
+    finally:
+        stop.restore()
+        logger.close()
+    return metrics
+
+
+def _optimizer_step(policy, reference, micro_batches, epoch, config, mask_token_id, accumulation, *, pad_token_id):
+    """All micro-batches of one step, then the optimizer update (or nothing, if any loss was not finite)."""
+    results, tokens = [], 0
+    for pairs in micro_batches:
+        batch = collate_pairs(pairs, pad_token_id=pad_token_id)
+        scoring = ScoringBatch.build(
+            batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
+        )
+        keys = draw_keys_for(batch.example_ids, config.train.seed, epoch)
+        draws = sample_draws(
+            len(keys), scoring.response_lengths, config.score.budget, config.score.estimator,
+            keys=keys, steps=config.score.steps,
+        )
+        prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
+        results.append(
+            preference_micro_step(
+                policy, reference, scoring, draws, mask_token_id=mask_token_id, loss_config=config.loss,
+                max_tokens_per_forward=config.score.max_tokens_per_forward,
+                max_tokens_no_grad=config.score.no_grad_tokens, loss_scale=1.0 / accumulation,
+                preference_prob=prob,
+            )
+        )
+        tokens += int(batch.attention_mask.sum())
+    finite = all(result.finite for result in results)
+    if finite:
+        policy.step()
+    else:
+        # Throw the step's accumulated gradient away: the next backward overwrites instead of adding.
+        policy.optimizer.zero_grad()
+    names = results[0].metrics.keys()
+    averaged = {name: sum(r.metrics[name] for r in results) / len(results) for name in names}
+    averaged["sweeps"] = float(sum(r.sweeps for r in results))
+    averaged["tokens"] = float(tokens)
+    merged = all_reduce_mean(averaged)
+    merged["finite"] = 1.0 if finite else 0.0
+    return merged

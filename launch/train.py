@@ -1,0 +1,147 @@
+"""Train a masked diffusion LM on preference pairs with DeepSpeed ZeRO-3.
+
+    deepspeed launch/train.py --ds_config ds_configs/rtx4080.json --model DIR --data FILE --output DIR
+    deepspeed --num_gpus 8 launch/train.py ...          # several GPUs: the same command
+    python launch/train.py --demo                        # tiny model, built-in data, CPU, a minute
+
+Options come from --config (YAML or JSON with sections model, data, score, loss, train), then the
+flags below, then --set section.field=value; later wins. DeepSpeed settings (ZeRO, offload,
+precision, batch sizes, optimizer) live only in the --ds_config JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# flag -> config field; None means "not given" and leaves the file's value alone.
+FLAG_FIELDS = {
+    "model": "model.path",
+    "ref_model": "model.reference_path",
+    "mask_token_id": "model.mask_token_id",
+    "trust_remote_code": "model.trust_remote_code",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "data": "data.path",
+    "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length",
+    "skip_invalid": "data.skip_invalid",
+    "estimator": "score.estimator",
+    "budget": "score.budget",
+    "trajectory_steps": "score.steps",
+    "max_tokens_per_forward": "score.max_tokens_per_forward",
+    "max_tokens_no_grad": "score.max_tokens_no_grad",
+    "loss": "loss.type",
+    "beta": "loss.beta",
+    "label_smoothing": "loss.label_smoothing",
+    "reference_free": "loss.reference_free",
+    "output": "train.output",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "seed": "train.seed",
+    "log_every": "train.log_every",
+    "save_every": "train.save_every",
+    "keep_last": "train.keep_last",
+    "max_bad_steps": "train.max_bad_steps",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config",
+                   help="DeepSpeed JSON (ds_configs/rtx4080.json, rtx4080_nvme.json, cpu.json, multi_gpu.json)")
+    p.add_argument("--config", help="training config file, YAML or JSON, with sections model/data/score/loss/train")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set score.budget=4 (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="auto: continue from the newest complete checkpoint in --output (fresh start if none); "
+                        "PATH: from that checkpoint folder")
+    p.add_argument("--nvme-path", help="folder on a fast NVMe drive, for configs that offload to \"nvme\"")
+    p.add_argument("--demo", action="store_true",
+                   help="train a tiny model on built-in addition pairs (CPU, about a minute)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the launcher
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="local Hugging Face folder of the model to train")
+    g.add_argument("--ref-model", help="reference model folder (default: the starting policy)")
+    g.add_argument("--mask-token-id", type=int, help="mask token id (default: from config or tokenizer)")
+    g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow the model's own code (LLaDA)")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
+                   help="keep activations instead of recomputing them (faster, more memory)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="preference pairs (prompt/chosen/rejected): JSONL, JSON, Parquet, datasets folder")
+    g.add_argument("--max-length", type=int, help="prompt + response tokens (default 1024)")
+    g.add_argument("--max-prompt-length", type=int, help="prompt tokens kept (its end)")
+    g.add_argument("--skip-invalid", action="store_true", default=None, help="skip bad rows instead of stopping")
+    g = p.add_argument_group("score (VRPO)")
+    g.add_argument("--estimator", choices=["l_over_L", "one_over_t", "trajectory"], help="ELBO estimator")
+    g.add_argument("--budget", type=int, help="Monte Carlo draws per response (default 8)")
+    g.add_argument("--trajectory-steps", type=int, help="unmasking steps T of the trajectory estimator")
+    g.add_argument("--max-tokens-per-forward", type=int,
+                   help="rows x tokens per forward with gradients: the activation-memory knob (default 4096)")
+    g.add_argument("--max-tokens-no-grad", type=int, help="rows x tokens per forward without gradients")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["sigmoid", "ipo", "hinge", "cdpo", "robust", "soft"], help="default sigmoid")
+    g.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
+    g.add_argument("--label-smoothing", type=float, help="epsilon of cdpo and robust")
+    g.add_argument("--reference-free", action="store_true", default=None, help="no reference model")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", help="folder for metrics, configs, TensorBoard and checkpoints")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--seed", type=int, help="data order and Monte Carlo draws")
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--save-every", type=int, help="optimizer steps between checkpoints (always at the end)")
+    g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 2)")
+    g.add_argument("--max-bad-steps", type=int, help="consecutive non-finite steps before stopping (default 3)")
+    return p
+
+
+def build_config(args):
+    from dsdpo.config import apply_overrides, config_from_dict, load_config_file, parse_assignments
+
+    data = load_config_file(args.config) if args.config else {}
+    source = args.config or "command line"
+    if args.demo:
+        from dsdpo.demo import prepare_demo
+
+        output = Path(args.output or "runs/demo")
+        model_dir, data_file = prepare_demo(output / "inputs")
+        demo = {"model.path": str(model_dir), "data.path": str(data_file), "train.output": str(output),
+                "train.epochs": 3, "loss.beta": 0.5, "score.budget": 4}
+        data = apply_overrides(data, demo)
+        args.ds_config = args.ds_config or str(REPO / "ds_configs" / "cpu.json")
+    data = apply_overrides(data, {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()})
+    data = apply_overrides(data, parse_assignments(args.set))
+    return config_from_dict(data, source).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's collective deprecations
+    from dsdpo.errors import DsdpoError
+
+    try:
+        config = build_config(args)
+        if not args.ds_config:
+            raise DsdpoError("--ds_config is required (e.g. ds_configs/rtx4080.json), or use --demo")
+        from dsdpo.train import train
+
+        metrics = train(config, args.ds_config, nvme_path=args.nvme_path, resume=args.resume)
+    except DsdpoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if metrics and int(os.environ.get("RANK", "0")) == 0:
+        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins"))
+        print(f"done: {summary}; output in {config.train.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
