@@ -51,3 +51,39 @@ def init_tiny_command(out_dir, **options):
 
     folder = init_tiny(out_dir, **options)
     click.echo(f"wrote a tiny {options['arch']} model to {folder}")
+
+
+@main.group("data", cls=DsdpoGroup)
+def data_group():
+    """Inspect preference data files."""
+
+
+@data_group.command("stats")
+@click.argument("file", type=click.Path(exists=True))
+@click.option(
+    "--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model folder (tokenizer)."
+)
+@click.option(
+    "--max-length", type=int, default=None, help="Report how many pairs this length would truncate."
+)
+@click.option("--max-prompt-length", type=int, default=None, help="Prompt budget used with --max-length.")
+@click.option("--skip-invalid", is_flag=True, help="Count bad rows instead of stopping at the first.")
+@click.option("--split", default=None, help="Split of a datasets folder (default: train).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's own code (LLaDA, Dream).")
+def data_stats_command(
+    file, model_dir, max_length, max_prompt_length, skip_invalid, split, as_json, trust_remote_code
+):
+    """Counts, token length percentiles, tokens per pair and truncation of a preference FILE."""
+    import json
+
+    from dsdpo.data.loading import load_preference_data
+    from dsdpo.data.stats import data_stats, format_stats
+    from dsdpo.models import load_tokenizer
+
+    examples, skipped = load_preference_data(file, skip_invalid=skip_invalid, split=split)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    stats = data_stats(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    click.echo(
+        json.dumps({**stats, "skipped": skipped}, indent=2) if as_json else format_stats(stats, skipped)
+    )
