@@ -87,3 +87,43 @@ def data_stats_command(
     click.echo(
         json.dumps({**stats, "skipped": skipped}, indent=2) if as_json else format_stats(stats, skipped)
     )
+
+
+@main.command("make-pairs")
+@click.option(
+    "--source",
+    required=True,
+    help="reasoning-gym:NAME (e.g. reasoning-gym:gsm_symbolic), champ[:VERSION], or a .jsonl of "
+    "question/solution/answer rows.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL of pairs.")
+@click.option("--num", type=int, default=None, help="Number of problems (required for reasoning-gym).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the generator and of the variants.")
+@click.option(
+    "--mix",
+    default="wrong_arithmetic=0.4,truncated_chain=0.2,missing_step=0.2,verbose=0.2",
+    show_default=True,
+    help="Weights of the rejected kinds.",
+)
+@click.option(
+    "--pairs-per-problem", default=1, show_default=True, help="Pairs (distinct rejected) per problem."
+)
+@click.option("--chat", is_flag=True, help="Write conversational rows ({role, content} messages).")
+def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, chat):
+    """Write reasoning preference pairs: chosen = a correct worked solution, rejected = a labelled variant.
+
+    Every pair is checked: chosen reaches the correct final answer, wrong kinds (wrong_arithmetic,
+    truncated_chain) do not, flawed kinds (missing_step, verbose) keep it.
+    """
+    from dsdpo.data.reasoning.pairs import build_pairs, parse_mix, write_jsonl
+    from dsdpo.data.reasoning.sources import load_problems
+
+    problems, skipped = load_problems(source, num=num, seed=seed)
+    rows, counts = build_pairs(
+        problems, mix=parse_mix(mix), seed=seed, pairs_per_problem=pairs_per_problem, chat=chat
+    )
+    write_jsonl(rows, out)
+    summary = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    click.echo(f"wrote {len(rows)} pairs from {len(problems)} problems to {out} ({summary})")
+    if skipped:
+        click.echo("skipped problems: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
