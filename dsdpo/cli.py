@@ -118,9 +118,10 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, chat):
     from dsdpo.data.reasoning.pairs import build_pairs, parse_mix, write_jsonl
     from dsdpo.data.reasoning.sources import load_problems
 
+    weights = parse_mix(mix)  # a typo in an option fails before any problem is generated
     problems, skipped = load_problems(source, num=num, seed=seed)
     rows, counts = build_pairs(
-        problems, mix=parse_mix(mix), seed=seed, pairs_per_problem=pairs_per_problem, chat=chat
+        problems, mix=weights, seed=seed, pairs_per_problem=pairs_per_problem, chat=chat
     )
     write_jsonl(rows, out)
     summary = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))

@@ -127,11 +127,16 @@ def parse_problem_row(line: str, source: str) -> dict:
         raise DsdpoError(f"{source}: not valid JSON ({err.msg})") from None
     if not isinstance(row, dict):
         raise DsdpoError(f"{source}: the row is a {type(row).__name__}, not an object")
-    for field, types in (("question", str), ("solution", str | list), ("answer", str | int | float)):
+    expected = {
+        "question": (str, "text"),
+        "solution": (str | list, "text or a list of steps"),
+        "answer": (str | int | float, "text or a number"),
+    }
+    for field, (types, description) in expected.items():
         if field not in row:
             raise DsdpoError(f'{source}: field "{field}" is missing')
         if not isinstance(row[field], types) or row[field] in ("", []):
-            raise DsdpoError(f'{source}: field "{field}" must be non-empty {types}')
+            raise DsdpoError(f'{source}: field "{field}" must be non-empty {description}')
     return row
 
 
