@@ -1,0 +1,1 @@
+"""Building reasoning preference pairs from problems with correct worked solutions (`dsdpo make-pairs`)."""

@@ -1,0 +1,133 @@
+"""Token ids of preference examples, truncated to a length budget.
+
+Plain prompts are tokenised as they are; conversational prompts are rendered with the tokenizer's
+chat template and `add_generation_prompt=True`, so the response starts where the assistant speaks.
+A response is its text (the assistant message's content) followed by EOS when the tokenizer has one,
+so the model also learns where an answer stops.
+
+Truncation keeps the END of the prompt (the question sits next to the answer) and the START of each
+response (the part the model produces first), so that prompt + response <= max_length.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from dsdpo.data.rows import PreferenceExample, response_text
+from dsdpo.errors import DsdpoError
+
+
+@dataclass
+class TokenizedPair:
+    example_id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    preference_prob: float | None
+
+    @property
+    def length(self) -> int:
+        """The longer of the two sequences: what this pair costs in a padded batch."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def prompt_token_ids(prompt, tokenizer) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DsdpoError("conversational rows need a tokenizer with a chat template, and this one has none")
+    # Rendered to text first: the template writes its own special tokens (BOS, role markers).
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_token_ids(response, tokenizer) -> list[int]:
+    ids = tokenizer(response_text(response), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return ids
+
+
+def encode_example(example: PreferenceExample, tokenizer) -> TokenizedPair:
+    """The untruncated token ids of one example."""
+    return TokenizedPair(
+        example_id=example.id,
+        prompt_ids=prompt_token_ids(example.prompt, tokenizer),
+        chosen_ids=response_token_ids(example.chosen, tokenizer),
+        rejected_ids=response_token_ids(example.rejected, tokenizer),
+        preference_prob=example.preference_prob,
+    )
+
+
+class PromptTooLong(ValueError):
+    """The prompt alone leaves no room for a response: cutting it would train on nothing."""
+
+
+def truncate_pair(
+    pair: TokenizedPair, *, max_length: int, max_prompt_length: int | None, counts: Counter
+) -> TokenizedPair:
+    """The pair cut to the budget; `counts` gains what was cut. Raises PromptTooLong."""
+    prompt = pair.prompt_ids
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length :]
+        counts["prompt_truncated"] += 1
+    room = max_length - len(prompt)
+    if room <= 0:
+        raise PromptTooLong(
+            f"the prompt is {len(prompt)} tokens, leaving no room for a response in max_length {max_length}"
+        )
+    responses = []
+    for ids in (pair.chosen_ids, pair.rejected_ids):
+        if len(ids) > room:
+            counts["response_truncated"] += 1
+        responses.append(ids[:room])
+    if responses[0] == responses[1]:
+        # Both responses agree up to the cut: the pair carries no preference signal any more.
+        counts["identical_after_truncation"] += 1
+    return TokenizedPair(pair.example_id, prompt, responses[0], responses[1], pair.preference_prob)
+
+
+def tokenize_pairs(
+    examples: Iterable[PreferenceExample],
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    skip_invalid: bool = False,
+) -> tuple[list[TokenizedPair], dict[str, int]]:
+    """Token ids of each example, cut so prompt + response <= max_length, and the counts of cuts.
+
+    Counts: prompt_truncated (pairs), response_truncated (responses), identical_after_truncation
+    (pairs whose two responses became equal) and prompt_too_long (pairs skipped with skip_invalid).
+    A prompt that alone leaves no room for a response raises DsdpoError naming the example's source.
+    """
+    if max_length < 2:
+        raise DsdpoError(
+            f"max_length must be at least 2 (a prompt token and a response token), got {max_length}"
+        )
+    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+        raise DsdpoError(
+            f"max_prompt_length must be in [1, max_length), got {max_prompt_length} "
+            f"with max_length {max_length}"
+        )
+    counts = Counter(
+        prompt_truncated=0, response_truncated=0, identical_after_truncation=0, prompt_too_long=0
+    )
+    pairs = []
+    for example in examples:
+        try:
+            pair = encode_example(example, tokenizer)
+            pairs.append(
+                truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length, counts=counts)
+            )
+        except PromptTooLong as err:
+            if not skip_invalid:
+                raise DsdpoError(
+                    f"{example.source}: {err}; raise max_length or set max_prompt_length"
+                ) from None
+            counts["prompt_too_long"] += 1
+        except DsdpoError as err:
+            raise DsdpoError(f"{example.source}: {err}") from None
+    return pairs, dict(counts)

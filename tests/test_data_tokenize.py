@@ -1,0 +1,93 @@
+"""Tokenising and truncating pairs, and the exact tensors the collator builds."""
+
+import pytest
+import torch
+
+from dsdpo.data import PreferenceExample, TokenizedPair, collate_pairs, tokenize_pairs
+from dsdpo.errors import DsdpoError
+
+
+def example(prompt, chosen, rejected, prob=None, id="x"):
+    return PreferenceExample(id, prompt, chosen, rejected, prob, "d.jsonl:7")
+
+
+def char_ids(tokenizer, text):
+    """The character tokenizer maps each character to one id: the expected ids, one by one."""
+    return [tokenizer.convert_tokens_to_ids(c) for c in text]
+
+
+def test_plain_and_conversational_rows_tokenise_with_eos(tokenizer):
+    eos = tokenizer.eos_token_id
+    pairs, counts = tokenize_pairs([example("Q:", "ab", "c")], tokenizer, max_length=64)
+    assert pairs[0].prompt_ids == char_ids(tokenizer, "Q:")
+    assert pairs[0].chosen_ids == [*char_ids(tokenizer, "ab"), eos]
+    assert pairs[0].rejected_ids == [*char_ids(tokenizer, "c"), eos]
+    assert counts == {
+        "prompt_truncated": 0,
+        "response_truncated": 0,
+        "identical_after_truncation": 0,
+        "prompt_too_long": 0,
+    }
+
+    chat = example([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}], "no")
+    pairs, _ = tokenize_pairs([chat], tokenizer, max_length=64)
+    # The tiny template renders "<user>hi\n" then the generation prompt "<assistant>".
+    assert pairs[0].prompt_ids == char_ids(tokenizer, "<user>hi\n<assistant>")
+    assert pairs[0].chosen_ids == [*char_ids(tokenizer, "yo"), eos]
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = [example("abcdef", "ghijk", "lm")]
+    pairs, counts = tokenize_pairs(rows, tokenizer, max_length=8, max_prompt_length=4)
+    assert pairs[0].prompt_ids == char_ids(tokenizer, "cdef")
+    assert pairs[0].chosen_ids == char_ids(tokenizer, "ghij")
+    assert pairs[0].rejected_ids == [*char_ids(tokenizer, "lm"), eos]
+    assert counts["prompt_truncated"] == 1 and counts["response_truncated"] == 1
+
+    pairs, counts = tokenize_pairs([example("p", "abcX", "abcY")], tokenizer, max_length=4)
+    assert pairs[0].chosen_ids == pairs[0].rejected_ids == char_ids(tokenizer, "abc")
+    assert counts["identical_after_truncation"] == 1
+
+
+def test_a_prompt_that_fills_the_budget_is_reported_not_cut_to_nothing(tokenizer):
+    rows = [example("abcdef", "g", "h")]
+    with pytest.raises(
+        DsdpoError, match=r"^d\.jsonl:7: the prompt is 6 tokens, leaving no room for a response"
+    ):
+        tokenize_pairs(rows, tokenizer, max_length=6)
+    pairs, counts = tokenize_pairs(rows, tokenizer, max_length=6, skip_invalid=True)
+    assert pairs == [] and counts["prompt_too_long"] == 1
+    with pytest.raises(DsdpoError, match=r"max_prompt_length must be in \[1, max_length\)"):
+        tokenize_pairs(rows, tokenizer, max_length=6, max_prompt_length=6)
+
+
+def test_collator_builds_exact_ids_and_masks():
+    pairs = [
+        TokenizedPair("p0", [5, 6], [7], [8, 9, 10], 0.25),
+        TokenizedPair("p1", [11], [12, 13], [14], None),
+    ]
+    batch = collate_pairs(pairs, pad_token_id=0)
+    assert batch.input_ids.tolist() == [
+        [5, 6, 7, 0, 0],  # p0 chosen
+        [11, 12, 13, 0, 0],  # p1 chosen
+        [5, 6, 8, 9, 10],  # p0 rejected
+        [11, 14, 0, 0, 0],  # p1 rejected
+    ]
+    assert batch.attention_mask.tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 0, 0, 0],
+    ]
+    assert batch.response_mask.tolist() == [
+        [False, False, True, False, False],
+        [False, True, True, False, False],
+        [False, False, True, True, True],
+        [False, True, False, False, False],
+    ]
+    assert batch.input_ids.dtype == torch.long and batch.response_mask.dtype == torch.bool
+    assert batch.example_ids == ["p0", "p1"]
+    # A pair without a soft label is a hard preference for chosen.
+    assert batch.preference_prob.tolist() == [0.25, 1.0]
+    assert collate_pairs(pairs[1:], pad_token_id=0).preference_prob is None
