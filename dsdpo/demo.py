@@ -1,7 +1,8 @@
 """The embedded default: a tiny model and a small synthetic preference set, for a first run.
 
-The task is two-digit addition: the chosen answer is the sum, the rejected one is off by a few.
-A policy trained on it learns to prefer the right sums (reward accuracy and margin rise).
+The task is two-digit addition: the chosen answer is the sum; the rejected one is hedged and off by a
+few ("about 57"). A tiny model learns the style within a minute (reward accuracy and margin rise);
+learning the arithmetic itself takes a real model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def addition_pairs(count: int, seed: int = 0) -> list[dict]:
     for index in range(count):
         a, b = rng.randint(10, 49), rng.randint(10, 49)
         wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-        rows.append({"id": f"add-{index}", "prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong)})
+        rows.append({"id": f"add-{index}", "prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"about {wrong}"})
     return rows
 
 
