@@ -18,8 +18,10 @@ so a row decodes as it would alone.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -301,3 +303,25 @@ def generate_text(
         tokenizer.decode(cut_at_stop(row.tolist(), stop_ids), skip_special_tokens=True).strip()
         for row in answers
     ]
+
+
+def read_prompts_jsonl(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file whose rows hold a 'prompt' (or a 'question') string."""
+    file = Path(path)
+    if not file.is_file():
+        raise DsdpoError(f"{file}: no such data file")
+    prompts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise DsdpoError(f"{file}:{number}: not JSON ({err})") from None
+        text = row.get("prompt", row.get("question")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise DsdpoError(f"{file}:{number}: a row needs a 'prompt' or 'question' string")
+        prompts.append(text)
+    if not prompts:
+        raise DsdpoError(f"{file}: no prompts in the file")
+    return prompts
