@@ -104,7 +104,7 @@ def evaluate_accuracy(
     progress: bool = True,
 ) -> AccuracyReport:
     """Generate for every problem (in batches), judge each, write per-example JSONL to `out`."""
-    correct = 0
+    correct = judged = 0
     with (
         Path(out).open("w", encoding="utf-8") if out is not None else nullcontext() as sink,
         tqdm(total=len(problems), desc="accuracy", unit="problem", disable=not progress) as bar,
@@ -119,6 +119,7 @@ def evaluate_accuracy(
                 correct += record["correct"]
                 if sink is not None:
                     sink.write(json.dumps(record) + "\n")
+            judged += len(batch)
             bar.update(len(batch))
-            bar.set_postfix(accuracy=f"{correct / bar.n:.3f}")
+            bar.set_postfix(accuracy=f"{correct / judged:.3f}")
     return AccuracyReport.from_counts(correct, len(problems))
