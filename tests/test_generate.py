@@ -166,3 +166,13 @@ def test_generate_text_decodes_up_to_the_first_eos(tiny_gemma, tokenizer):
     )  # fmt: skip
     assert len(texts) == 2
     assert all("[MASK]" not in text and "[EOS]" not in text for text in texts)
+
+
+def test_bad_sampler_settings_are_clear_errors(tiny_gemma):
+    common = dict(mask_token_id=MASK, gen_length=4, block_length=4, steps=4)
+    with pytest.raises(DsdpoError, match="unknown remasking 'top_k'"):
+        generate(tiny_gemma, [[10]], remasking="top_k", **common)
+    with pytest.raises(DsdpoError, match="temperature must be >= 0"):
+        generate(tiny_gemma, [[10]], temperature=-1.0, **common)
+    with pytest.raises(DsdpoError, match="no prompts"):
+        generate(tiny_gemma, [], **common)
