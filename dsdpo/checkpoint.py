@@ -84,7 +84,12 @@ def save_checkpoint(
         save_hf_files(folder / "hf")
     barrier()  # every rank's shard is on disk
     if is_rank0:
-        meta = {"dsdpo_version": __version__, "world_size": world_size, "state": asdict(state), "config": config}
+        meta = {
+            "dsdpo_version": __version__,
+            "world_size": world_size,
+            "state": asdict(state),
+            "config": config,
+        }
         _atomic_write(folder / STATE_FILE, json.dumps(meta, indent=1))
         _atomic_write(output / LATEST_FILE, tag)
         _prune(output, keep=keep_last, protect=tag)
@@ -140,7 +145,9 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
         raise DsdpoError(f"{state_file}: corrupt checkpoint state ({err})") from err
     shards = list(folder.glob("*model_states.pt"))
     if not shards:
-        raise DsdpoError(f"{folder}: no DeepSpeed model shards (*model_states.pt); the checkpoint is incomplete")
+        raise DsdpoError(
+            f"{folder}: no DeepSpeed model shards (*model_states.pt); the checkpoint is incomplete"
+        )
     return meta
 
 

@@ -128,3 +128,265 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, chat):
     click.echo(f"wrote {len(rows)} pairs from {len(problems)} problems to {out} ({summary})")
     if skipped:
         click.echo("skipped problems: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
+
+
+def model_options(command):
+    """--model and the options that say how to load it; shared by every command that runs a model."""
+    options = [
+        click.option(
+            "--model",
+            "model_dir",
+            required=True,
+            type=click.Path(),
+            help="A Hugging Face model folder (config.json, weights, tokenizer); nothing is downloaded.",
+        ),
+        click.option(
+            "--mask-token-id",
+            type=int,
+            default=None,
+            help="The mask token id, when neither the config nor the tokenizer names it (LLaDA: 126336).",
+        ),
+        click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            help="Run the model folder's own Python code (needed by LLaDA and Dream); only for folders "
+            "you trust.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["fp32", "bf16", "fp16"]),
+            default="fp32",
+            show_default=True,
+            help="Precision of the weights; bf16 halves memory on a GPU.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="Where the model runs: cpu, cuda, cuda:1 ...; auto picks cuda when there is one.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampler_options(command):
+    """The knobs of LLaDA's sampler (dsdpo.generate) and of batching."""
+    options = [
+        click.option(
+            "--gen-length",
+            default=128,
+            show_default=True,
+            help="Answer length in tokens; the answer starts fully masked, and text after EOS is dropped.",
+        ),
+        click.option(
+            "--block-length",
+            default=32,
+            show_default=True,
+            help="Blocks are decoded left to right (semi-autoregressive); gen-length must be a multiple. "
+            "Equal to gen-length: the whole answer is one block.",
+        ),
+        click.option(
+            "--steps",
+            default=128,
+            show_default=True,
+            help="Denoising steps (model forwards) in all, split evenly over the blocks. "
+            "Fewer steps reveal more tokens each: faster, usually worse. At most gen-length.",
+        ),
+        click.option(
+            "--temperature",
+            default=0.0,
+            show_default=True,
+            help="Sampling temperature of each proposed token (Gumbel-max); 0 takes the most likely token.",
+        ),
+        click.option(
+            "--remasking",
+            type=click.Choice(["low_confidence", "random"]),
+            default="low_confidence",
+            show_default=True,
+            help="Which proposals to keep at each step: the most confident ones, or random ones.",
+        ),
+        click.option(
+            "--cfg-scale",
+            default=0.0,
+            show_default=True,
+            help="Classifier-free guidance: > 0 pushes away from a pass with the prompt masked "
+            "(costs a second forward per step).",
+        ),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            help="Seed of the sampler's random numbers (and of --reasoning-gym's problems).",
+        ),
+        click.option(
+            "--batch-size", default=8, show_default=True, help="Prompts generated together in one batch."
+        ),
+        click.option(
+            "--chat/--no-chat",
+            default=True,
+            show_default=True,
+            help="Wrap each prompt as a user turn with the tokenizer's chat template (when it has one). "
+            "Use --no-chat for base models.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_for_sampling(model_dir, device, *, mask_token_id, trust_remote_code, dtype):
+    """Model (eval mode, on `device`), tokenizer and mask token id; the mask token is checked first."""
+    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
+
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    mask_id = resolve_mask_token_id(mask_token_id, config, tokenizer)
+    model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer, mask_id
+
+
+def _sampler_settings(gen_length, block_length, steps, temperature, remasking, cfg_scale, seed, device):
+    """The keyword arguments of dsdpo.generate.generate, checked before any model is loaded."""
+    import torch
+
+    from dsdpo.generate import check_schedule
+
+    check_schedule(gen_length, block_length, steps)
+    return dict(
+        gen_length=gen_length,
+        block_length=block_length,
+        steps=steps,
+        temperature=temperature,
+        remasking=remasking,
+        cfg_scale=cfg_scale,
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
+
+
+def _write_jsonl(path, records) -> None:
+    import json
+
+    with open(path, "w", encoding="utf-8") as sink:
+        for record in records:
+            sink.write(json.dumps(record) + "\n")
+
+
+@main.command("generate")
+@model_options
+@click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for several.")
+@click.option(
+    "--data",
+    type=click.Path(),
+    help='A JSONL file of prompts, one a line: {"prompt": ...} (or {"question": ...}).',
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write {prompt, generation} JSONL here.")
+@sampler_options
+def generate_command(model_dir, device, prompts, data, out, **knobs):
+    """Generate answers with LLaDA's sampler (block semi-autoregressive, low-confidence remasking).
+
+    Prints each answer, separated by a line of dashes, or writes them to --out.
+    """
+    from dsdpo.errors import DsdpoError
+    from dsdpo.generate import generate_text, read_prompts_jsonl
+
+    if bool(prompts) == bool(data):
+        raise DsdpoError("give prompts with --prompt or a file with --data, not both and not neither")
+    texts = list(prompts) if prompts else read_prompts_jsonl(data)
+    batch_size, chat = knobs.pop("batch_size"), knobs.pop("chat")
+    model_knobs = {name: knobs.pop(name) for name in ("mask_token_id", "trust_remote_code", "dtype")}
+    device = _resolve_device(device)
+    sampler = _sampler_settings(**knobs, device=device)
+    model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
+    generations = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        generations += generate_text(model, tokenizer, batch, mask_token_id=mask_id, chat=chat, **sampler)
+    if out:
+        _write_jsonl(out, [{"prompt": p, "generation": g} for p, g in zip(texts, generations, strict=True)])
+        click.echo(f"wrote {len(generations)} generations to {out}")
+    else:
+        click.echo("\n---\n".join(generations))
+
+
+@main.group("eval", cls=DsdpoGroup)
+def eval_group():
+    """Evaluate a model: generation accuracy on math problems (and more commands to come)."""
+
+
+@eval_group.command("accuracy")
+@model_options
+@click.option(
+    "--data",
+    type=click.Path(),
+    help='A JSONL file of problems: {"question": ..., "answer": N} where the answer may be a '
+    "GSM8K solution ending in '#### N'.",
+)
+@click.option(
+    "--reasoning-gym",
+    "gym_name",
+    help="Instead of --data, problems from this reasoning-gym generator (e.g. gsm_symbolic), "
+    "judged by its own scorer. Needs: pip install 'dsdpo[reasoning]'.",
+)
+@click.option(
+    "--n",
+    "limit",
+    type=click.IntRange(min=1),
+    help="Number of problems: the first N of --data (default all); required with --reasoning-gym.",
+)
+@click.option(
+    "--prompt-template",
+    default="{question}",
+    show_default=True,
+    help="How a question becomes a prompt, e.g. \"{question}\\nEnd with '#### <number>'.\"",
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Per-example JSONL: question, reference, "
+              "generation, extracted, correct.")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@sampler_options
+def eval_accuracy_command(
+    model_dir, device, data, gym_name, limit, prompt_template, out, json_out, progress, **knobs,
+):  # fmt: skip
+    """Accuracy of generated final answers on math word problems, with a 95% Wilson interval.
+
+    The answer read off a generation is the last '#### N', else '\\boxed{N}', else 'the answer is N',
+    else the last number; it is right when its value equals the reference (1,000 = 1000.0).
+    """
+    import json
+
+    from dsdpo.accuracy import check_prompt_template, evaluate_accuracy
+    from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
+    from dsdpo.errors import DsdpoError
+
+    if bool(data) == bool(gym_name):
+        raise DsdpoError("give problems with --data or --reasoning-gym, not both and not neither")
+    if gym_name and limit is None:
+        raise DsdpoError("--reasoning-gym needs --n, the number of problems to generate")
+    check_prompt_template(prompt_template)
+    batch_size, chat = knobs.pop("batch_size"), knobs.pop("chat")
+    model_knobs = {name: knobs.pop(name) for name in ("mask_token_id", "trust_remote_code", "dtype")}
+    device = _resolve_device(device)
+    sampler = _sampler_settings(**knobs, device=device)
+    if gym_name:
+        problems = load_reasoning_gym(gym_name, limit, knobs["seed"])
+    else:
+        problems = load_problems_jsonl(data, limit)
+    model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
+    report = evaluate_accuracy(
+        model, tokenizer, problems, mask_token_id=mask_id, sampler=sampler, batch_size=batch_size,
+        prompt_template=prompt_template, chat=chat, out=out, progress=progress,
+    )  # fmt: skip
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as sink:
+            json.dump(report.as_dict(), sink, indent=2)
+    click.echo(report.summary())

@@ -20,7 +20,9 @@ def addition_pairs(count: int, seed: int = 0) -> list[dict]:
     for index in range(count):
         a, b = rng.randint(10, 49), rng.randint(10, 49)
         wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-        rows.append({"id": f"add-{index}", "prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"about {wrong}"})
+        rows.append(
+            {"id": f"add-{index}", "prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"about {wrong}"}
+        )
     return rows
 
 

@@ -9,7 +9,7 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
@@ -26,7 +26,7 @@ def peak_memory_mb() -> float:
 class RunLogger:
     """Rank 0's progress bar and metric files; `enabled=False` makes every call a no-op."""
 
-    BAR_FIELDS = {
+    BAR_FIELDS: ClassVar[dict[str, str]] = {
         "loss": "loss",
         "rewards/accuracies": "acc",
         "rewards/margins": "margin",
@@ -40,7 +40,9 @@ class RunLogger:
         if not enabled:
             return
         self.metrics_file = (output / "metrics.jsonl").open("a")
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True
+        )
         self.tensorboard = self._tensorboard(output / "tensorboard")
 
     @staticmethod

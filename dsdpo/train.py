@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from dsdpo.checkpoint import (
@@ -80,7 +79,11 @@ def step_groups(batcher: PairBatcher, accumulation: int) -> Iterator[tuple[int, 
 
 def draw_keys_for(example_ids: list[str], seed: int, epoch: int) -> list[DrawKey]:
     """Keys of the 2P responses in PairBatch order (chosen rows, then rejected rows)."""
-    return [DrawKey(seed, f"{example_id}:{side}", epoch) for side in ("chosen", "rejected") for example_id in example_ids]
+    return [
+        DrawKey(seed, f"{example_id}:{side}", epoch)
+        for side in ("chosen", "rejected")
+        for example_id in example_ids
+    ]
 
 
 def _write_run_files(output: Path, config: Config, ds_config: dict[str, Any]) -> None:
@@ -104,12 +107,18 @@ def train(
     mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
     examples, skipped = load_preference_data(config.data.path, skip_invalid=config.data.skip_invalid)
     pairs, truncated = tokenize_pairs(
-        examples, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
+        examples,
+        tokenizer,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
     )
 
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
-    micro, accumulation = batch_sizes["train_micro_batch_size_per_gpu"], batch_sizes["gradient_accumulation_steps"]
+    micro, accumulation = (
+        batch_sizes["train_micro_batch_size_per_gpu"],
+        batch_sizes["gradient_accumulation_steps"],
+    )
     batcher = PairBatcher(pairs, micro, seed=config.train.seed, world_size=ranks, rank=rank())
     steps_per_epoch = len(batcher) // accumulation
     total_steps = config.train.epochs * steps_per_epoch
@@ -121,7 +130,11 @@ def train(
             f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
         )
     ds_config = resolve_ds_config(
-        raw_ds_config, world_size=ranks, total_steps=total_steps, nvme_path=nvme_path, source=str(ds_config_path)
+        raw_ds_config,
+        world_size=ranks,
+        total_steps=total_steps,
+        nvme_path=nvme_path,
+        source=str(ds_config_path),
     )
     engines = build_engines(config.model, ds_config)
     policy = engines.policy
@@ -137,19 +150,30 @@ def train(
     if checkpoint is not None:
         for difference in config_differences(saved_config, config.to_dict()):
             # Stated rule: the current options win; a change of data, seed or score breaks exactness.
-            logger.message(f"warning: option differs from {checkpoint.name}, using the new value: {difference}")
+            logger.message(
+                f"warning: option differs from {checkpoint.name}, using the new value: {difference}"
+            )
         logger.message(f"resumed from {checkpoint} at step {state.step}")
     elif is_rank0:
         logger.message(
-            f"{len(pairs)} pairs ({sum(skipped.values())} rows skipped {skipped or ''}; truncated: {truncated}), "
+            f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
             f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs"
         )
 
     def save() -> Path:
         return save_checkpoint(
-            policy, output, state, config=config.to_dict(), world_size=ranks, is_rank0=is_rank0,
-            save_hf_files=lambda folder: (hf_config.save_pretrained(folder), tokenizer.save_pretrained(folder)),
-            keep_last=config.train.keep_last, barrier=barrier,
+            policy,
+            output,
+            state,
+            config=config.to_dict(),
+            world_size=ranks,
+            is_rank0=is_rank0,
+            save_hf_files=lambda folder: (
+                hf_config.save_pretrained(folder),
+                tokenizer.save_pretrained(folder),
+            ),
+            keep_last=config.train.keep_last,
+            barrier=barrier,
         )
 
     stop = StopRequest()
@@ -163,7 +187,13 @@ def train(
             started = time.perf_counter()
             epoch, micro_batches = next(groups)
             metrics = _optimizer_step(
-                policy, engines.reference, micro_batches, epoch, config, mask_token_id, accumulation,
+                policy,
+                engines.reference,
+                micro_batches,
+                epoch,
+                config,
+                mask_token_id,
+                accumulation,
                 pad_token_id=tokenizer.pad_token_id or 0,
             )
             state.step += 1
@@ -176,10 +206,14 @@ def train(
             state.batcher = batcher.state_dict()
             elapsed = time.perf_counter() - started
             metrics.update(
-                epoch=epoch, consumed_pairs=state.consumed_pairs, skipped_steps=state.skipped_steps,
-                lr=float(policy.get_lr()[0]), seconds=elapsed,
+                epoch=epoch,
+                consumed_pairs=state.consumed_pairs,
+                skipped_steps=state.skipped_steps,
+                lr=float(policy.get_lr()[0]),
+                seconds=elapsed,
                 pairs_per_s=batch_sizes["train_batch_size"] / elapsed,
-                tokens_per_s=metrics.pop("tokens") * ranks / elapsed, peak_memory_mb=peak_memory_mb(),
+                tokens_per_s=metrics.pop("tokens") * ranks / elapsed,
+                peak_memory_mb=peak_memory_mb(),
             )
             if state.step % config.train.log_every == 0 or state.step == total_steps:
                 logger.log(state.step, metrics)
@@ -189,7 +223,11 @@ def train(
                     f"{state.bad_steps_in_row} steps in a row had a non-finite loss (step {state.step}); "
                     "the weights were not updated by them. Lower the learning rate, or check the data"
                 )
-            if config.train.save_every and state.step % config.train.save_every == 0 and state.step < total_steps:
+            if (
+                config.train.save_every
+                and state.step % config.train.save_every == 0
+                and state.step < total_steps
+            ):
                 save()
         save()
     finally:
@@ -198,7 +236,9 @@ def train(
     return metrics
 
 
-def _optimizer_step(policy, reference, micro_batches, epoch, config, mask_token_id, accumulation, *, pad_token_id):
+def _optimizer_step(
+    policy, reference, micro_batches, epoch, config, mask_token_id, accumulation, *, pad_token_id
+):
     """All micro-batches of one step, then the optimizer update (or nothing, if any loss was not finite)."""
     results, tokens = [], 0
     for pairs in micro_batches:
@@ -208,15 +248,25 @@ def _optimizer_step(policy, reference, micro_batches, epoch, config, mask_token_
         )
         keys = draw_keys_for(batch.example_ids, config.train.seed, epoch)
         draws = sample_draws(
-            len(keys), scoring.response_lengths, config.score.budget, config.score.estimator,
-            keys=keys, steps=config.score.steps,
+            len(keys),
+            scoring.response_lengths,
+            config.score.budget,
+            config.score.estimator,
+            keys=keys,
+            steps=config.score.steps,
         )
         prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
         results.append(
             preference_micro_step(
-                policy, reference, scoring, draws, mask_token_id=mask_token_id, loss_config=config.loss,
+                policy,
+                reference,
+                scoring,
+                draws,
+                mask_token_id=mask_token_id,
+                loss_config=config.loss,
                 max_tokens_per_forward=config.score.max_tokens_per_forward,
-                max_tokens_no_grad=config.score.no_grad_tokens, loss_scale=1.0 / accumulation,
+                max_tokens_no_grad=config.score.no_grad_tokens,
+                loss_scale=1.0 / accumulation,
                 preference_prob=prob,
             )
         )

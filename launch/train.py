@@ -53,40 +53,73 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config",
-                   help="DeepSpeed JSON (ds_configs/rtx4080.json, rtx4080_nvme.json, cpu.json, multi_gpu.json)")
-    p.add_argument("--config", help="training config file, YAML or JSON, with sections model/data/score/loss/train")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, e.g. --set score.budget=4 (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="auto: continue from the newest complete checkpoint in --output (fresh start if none); "
-                        "PATH: from that checkpoint folder")
-    p.add_argument("--nvme-path", help="folder on a fast NVMe drive, for configs that offload to \"nvme\"")
-    p.add_argument("--demo", action="store_true",
-                   help="train a tiny model on built-in addition pairs (CPU, about a minute)")
+    p.add_argument(
+        "--ds_config",
+        "--deepspeed_config",
+        dest="ds_config",
+        help="DeepSpeed JSON (ds_configs/rtx4080.json, rtx4080_nvme.json, cpu.json, multi_gpu.json)",
+    )
+    p.add_argument(
+        "--config", help="training config file, YAML or JSON, with sections model/data/score/loss/train"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. --set score.budget=4 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="auto: continue from the newest complete checkpoint in --output (fresh start if none); "
+        "PATH: from that checkpoint folder",
+    )
+    p.add_argument("--nvme-path", help='folder on a fast NVMe drive, for configs that offload to "nvme"')
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="train a tiny model on built-in addition pairs (CPU, about a minute)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the launcher
 
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face folder of the model to train")
     g.add_argument("--ref-model", help="reference model folder (default: the starting policy)")
     g.add_argument("--mask-token-id", type=int, help="mask token id (default: from config or tokenizer)")
-    g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow the model's own code (LLaDA)")
-    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
-                   help="keep activations instead of recomputing them (faster, more memory)")
+    g.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="allow the model's own code (LLaDA)"
+    )
+    g.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        default=None,
+        help="keep activations instead of recomputing them (faster, more memory)",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="preference pairs (prompt/chosen/rejected): JSONL, JSON, Parquet, datasets folder")
+    g.add_argument(
+        "--data", help="preference pairs (prompt/chosen/rejected): JSONL, JSON, Parquet, datasets folder"
+    )
     g.add_argument("--max-length", type=int, help="prompt + response tokens (default 1024)")
     g.add_argument("--max-prompt-length", type=int, help="prompt tokens kept (its end)")
-    g.add_argument("--skip-invalid", action="store_true", default=None, help="skip bad rows instead of stopping")
+    g.add_argument(
+        "--skip-invalid", action="store_true", default=None, help="skip bad rows instead of stopping"
+    )
     g = p.add_argument_group("score (VRPO)")
     g.add_argument("--estimator", choices=["l_over_L", "one_over_t", "trajectory"], help="ELBO estimator")
     g.add_argument("--budget", type=int, help="Monte Carlo draws per response (default 8)")
     g.add_argument("--trajectory-steps", type=int, help="unmasking steps T of the trajectory estimator")
-    g.add_argument("--max-tokens-per-forward", type=int,
-                   help="rows x tokens per forward with gradients: the activation-memory knob (default 4096)")
+    g.add_argument(
+        "--max-tokens-per-forward",
+        type=int,
+        help="rows x tokens per forward with gradients: the activation-memory knob (default 4096)",
+    )
     g.add_argument("--max-tokens-no-grad", type=int, help="rows x tokens per forward without gradients")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["sigmoid", "ipo", "hinge", "cdpo", "robust", "soft"], help="default sigmoid")
+    g.add_argument(
+        "--loss", choices=["sigmoid", "ipo", "hinge", "cdpo", "robust", "soft"], help="default sigmoid"
+    )
     g.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
     g.add_argument("--label-smoothing", type=float, help="epsilon of cdpo and robust")
     g.add_argument("--reference-free", action="store_true", default=None, help="no reference model")
@@ -98,7 +131,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int)
     g.add_argument("--save-every", type=int, help="optimizer steps between checkpoints (always at the end)")
     g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 2)")
-    g.add_argument("--max-bad-steps", type=int, help="consecutive non-finite steps before stopping (default 3)")
+    g.add_argument(
+        "--max-bad-steps", type=int, help="consecutive non-finite steps before stopping (default 3)"
+    )
     return p
 
 
@@ -112,8 +147,14 @@ def build_config(args):
 
         output = Path(args.output or "runs/demo")
         model_dir, data_file = prepare_demo(output / "inputs")
-        demo = {"model.path": str(model_dir), "data.path": str(data_file), "train.output": str(output),
-                "train.epochs": 3, "loss.beta": 0.5, "score.budget": 4}
+        demo = {
+            "model.path": str(model_dir),
+            "data.path": str(data_file),
+            "train.output": str(output),
+            "train.epochs": 3,
+            "loss.beta": 0.5,
+            "score.budget": 4,
+        }
         data = apply_overrides(data, demo)
         args.ds_config = args.ds_config or str(REPO / "ds_configs" / "cpu.json")
     data = apply_overrides(data, {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()})
@@ -138,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if metrics and int(os.environ.get("RANK", "0")) == 0:
-        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins"))
+        summary = ", ".join(
+            f"{k}={metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins")
+        )
         print(f"done: {summary}; output in {config.train.output}")
     return 0
 

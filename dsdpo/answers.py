@@ -1,0 +1,141 @@
+"""Math word problems with a final numeric answer: loading them, and reading a model's answer.
+
+Two sources:
+- a JSONL file, one problem a line: {"question": ..., "answer": ...}, where the answer is a number or
+  a GSM8K solution ending in "#### N";
+- a reasoning-gym generator (e.g. gsm_symbolic), scored by the generator's own scorer
+  (needs `pip install dsdpo[reasoning]`).
+
+A generation's answer is, in order of trust: the last "#### N", the last "\\boxed{N}", the last
+"answer is N", else the last number in the text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from dsdpo.errors import DsdpoError
+
+# A number as people write it: -1,234.5  $12  3/4  .5  (a trailing sentence dot is not a decimal).
+_NUMBER = r"-?\$?(?=\.?\d)(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?"
+NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}")
+MARKED_ANSWER_RES = (
+    re.compile(rf"####\s*({_NUMBER})"),
+    re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*\}}"),
+    re.compile(rf"answer\s+is\s*:?\s*({_NUMBER})", re.IGNORECASE),
+)
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The exact value of a number written like '1,234', '$5', '-3', '2.50', '3/4', '50%'; else None."""
+    cleaned = text.strip().rstrip(".%").replace(",", "").replace("$", "")
+    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(/\d+)?", cleaned):
+        return None
+    try:
+        return Fraction(cleaned)
+    except ZeroDivisionError:
+        return None
+
+
+def _last_number(matches: list[str]) -> str | None:
+    numbers = [match for match in matches if parse_number(match) is not None]
+    return numbers[-1].strip() if numbers else None
+
+
+def extract_answer(generation: str) -> str | None:
+    """The final answer a generation states, as written (see the module docstring for the order)."""
+    for pattern in MARKED_ANSWER_RES:
+        found = _last_number(pattern.findall(generation))
+        if found is not None:
+            return found
+    return _last_number(NUMBER_RE.findall(generation))
+
+
+def numbers_match(extracted: str | None, reference: str) -> bool:
+    """Whether two written numbers have the same value ('42.0' == '42', '1,000' == '1000')."""
+    if extracted is None:
+        return False
+    predicted, expected = parse_number(extracted), parse_number(reference)
+    return predicted is not None and predicted == expected
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A question, its reference answer and how to judge a generation against it."""
+
+    question: str
+    reference: str
+    is_correct: Callable[[str | None], bool]  # takes the extracted answer
+
+
+def reference_answer(answer: object) -> str | None:
+    """The final number of a JSONL `answer` field: a number, or a solution ending in '#### N'."""
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, int | float):
+        return str(answer)
+    if not isinstance(answer, str):
+        return None
+    final = answer.rsplit("####", 1)[-1].strip()
+    return final if parse_number(final) is not None else None
+
+
+def _problem_from_row(row: object) -> Problem:
+    if not isinstance(row, dict):
+        raise ValueError("a row must be a JSON object with 'question' and 'answer'")
+    question, answer = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("'question' is missing or not a non-empty string")
+    reference = reference_answer(answer)
+    if reference is None:
+        raise ValueError(f"'answer' {answer!r} is not a number or a solution ending in '#### N'")
+    return Problem(question, reference, lambda extracted: numbers_match(extracted, reference))
+
+
+def load_problems_jsonl(path: str | Path, limit: int | None = None) -> list[Problem]:
+    """Problems from a JSONL file; a bad row is an error naming the file and line."""
+    file = Path(path)
+    if not file.is_file():
+        raise DsdpoError(f"{file}: no such data file")
+    problems = []
+    with file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if limit is not None and len(problems) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                problems.append(_problem_from_row(json.loads(line)))
+            except ValueError as err:  # json.JSONDecodeError is a ValueError
+                raise DsdpoError(f"{file}:{number}: {err}") from None
+    if not problems:
+        raise DsdpoError(f"{file}: no problems in the file")
+    return problems
+
+
+def load_reasoning_gym(name: str, size: int, seed: int = 0) -> list[Problem]:
+    """`size` problems from a reasoning-gym generator, each judged by the generator's own scorer."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DsdpoError(
+            "--reasoning-gym needs the reasoning-gym package: pip install 'dsdpo[reasoning]'"
+        ) from None
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=size, seed=seed)
+    except (KeyError, ValueError) as err:
+        raise DsdpoError(f"reasoning-gym has no usable generator {name!r}: {err}") from None
+    return [_gym_problem(dataset, entry) for entry in dataset]
+
+
+def _gym_problem(dataset, entry: dict) -> Problem:
+    def is_correct(extracted: str | None) -> bool:
+        # Generators give partial credit for near misses; only a full score counts as correct.
+        return dataset.score_answer(answer=extracted, entry=entry) >= 1.0
+
+    return Problem(entry["question"], str(entry["answer"]), is_correct)

@@ -1,0 +1,327 @@
+"""LLaDA's sampler: reverse masked diffusion with block semi-autoregressive low-confidence remasking.
+
+    answers = generate(model, [prompt_ids, ...], mask_token_id=m, gen_length=128, block_length=32, steps=64)
+    texts = generate_text(model, tokenizer, ["What is 2+3?"], mask_token_id=m, ...)
+
+The answer starts as `gen_length` mask tokens after the prompt (LLaDA paper, section 2.4: the reverse
+process from t=1 to t=0). The answer is cut into blocks decoded left to right; each block gets
+steps/num_blocks steps and, at each step, the model predicts every masked token and the plan's number
+of them are kept: the most confident ones ('low_confidence' remasking, LLaDA Algorithm 5) or random
+ones ('random', Algorithm 4). The rest stay masked for the next step.
+
+Prompts of different lengths are left-padded so every answer starts at the same column. Padding is
+hidden from every query (a key-padding mask, 4D for bidirectional decoders, see
+dsdpo.logprobs.bidirectional_attention_mask) and position ids restart at each row's first real token,
+so a row decodes as it would alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsdpo.errors import DsdpoError
+from dsdpo.logprobs import bidirectional_attention_mask
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """What one denoising step did; given to the `on_step` callback (tests, debugging, demos)."""
+
+    block: int
+    step: int  # within the block
+    canvas: Tensor  # [B, P + gen_length] after the step: left-padded prompts, then the answer
+    revealed: Tensor  # [B, P + gen_length] bool: positions unmasked at this step
+    answer_start: int  # column P where every answer starts
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Left-padded prompts followed by a fully masked answer."""
+
+    canvas: Tensor  # [B, P + G] token ids
+    attention_mask: Tensor  # [B, P + G] long, 0 on left padding
+    prompt: Tensor  # [B, P + G] bool, True on real prompt tokens
+    answer_start: int
+    mask_token_id: int
+
+
+def check_schedule(gen_length: int, block_length: int, steps: int) -> int:
+    """Validate the block/step plan; return the number of steps per block."""
+    if gen_length < 1 or block_length < 1 or steps < 1:
+        raise DsdpoError(
+            f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) must be positive"
+        )
+    if gen_length % block_length:
+        raise DsdpoError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise DsdpoError(f"steps {steps} must be a multiple of the number of blocks ({num_blocks})")
+    steps_per_block = steps // num_blocks
+    if steps_per_block > block_length:
+        raise DsdpoError(
+            f"{steps_per_block} steps per block exceed block_length {block_length}: "
+            f"a step would reveal nothing; use at most {gen_length} steps"
+        )
+    return steps_per_block
+
+
+def reveal_plan(block_length: int, steps: int) -> list[int]:
+    """How many tokens each step of a block reveals.
+
+    LLaDA's schedule is linear in t, so the expected number of tokens unmasked per step is the same
+    at every step: block_length // steps each, the remainder one extra for the earliest steps
+    (LLaDA generate.py, get_num_transfer_tokens).
+    """
+    base, extra = divmod(block_length, steps)
+    return [base + (1 if step < extra else 0) for step in range(steps)]
+
+
+def left_padded_batch(
+    prompt_ids: Sequence[Sequence[int]], *, gen_length: int, mask_token_id: int, device: torch.device
+) -> Batch:
+    if not prompt_ids:
+        raise DsdpoError("no prompts to generate from")
+    width = max(len(ids) for ids in prompt_ids)
+    rows = len(prompt_ids)
+    canvas = torch.full((rows, width + gen_length), mask_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.ones_like(canvas)
+    prompt = torch.zeros_like(canvas, dtype=torch.bool)
+    for row, ids in enumerate(prompt_ids):
+        start = width - len(ids)
+        # Padding's value is never seen (attention hides it); 0 keeps it distinct from the mask token.
+        canvas[row, :start] = 0
+        attention_mask[row, :start] = 0
+        canvas[row, start:width] = torch.tensor(list(ids), dtype=torch.long, device=device)
+        prompt[row, start:width] = True
+    return Batch(canvas, attention_mask, prompt, width, mask_token_id)
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return getattr(model, "dtype", None) or next(model.parameters(), torch.empty(0)).dtype
+
+
+def denoiser_logits(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits [B, S, V] of one forward pass, with left padding hidden and positions per row."""
+    if bool(attention_mask.all()):
+        return _as_logits(model(input_ids=canvas))
+    inputs = {"input_ids": canvas}
+    if getattr(getattr(model, "config", None), "use_bidirectional_attention", False):
+        # A 2D mask with zeros would make this decoder causal (transformers 5.23): pass the 4D one.
+        inputs["attention_mask"] = bidirectional_attention_mask(attention_mask, _model_dtype(model))
+    else:
+        inputs["attention_mask"] = attention_mask
+    if _accepts_position_ids(model):
+        # Each row's first real token is position 0, as if it had been run alone.
+        inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return _as_logits(model(**inputs))
+
+
+def _as_logits(output) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def guided_logits(model: nn.Module, batch: Batch, canvas: Tensor, cfg_scale: float) -> Tensor:
+    """Logits, with unsupervised classifier-free guidance when cfg_scale > 0.
+
+    LLaDA (paper section B.3; generate.py): the unconditional pass sees the same canvas with the prompt
+    masked, and logits = uncond + (cfg_scale + 1) * (cond - uncond).
+    """
+    if cfg_scale <= 0:
+        return denoiser_logits(model, canvas, batch.attention_mask)
+    unconditional = canvas.masked_fill(batch.prompt, batch.mask_token_id)
+    both = denoiser_logits(
+        model, torch.cat([canvas, unconditional]), torch.cat([batch.attention_mask, batch.attention_mask])
+    )
+    conditional, unconditional_logits = both.chunk(2)
+    return unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
+
+
+def sample_tokens(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """Gumbel-max sampling from softmax(logits / temperature); argmax at temperature 0.
+
+    In float64: low-precision Gumbel noise lowers generation quality for MDMs (arXiv:2409.02908, as
+    LLaDA's generate.py notes). argmax(l + T·g) with g ~ Gumbel(0, 1) samples softmax(l / T).
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device).clamp_(
+        min=torch.finfo(torch.float64).tiny
+    )
+    gumbel = -torch.log(-torch.log(uniform))
+    return (logits.double() + temperature * gumbel).argmax(-1)
+
+
+def remasking_scores(
+    logits: Tensor, proposal: Tensor, remasking: str, generator: torch.Generator | None
+) -> Tensor:
+    """Per-position priority for keeping a proposed token: higher is revealed first."""
+    if remasking == "low_confidence":
+        # LLaDA Algorithm 5: the model's probability of its own proposal (before temperature).
+        probs = F.softmax(logits.double(), dim=-1)
+        return probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+    return torch.rand(proposal.shape, generator=generator, dtype=torch.float64, device=proposal.device)
+
+
+def denoise_step(
+    model: nn.Module,
+    batch: Batch,
+    canvas: Tensor,
+    block: slice,
+    count: int,
+    *,
+    temperature: float,
+    remasking: str,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Reveal `count` masked tokens of the current block in every row; return the revealed positions."""
+    logits = guided_logits(model, batch, canvas, cfg_scale)[:, block].clone()
+    # A revealed token must be a real token: the mask token gets zero probability (MDLM's "zero
+    # masking probabilities"); an untrained denoiser would otherwise propose it and stay masked.
+    logits[..., batch.mask_token_id] = -torch.inf
+    proposal = sample_tokens(logits, temperature, generator)
+    scores = remasking_scores(logits, proposal, remasking, generator)
+    masked = canvas[:, block] == batch.mask_token_id
+    # Only still-masked tokens of this block compete; later blocks wait their turn (semi-autoregressive).
+    scores = scores.masked_fill(~masked, -torch.inf)
+    chosen = scores.topk(count, dim=-1).indices
+    revealed_in_block = torch.zeros_like(masked).scatter_(1, chosen, True)
+    canvas[:, block] = torch.where(revealed_in_block, proposal, canvas[:, block])
+    revealed = torch.zeros_like(canvas, dtype=torch.bool)
+    revealed[:, block] = revealed_in_block
+    return revealed
+
+
+def _every_row_stopped(answer: Tensor, stop_token_ids: Sequence[int]) -> bool:
+    if not stop_token_ids:
+        return False
+    stops = torch.tensor(list(stop_token_ids), device=answer.device)
+    return bool(torch.isin(answer, stops).any(dim=1).all())
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    mask_token_id: int,
+    gen_length: int = 128,
+    block_length: int = 32,
+    steps: int = 128,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    stop_token_ids: Sequence[int] = (),
+    on_step: Callable[[StepTrace], None] | None = None,
+) -> Tensor:
+    """Sample answers for a batch of prompts; return their token ids [B, gen_length].
+
+    stop_token_ids: once every row holds one of these in its finished blocks, the remaining blocks
+    are filled with the first of them instead of decoded. The text up to the first stop token is the
+    same either way; it only saves forward passes (an instruct LLaDA pads its answers with EOS).
+    generator: the source of all randomness (Gumbel noise, random remasking); seed it to reproduce.
+    """
+    steps_per_block = check_schedule(gen_length, block_length, steps)
+    if remasking not in REMASKING:
+        raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
+    if temperature < 0:
+        raise DsdpoError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    batch = left_padded_batch(prompt_ids, gen_length=gen_length, mask_token_id=mask_token_id, device=device)
+    canvas = batch.canvas.clone()
+    plan = reveal_plan(block_length, steps_per_block)
+    for block_index in range(gen_length // block_length):
+        start = batch.answer_start + block_index * block_length
+        block = slice(start, start + block_length)
+        for step, count in enumerate(plan):
+            revealed = denoise_step(
+                model, batch, canvas, block, count,
+                temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
+                generator=generator,
+            )  # fmt: skip
+            if on_step is not None:
+                on_step(StepTrace(block_index, step, canvas.clone(), revealed, batch.answer_start))
+        if _every_row_stopped(canvas[:, batch.answer_start : block.stop], stop_token_ids):
+            canvas[:, block.stop :] = stop_token_ids[0]
+            break
+    return canvas[:, batch.answer_start :]
+
+
+def cut_at_stop(token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token (EOS): what follows is filler, not answer."""
+    stops = set(stop_token_ids)
+    for index, token in enumerate(token_ids):
+        if token in stops:
+            return list(token_ids[:index])
+    return list(token_ids)
+
+
+def stop_ids_of(tokenizer) -> list[int]:
+    """EOS, plus an end-of-turn token where the tokenizer has one (LLaDA's instruct model ends with it)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|eot_id|>", "<|im_end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:
+    """Token ids of a prompt; as a user turn with the tokenizer's chat template when `chat` and it has one."""
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        # The template already holds any BOS; adding special tokens again would double it.
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def generate_text(
+    model: nn.Module, tokenizer, prompts: Sequence[str], *, mask_token_id: int, chat: bool = True, **sampler
+) -> list[str]:
+    """Generate answers to text prompts; each is decoded up to its first stop token (EOS)."""
+    stop_ids = stop_ids_of(tokenizer)
+    prompt_ids = [encode_prompt(tokenizer, text, chat=chat) for text in prompts]
+    answers = generate(model, prompt_ids, mask_token_id=mask_token_id, stop_token_ids=stop_ids, **sampler)
+    return [
+        tokenizer.decode(cut_at_stop(row.tolist(), stop_ids), skip_special_tokens=True).strip()
+        for row in answers
+    ]
+
+
+def read_prompts_jsonl(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file whose rows hold a 'prompt' (or a 'question') string."""
+    file = Path(path)
+    if not file.is_file():
+        raise DsdpoError(f"{file}: no such data file")
+    prompts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise DsdpoError(f"{file}:{number}: not JSON ({err})") from None
+        text = row.get("prompt", row.get("question")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise DsdpoError(f"{file}:{number}: a row needs a 'prompt' or 'question' string")
+        prompts.append(text)
+    if not prompts:
+        raise DsdpoError(f"{file}: no prompts in the file")
+    return prompts
