@@ -27,6 +27,7 @@ import torch
 
 from dsdpo import __version__
 from dsdpo.errors import DsdpoError
+from dsdpo.faults import crash_point
 
 STATE_FILE = "dsdpo_state.json"
 LATEST_FILE = "latest"
@@ -83,6 +84,7 @@ def save_checkpoint(
     if is_rank0:
         save_hf_files(folder / "hf")
     barrier()  # every rank's shard is on disk
+    crash_point("in_save", state.step)
     if is_rank0:
         meta = {
             "dsdpo_version": __version__,
@@ -94,6 +96,7 @@ def save_checkpoint(
         _atomic_write(output / LATEST_FILE, tag)
         _prune(output, keep=keep_last, protect=tag)
     barrier()
+    crash_point("after_save", state.step)
     return folder
 
 

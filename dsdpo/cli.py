@@ -390,3 +390,32 @@ def eval_accuracy_command(
         with open(json_out, "w", encoding="utf-8") as sink:
             json.dump(report.as_dict(), sink, indent=2)
     click.echo(report.summary())
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp32", "fp16"]),
+    default="bf16",
+    show_default=True,
+    help="Precision of the written weights (training keeps fp32 master weights).",
+)
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest safetensors file; bigger models are split with an index.",
+)
+def export_command(checkpoint, out_dir, dtype, max_shard_size):
+    """Turn a training checkpoint into a Hugging Face folder: config, tokenizer, safetensors.
+
+    CHECKPOINT is a step_NNNNNN folder, or a run's output folder (its newest complete checkpoint).
+    Runs on the CPU, one shard in memory at a time. The folder loads with transformers'
+    from_pretrained and with every dsdpo command.
+    """
+    from dsdpo.export import export_checkpoint
+
+    out = export_checkpoint(checkpoint, out_dir, dtype=dtype, max_shard_size=max_shard_size)
+    click.echo(f"exported {checkpoint} to {out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -19,6 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import reference_ds_config
+from dsdpo.errors import DsdpoError
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import disable_dropout, load_model
 
@@ -88,6 +90,11 @@ class Engines:
 
 def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     """Load a model straight into ZeRO-3 partitions (never whole on one rank)."""
+    if not (Path(path) / "config.json").is_file():
+        raise DsdpoError(
+            f"{path}: training starts from a Hugging Face folder; turn a checkpoint into one with "
+            "`dsdpo export CHECKPOINT DIR`, or continue its run with --resume"
+        )
     hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)

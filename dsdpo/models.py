@@ -30,7 +30,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_model_folder(path: str | Path) -> Path:
+    """The folder holding config.json (and the tokenizer): the model folder, or a checkpoint's hf/."""
     folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        from dsdpo.export import is_checkpoint, resolve_checkpoint
+
+        if is_checkpoint(folder):
+            folder = resolve_checkpoint(folder) / "hf"
     if not folder.is_dir():
         raise DsdpoError(f"{folder}: no such model folder")
     if not (folder / "config.json").is_file():
@@ -73,12 +79,17 @@ def model_class_for(config: PretrainedConfig, *, trust_remote_code: bool = False
 def load_model(
     path: str | Path, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """Load the denoiser in `path` (a local folder) for scoring or training."""
+    """Load the denoiser in `path` for scoring or training: a Hugging Face folder, or a dsdpo
+    checkpoint (a step_NNNNNN folder, or a run folder whose `latest` names one)."""
     config = load_config(path, trust_remote_code=trust_remote_code)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DsdpoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if not (Path(path) / "config.json").is_file():  # a checkpoint: weights from the ZeRO shards
+        from dsdpo.export import load_checkpoint_model
+
+        return load_checkpoint_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
     cls = model_class_for(config, trust_remote_code=trust_remote_code)
     return cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
 

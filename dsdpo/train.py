@@ -40,6 +40,7 @@ from dsdpo.engine import (
     world_size,
 )
 from dsdpo.errors import DsdpoError
+from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
 from dsdpo.metrics import RunLogger, peak_memory_mb
 from dsdpo.models import load_config, load_tokenizer, resolve_mask_token_id
@@ -64,17 +65,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def step_groups(batcher: PairBatcher, accumulation: int) -> Iterator[tuple[int, list]]:
-    """(epoch, `accumulation` micro-batches) forever. An epoch's last micro-batches that do not fill
-    a whole step are skipped, so every step has the configured number of pairs."""
+def step_batches(batcher: PairBatcher, micro_batch: int) -> Iterator[tuple[int, list[list]]]:
+    """(epoch, micro-batches) for every optimizer step, forever.
+
+    The batcher yields each step's pairs for this rank (its global batch is the whole step:
+    train_batch_size pairs). Cutting them into micro-batches here means the same pairs make a step
+    however they are spread over ranks and accumulation: 2 ranks × 2 micro-batches of 1 pair see the
+    pairs that 1 rank × 4 micro-batches, or 1 micro-batch of 4, sees.
+    """
     while True:
-        epoch, remaining = batcher.epoch, len(batcher) - batcher.position
-        batches = iter(batcher)
-        while remaining >= accumulation:
-            yield epoch, [next(batches) for _ in range(accumulation)]
-            remaining -= accumulation
-        for _ in batches:  # run out the epoch: the batcher moves on to the next one
-            pass
+        batcher.roll_over_finished_epoch()
+        epoch = batcher.epoch
+        for pairs in batcher:
+            yield epoch, [pairs[start : start + micro_batch] for start in range(0, len(pairs), micro_batch)]
 
 
 def draw_keys_for(example_ids: list[str], seed: int, epoch: int) -> list[DrawKey]:
@@ -111,6 +114,7 @@ def train(
         tokenizer,
         max_length=config.data.max_length,
         max_prompt_length=config.data.max_prompt_length,
+        skip_invalid=config.data.skip_invalid,
     )
 
     raw_ds_config = read_ds_config(ds_config_path)
@@ -119,16 +123,16 @@ def train(
         batch_sizes["train_micro_batch_size_per_gpu"],
         batch_sizes["gradient_accumulation_steps"],
     )
-    batcher = PairBatcher(pairs, micro, seed=config.train.seed, world_size=ranks, rank=rank())
-    steps_per_epoch = len(batcher) // accumulation
-    total_steps = config.train.epochs * steps_per_epoch
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
-    if total_steps == 0:
+    if len(pairs) < batch_sizes["train_batch_size"]:
         raise DsdpoError(
             f"{config.data.path}: {len(pairs)} pairs make no optimizer step of "
             f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
         )
+    batcher = PairBatcher(pairs, micro * accumulation, seed=config.train.seed, world_size=ranks, rank=rank())
+    steps_per_epoch = len(batcher)
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
     ds_config = resolve_ds_config(
         raw_ds_config,
         world_size=ranks,
@@ -177,7 +181,7 @@ def train(
         )
 
     stop = StopRequest()
-    groups = step_groups(batcher, accumulation)
+    steps = step_batches(batcher, micro)
     metrics: dict[str, float] = {}
     try:
         while state.step < total_steps:
@@ -185,7 +189,7 @@ def train(
                 logger.message(f"stopping at step {state.step}: saving a checkpoint")
                 break
             started = time.perf_counter()
-            epoch, micro_batches = next(groups)
+            epoch, micro_batches = next(steps)
             metrics = _optimizer_step(
                 policy,
                 engines.reference,
@@ -218,7 +222,9 @@ def train(
             if state.step % config.train.log_every == 0 or state.step == total_steps:
                 logger.log(state.step, metrics)
             logger.advance()
+            crash_point("after_step", state.step)
             if state.bad_steps_in_row >= config.train.max_bad_steps:
+                save()  # the skipped steps changed no weight: keep what the run had learned
                 raise DsdpoError(
                     f"{state.bad_steps_in_row} steps in a row had a non-finite loss (step {state.step}); "
                     "the weights were not updated by them. Lower the learning rate, or check the data"

@@ -1,0 +1,111 @@
+"""Crash and resume: SIGKILL at exact points (dsdpo.faults), then --resume auto continues exactly."""
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from dsdpo.checkpoint import LATEST_FILE, STATE_FILE
+from dsdpo.demo import addition_pairs, write_jsonl
+from tests.run_helpers import REPO, metrics_by_step, run_train, tail
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(addition_pairs(24, seed=3), tmp_path_factory.mktemp("data") / "pairs.jsonl")
+
+
+def _args(model_dir, data_file, output, *extra):
+    return [
+        "--ds_config",
+        REPO / "ds_configs" / "cpu.json",
+        "--model",
+        model_dir,
+        "--data",
+        data_file,
+        "--output",
+        output,
+        "--max-steps",
+        STEPS,
+        "--epochs",
+        10,
+        "--budget",
+        2,
+        "--beta",
+        0.5,
+        "--save-every",
+        3,
+        "--keep-last",
+        5,
+        *extra,
+    ]
+
+
+def _final_weights(output):
+    state = get_fp32_state_dict_from_zero_checkpoint(str(output), tag=f"step_{STEPS:06d}")
+    return {name: tensor.clone() for name, tensor in state.items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_gemma_dir, data_file, tmp_path_factory):
+    output = tmp_path_factory.mktemp("straight")
+    result = run_train(_args(tiny_gemma_dir, data_file, output))
+    assert result.returncode == 0, tail(result)
+    return output
+
+
+def _assert_same_run(output, straight):
+    expected, got = metrics_by_step(straight), metrics_by_step(output)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step]["loss"] == expected[step]["loss"], step  # exactly: fp32 on the CPU
+    a, b = _final_weights(straight), _final_weights(output)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_killed_after_a_checkpoint_resumes_exactly(tiny_gemma_dir, data_file, tmp_path, straight):
+    args = _args(tiny_gemma_dir, data_file, tmp_path)
+    killed = run_train(args, env={"DSDPO_FAULT": f"after_save:{STEPS // 2}"})
+    assert killed.returncode == -9, tail(killed)
+    assert (tmp_path / LATEST_FILE).read_text() == f"step_{STEPS // 2:06d}"
+    resumed = run_train([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, tail(resumed)
+    assert f"resumed from {tmp_path / f'step_{STEPS // 2:06d}'}" in resumed.stdout + resumed.stderr
+    _assert_same_run(tmp_path, straight)
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
+    tiny_gemma_dir, data_file, tmp_path, straight
+):
+    args = _args(tiny_gemma_dir, data_file, tmp_path)
+    killed = run_train(args, env={"DSDPO_FAULT": "in_save:9"})
+    assert killed.returncode == -9, tail(killed)
+    partial = tmp_path / "step_000009"
+    assert any(partial.glob("*model_states.pt")) and not (partial / STATE_FILE).exists()
+    assert (tmp_path / LATEST_FILE).read_text() == "step_000006"  # never names the partial one
+    resumed = run_train([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, tail(resumed)
+    assert (
+        "resumed from" in resumed.stdout + resumed.stderr and "step_000006" in resumed.stdout + resumed.stderr
+    )
+    _assert_same_run(tmp_path, straight)
+
+
+def test_resume_from_a_named_partial_checkpoint_is_a_clear_error(tiny_gemma_dir, data_file, tmp_path):
+    args = _args(tiny_gemma_dir, data_file, tmp_path)
+    run_train(args, env={"DSDPO_FAULT": "in_save:3"})
+    result = run_train([*args, "--resume", tmp_path / "step_000003"])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "dsdpo_state.json is missing" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_changed_options_are_named_on_resume(tiny_gemma_dir, data_file, tmp_path):
+    args = _args(tiny_gemma_dir, data_file, tmp_path)
+    assert run_train(args, env={"DSDPO_FAULT": "after_save:3"}).returncode == -9
+    resumed = run_train([*args, "--resume", "auto", "--beta", 0.25])
+    assert resumed.returncode == 0, tail(resumed)
+    assert "loss.beta: 0.5 -> 0.25" in resumed.stdout + resumed.stderr
