@@ -1,0 +1,90 @@
+"""Export round trip: a checkpoint of a trained ZeRO-3 policy -> HF folder -> same scores."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from dsdpo.checkpoint import TrainState, save_checkpoint
+from dsdpo.cli import main
+from dsdpo.diffusion import ScoringBatch, forward_rows
+from dsdpo.draws import sample_draws
+from dsdpo.engine import barrier
+from dsdpo.gradient import preference_micro_step
+from dsdpo.logprobs import MaskedTokenScorer
+from dsdpo.loss import LossConfig
+from dsdpo.models import load_config, load_model, load_tokenizer
+from tests.ds_helpers import cpu_ds_config, engines_for
+from tests.test_gradient import MASK, _pair_batch
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_gemma_dir, tokenizer, tmp_path_factory):
+    """A policy after one real optimizer step, its checkpoint, and its scores on some rows."""
+    engines = engines_for(tiny_gemma_dir, cpu_ds_config())
+    batch, keys = _pair_batch(tokenizer, [0, 1])
+    draws = sample_draws(len(keys), batch.response_lengths, 4, keys=keys)
+    preference_micro_step(
+        engines.policy, engines.reference, batch, draws, mask_token_id=MASK, loss_config=LossConfig(beta=0.5),
+        max_tokens_per_forward=1 << 20, max_tokens_no_grad=1 << 20, loss_scale=1.0,
+    )
+    engines.policy.step()
+    output = tmp_path_factory.mktemp("run")
+    hf_config, hf_tokenizer = load_config(tiny_gemma_dir), load_tokenizer(tiny_gemma_dir)
+    save_checkpoint(
+        engines.policy, output, TrainState(step=1), config={}, world_size=1, is_rank0=True,
+        save_hf_files=lambda f: (hf_config.save_pretrained(f), hf_tokenizer.save_pretrained(f)),
+        keep_last=2, barrier=barrier,
+    )
+    inputs = forward_rows(batch, draws, torch.arange(draws.num_rows), MASK)
+    with torch.no_grad():
+        policy_scores = engines.policy(**inputs)
+        reference_scores = engines.reference(**inputs)
+    return output, inputs, policy_scores, reference_scores
+
+
+def test_exported_folder_loads_with_transformers_and_scores_like_the_policy(trained, tmp_path):
+    output, inputs, policy_scores, reference_scores = trained
+    result = CliRunner().invoke(main, ["export", str(output), str(tmp_path / "hf"), "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        exported = MaskedTokenScorer(model)(**inputs)
+    assert torch.allclose(exported, policy_scores, atol=1e-5)
+    assert not torch.allclose(exported, reference_scores, atol=1e-3)  # training moved it
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tie kept
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_bf16_sharded_export_has_an_index_and_loads(trained, tmp_path):
+    output, inputs, policy_scores, _ = trained
+    result = CliRunner().invoke(main, ["export", str(output / "step_000001"), str(tmp_path / "hf"),
+                                       "--max-shard-size", "40KB"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        exported = MaskedTokenScorer(model.float())(**inputs)
+    assert torch.allclose(exported, policy_scores, rtol=2e-2, atol=0.1)  # bf16 rounding of the weights
+
+
+def test_dsdpo_commands_take_a_checkpoint_folder_as_a_model(trained):
+    output, inputs, policy_scores, _ = trained
+    model = load_model(output)  # the run folder: its newest complete checkpoint
+    with torch.no_grad():
+        assert torch.allclose(MaskedTokenScorer(model.eval())(**inputs), policy_scores, atol=1e-5)
+    assert load_tokenizer(output).mask_token == "[MASK]"
+
+
+def test_export_of_a_partial_or_missing_checkpoint_is_a_one_line_error(trained, tmp_path):
+    output, *_ = trained
+    partial = tmp_path / "step_000009"
+    partial.mkdir()
+    for target in (partial, tmp_path / "nothing"):
+        result = CliRunner().invoke(main, ["export", str(target), str(tmp_path / "out")])
+        assert result.exit_code == 1
+        assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1

@@ -1,0 +1,87 @@
+"""Whole runs through the real `deepspeed` launcher on the CPU accelerator: the policy learns a
+synthetic preference with CPU offload and with NVMe offload; two ranks match one."""
+
+import copy
+import json
+
+import pytest
+
+from dsdpo.demo import addition_pairs, write_jsonl
+from dsdpo.tiny import init_tiny
+from tests.run_helpers import REPO, metrics_by_step, run_train, tail
+
+
+def _nvme_available() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(addition_pairs(32, seed=1), tmp_path_factory.mktemp("data") / "pairs.jsonl")
+
+
+def _assert_learned(output, steps):
+    metrics = metrics_by_step(output)
+    assert sorted(metrics) == list(range(1, steps + 1))
+    assert metrics[1]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy = reference at the start
+    late = [metrics[s] for s in range(steps - 3, steps + 1)]
+    assert min(m["rewards/accuracies"] for m in late) == 1.0
+    assert min(m["rewards/margins"] for m in late) > 1.0
+    assert all(m["skipped_steps"] == 0 for m in late)
+
+
+def test_cpu_offload_run_learns_the_preference(tiny_gemma_dir, data_file, tmp_path):
+    result = run_train(
+        ["--ds_config", REPO / "ds_configs" / "cpu.json", "--model", tiny_gemma_dir, "--data", data_file,
+         "--output", tmp_path, "--epochs", 2, "--budget", 4, "--beta", 0.5],
+        ranks=1,
+    )
+    assert result.returncode == 0, tail(result)
+    _assert_learned(tmp_path, steps=16)
+    assert (tmp_path / "latest").read_text() == "step_000016"
+    assert json.loads((tmp_path / "ds_config.json").read_text())["train_batch_size"] == 4
+    assert (tmp_path / "train_config.yaml").is_file()
+
+
+@pytest.mark.skipif(not _nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
+    # FFN matrices of 256 x 2048 fp32 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
+    model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
+    config = json.loads((REPO / "ds_configs" / "rtx4080_nvme.json").read_text())
+    test_config = copy.deepcopy(json.loads((REPO / "ds_configs" / "cpu.json").read_text()))
+    test_config["zero_optimization"] = config["zero_optimization"]
+    test_config["aio"] = config["aio"]
+    for block in ("offload_param", "offload_optimizer"):
+        test_config["zero_optimization"][block]["pin_memory"] = False  # no CUDA to pin for
+    test_config["zero_optimization"]["offload_param"]["buffer_size"] = 1e6
+    (tmp_path / "nvme.json").write_text(json.dumps(test_config))
+    result = run_train(
+        ["--ds_config", tmp_path / "nvme.json", "--nvme-path", tmp_path / "swap", "--model", model_dir,
+         "--data", data_file, "--output", tmp_path / "run", "--epochs", 2, "--budget", 4, "--beta", 0.5],
+        ranks=1,
+    )
+    assert result.returncode == 0, tail(result)
+    swapped = list((tmp_path / "swap" / "policy").rglob("*.swp"))
+    assert swapped, "no parameter was swapped to NVMe"
+    assert list((tmp_path / "swap" / "reference").rglob("*.swp")), "the reference engine did not swap"
+    _assert_learned(tmp_path / "run", steps=16)
+
+
+def test_two_ranks_give_the_loss_of_one_rank_with_twice_the_accumulation(tiny_gemma_dir, data_file, tmp_path):
+    base = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    losses = {}
+    for ranks, accumulation in ((2, 2), (1, 4)):
+        config = {**base, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accumulation}
+        (tmp_path / f"ds{ranks}.json").write_text(json.dumps(config))
+        output = tmp_path / f"ranks{ranks}"
+        result = run_train(
+            ["--ds_config", tmp_path / f"ds{ranks}.json", "--model", tiny_gemma_dir, "--data", data_file,
+             "--output", output, "--max-steps", 5, "--budget", 2, "--beta", 0.5],
+            ranks=ranks,
+        )
+        assert result.returncode == 0, tail(result)
+        losses[ranks] = [metrics_by_step(output)[s]["loss"] for s in range(1, 6)]
+    assert losses[2] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[1][-1] < losses[1][0]  # not a trivial equality of untrained losses
