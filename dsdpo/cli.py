@@ -465,18 +465,12 @@ _LOADING_KNOBS = ("mask_token_id", "trust_remote_code", "dtype")
 
 
 def _score_settings(knobs: dict):
-    """ScoreSettings from the score options (checked before any model is loaded)."""
+    """ScoreSettings from the score options of that name (checked before any model is loaded)."""
+    from dataclasses import fields
+
     from dsdpo.evaluate import ScoreSettings
 
-    return ScoreSettings(
-        budget=knobs["budget"],
-        estimator=knobs["estimator"],
-        trajectory_steps=knobs["trajectory_steps"],
-        seed=knobs["seed"],
-        batch_size=knobs["batch_size"],
-        max_tokens_per_forward=knobs["max_tokens_per_forward"],
-        progress=knobs["progress"],
-    )
+    return ScoreSettings(**{f.name: knobs[f.name] for f in fields(ScoreSettings) if f.name in knobs})
 
 
 def _load_scoring_inputs(model_dirs, knobs: dict):

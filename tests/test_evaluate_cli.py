@@ -4,11 +4,8 @@ import json
 import math
 
 import pytest
-from click.testing import CliRunner
 
-from dsdpo.cli import main
-from dsdpo.models import load_tokenizer
-from dsdpo.tiny import init_tiny
+from tests.cli_helpers import assert_one_line_error, run
 
 ROWS = [
     {"id": "a", "prompt": "2+2=", "chosen": "4", "rejected": "five"},
@@ -17,34 +14,11 @@ ROWS = [
 FAST = ["--budget", "3", "--no-progress"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, message):
-    assert result.exit_code != 0, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert message in lines[0], result.output
-
-
 @pytest.fixture
 def pairs_file(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     return path
-
-
-@pytest.fixture(scope="module")
-def folder_without_mask_token(tmp_path_factory):
-    folder = init_tiny(tmp_path_factory.mktemp("no-mask"))
-    config = json.loads((folder / "config.json").read_text())
-    del config["mask_token_id"]
-    (folder / "config.json").write_text(json.dumps(config))
-    tokenizer = load_tokenizer(folder)
-    tokenizer.mask_token = None
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_eval_preference_of_a_model_against_itself(tiny_gemma_dir, pairs_file, tmp_path):
