@@ -1,13 +1,18 @@
-"""Math word problems with a final numeric answer: loading them, and reading a model's answer.
+"""Final answers: reading them off a text, comparing them, and math problems to judge them on.
 
-Two sources:
+The one module of final-answer extraction and comparison, used by `dsdpo eval accuracy` (lenient
+`extract_answer` on model generations) and by `dsdpo make-pairs` (strict `extract_final_answer` on the
+solutions it writes, which always end with a GSM8K-style line `#### <answer>`). Numbers compare by
+value everywhere (`parse_number`).
+
+Problems come from two sources:
 - a JSONL file, one problem a line: {"question": ..., "answer": ...}, where the answer is a number or
   a GSM8K solution ending in "#### N";
 - a reasoning-gym generator (e.g. gsm_symbolic), scored by the generator's own scorer
   (needs `pip install dsdpo[reasoning]`).
 
-A generation's answer is, in order of trust: the last "#### N", the last "\\boxed{N}", the last
-"answer is N", else the last number in the text.
+A generation's answer (`extract_answer`) is, in order of trust: the last "#### N", the last
+"\\boxed{N}", the last "answer is N", else the last number in the text.
 """
 
 from __future__ import annotations
@@ -21,20 +26,27 @@ from pathlib import Path
 
 from dsdpo.errors import DsdpoError
 
+ANSWER_MARK = "####"
+
 # A number as people write it: -1,234.5  $12  3/4  .5  (a trailing sentence dot is not a decimal).
 _NUMBER = r"-?\$?(?=\.?\d)(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?"
 NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}")
 MARKED_ANSWER_RES = (
-    re.compile(rf"####\s*({_NUMBER})"),
+    re.compile(rf"{ANSWER_MARK}\s*({_NUMBER})"),
     re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*\}}"),
     re.compile(rf"answer\s+is\s*:?\s*({_NUMBER})", re.IGNORECASE),
 )
 
 
+def normalize(answer: str) -> str:
+    """The answer without what does not change it: thousands separators, currency, a closing full stop."""
+    return re.sub(r"(?<=\d),(?=\d{3})", "", answer.strip().rstrip(".").replace("$", "")).strip()
+
+
 def parse_number(text: str) -> Fraction | None:
-    """The exact value of a number written like '1,234', '$5', '-3', '2.50', '3/4', '50%'; else None."""
-    cleaned = text.strip().rstrip(".%").replace(",", "").replace("$", "")
-    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(/\d+)?", cleaned):
+    """The exact value of a number written like '1,234', '$5', '-3', '+2.50', '3/4', '50%'; else None."""
+    cleaned = normalize(text).rstrip("%")
+    if not re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?", cleaned):
         return None
     try:
         return Fraction(cleaned)
@@ -48,12 +60,25 @@ def _last_number(matches: list[str]) -> str | None:
 
 
 def extract_answer(generation: str) -> str | None:
-    """The final answer a generation states, as written (see the module docstring for the order)."""
+    """The final answer a generation states, as written (lenient: see the module docstring)."""
     for pattern in MARKED_ANSWER_RES:
         found = _last_number(pattern.findall(generation))
         if found is not None:
             return found
     return _last_number(NUMBER_RE.findall(generation))
+
+
+def final_answer_line(answer: str) -> str:
+    """The GSM8K-style last line of every solution dsdpo writes."""
+    return f"{ANSWER_MARK} {answer}"
+
+
+def extract_final_answer(text: str) -> str | None:
+    """Strict: the text after the last `####`, or None when the solution never states an answer."""
+    if ANSWER_MARK not in text:
+        return None
+    answer = text.rsplit(ANSWER_MARK, 1)[1].strip()
+    return answer or None
 
 
 def numbers_match(extracted: str | None, reference: str) -> bool:
@@ -62,6 +87,20 @@ def numbers_match(extracted: str | None, reference: str) -> bool:
         return False
     predicted, expected = parse_number(extracted), parse_number(reference)
     return predicted is not None and predicted == expected
+
+
+def answers_match(given: str | None, correct: str) -> bool:
+    """Numbers compare by value (12 == 12.0 == 24/2), other answers as case-folded text."""
+    if given is None:
+        return False
+    if parse_number(given) is not None and parse_number(correct) is not None:
+        return numbers_match(given, correct)
+    return " ".join(normalize(given).casefold().split()) == " ".join(normalize(correct).casefold().split())
+
+
+def is_correct(solution: str, correct: str) -> bool:
+    """Whether a worked solution's `#### answer` line states the correct answer."""
+    return answers_match(extract_final_answer(solution), correct)
 
 
 @dataclass(frozen=True)

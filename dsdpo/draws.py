@@ -45,6 +45,19 @@ def draw_keys(example_ids: Sequence[str | int], *, seed: int = 0, epoch: int = 0
     return [DrawKey(seed, example_id, epoch) for example_id in example_ids]
 
 
+def draw_keys_for(example_ids: Sequence[str], seed: int, epoch: int) -> list[DrawKey]:
+    """Keys of the 2P responses of a PairBatch, in its order (chosen rows, then rejected rows).
+
+    Training and evaluation both key a pair's draws this way, so an evaluation with the training seed
+    and epoch sees the masks training saw, and a policy and its reference always share them.
+    """
+    return [
+        DrawKey(seed, f"{example_id}:{side}", epoch)
+        for side in ("chosen", "rejected")
+        for example_id in example_ids
+    ]
+
+
 def draw_generator(key: DrawKey, draw_index: int) -> torch.Generator:
     """A CPU generator that depends on (seed, example id, epoch, draw index) alone."""
     text = f"{key.seed}\x1f{key.example_id}\x1f{key.epoch}\x1f{draw_index}"

@@ -27,7 +27,7 @@ from dsdpo.checkpoint import (
 from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
 from dsdpo.diffusion import ScoringBatch
-from dsdpo.draws import DrawKey, sample_draws
+from dsdpo.draws import draw_keys_for, sample_draws
 from dsdpo.ds_config import read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import (
     all_reduce_max,
@@ -78,15 +78,6 @@ def step_batches(batcher: PairBatcher, micro_batch: int) -> Iterator[tuple[int, 
         epoch = batcher.epoch
         for pairs in batcher:
             yield epoch, [pairs[start : start + micro_batch] for start in range(0, len(pairs), micro_batch)]
-
-
-def draw_keys_for(example_ids: list[str], seed: int, epoch: int) -> list[DrawKey]:
-    """Keys of the 2P responses in PairBatch order (chosen rows, then rejected rows)."""
-    return [
-        DrawKey(seed, f"{example_id}:{side}", epoch)
-        for side in ("chosen", "rejected")
-        for example_id in example_ids
-    ]
 
 
 def _write_run_files(output: Path, config: Config, ds_config: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Test set-up: offline Hugging Face, DeepSpeed on its CPU accelerator, one cache for compiled ops."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +46,16 @@ def tiny_gemma(tiny_gemma_dir):
 @pytest.fixture(scope="session")
 def tokenizer(tiny_gemma_dir):
     return load_tokenizer(tiny_gemma_dir)
+
+
+@pytest.fixture(scope="session")
+def folder_without_mask_token(tmp_path_factory) -> Path:
+    """A tiny model whose config and tokenizer name no mask token."""
+    folder = init_tiny(tmp_path_factory.mktemp("no-mask"))
+    config = json.loads((folder / "config.json").read_text())
+    del config["mask_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(folder)
+    tokenizer.mask_token = None
+    tokenizer.save_pretrained(folder)
+    return folder

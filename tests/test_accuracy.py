@@ -179,3 +179,13 @@ def test_evaluate_accuracy_judges_and_records_every_example(tmp_path, tokenizer)
         "extracted": "5",
         "correct": False,
     }
+
+
+def test_one_answer_module_serves_make_pairs_and_eval():
+    from dsdpo.answers import answers_match, extract_final_answer, final_answer_line, is_correct
+
+    solution = "3 + 4 = 7\n" + final_answer_line("1,007")
+    assert extract_final_answer(solution) == "1,007" and extract_answer(solution) == "1,007"
+    assert is_correct(solution, "1007") and not is_correct("no answer line", "1007")
+    assert answers_match("+12", "24/2") and answers_match("Paris.", "paris")
+    assert not answers_match("1/0", "1") and parse_number("1/0") is None

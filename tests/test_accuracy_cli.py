@@ -4,24 +4,11 @@ import json
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from dsdpo.cli import main
-from dsdpo.models import load_tokenizer
-from dsdpo.tiny import init_tiny
+from tests.cli_helpers import assert_one_line_error, run
 
 FAST = ["--gen-length", "8", "--block-length", "4", "--steps", "4", "--no-progress"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, message):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert message in lines[0]
 
 
 @pytest.fixture
@@ -30,18 +17,6 @@ def problems_file(tmp_path):
     rows = [{"question": "2+3?", "answer": 5}, {"question": "Half of 8?", "answer": "8/2 = 4\n#### 4"}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-@pytest.fixture(scope="module")
-def folder_without_mask_token(tmp_path_factory):
-    folder = init_tiny(tmp_path_factory.mktemp("no-mask"))
-    config = json.loads((folder / "config.json").read_text())
-    del config["mask_token_id"]
-    (folder / "config.json").write_text(json.dumps(config))
-    tokenizer = load_tokenizer(folder)
-    tokenizer.mask_token = None
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_eval_is_a_group_for_more_evaluations():

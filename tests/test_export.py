@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from dsdpo.checkpoint import TrainState, save_checkpoint
 from dsdpo.cli import main
-from dsdpo.diffusion import ScoringBatch, forward_rows
+from dsdpo.diffusion import forward_rows
 from dsdpo.draws import sample_draws
 from dsdpo.engine import barrier
 from dsdpo.gradient import preference_micro_step
@@ -27,16 +27,29 @@ def trained(tiny_gemma_dir, tokenizer, tmp_path_factory):
     batch, keys = _pair_batch(tokenizer, [0, 1])
     draws = sample_draws(len(keys), batch.response_lengths, 4, keys=keys)
     preference_micro_step(
-        engines.policy, engines.reference, batch, draws, mask_token_id=MASK, loss_config=LossConfig(beta=0.5),
-        max_tokens_per_forward=1 << 20, max_tokens_no_grad=1 << 20, loss_scale=1.0,
+        engines.policy,
+        engines.reference,
+        batch,
+        draws,
+        mask_token_id=MASK,
+        loss_config=LossConfig(beta=0.5),
+        max_tokens_per_forward=1 << 20,
+        max_tokens_no_grad=1 << 20,
+        loss_scale=1.0,
     )
     engines.policy.step()
     output = tmp_path_factory.mktemp("run")
     hf_config, hf_tokenizer = load_config(tiny_gemma_dir), load_tokenizer(tiny_gemma_dir)
     save_checkpoint(
-        engines.policy, output, TrainState(step=1), config={}, world_size=1, is_rank0=True,
+        engines.policy,
+        output,
+        TrainState(step=1),
+        config={},
+        world_size=1,
+        is_rank0=True,
         save_hf_files=lambda f: (hf_config.save_pretrained(f), hf_tokenizer.save_pretrained(f)),
-        keep_last=2, barrier=barrier,
+        keep_last=2,
+        barrier=barrier,
     )
     inputs = forward_rows(batch, draws, torch.arange(draws.num_rows), MASK)
     with torch.no_grad():
@@ -60,8 +73,9 @@ def test_exported_folder_loads_with_transformers_and_scores_like_the_policy(trai
 
 def test_bf16_sharded_export_has_an_index_and_loads(trained, tmp_path):
     output, inputs, policy_scores, _ = trained
-    result = CliRunner().invoke(main, ["export", str(output / "step_000001"), str(tmp_path / "hf"),
-                                       "--max-shard-size", "40KB"])
+    result = CliRunner().invoke(
+        main, ["export", str(output / "step_000001"), str(tmp_path / "hf"), "--max-shard-size", "40KB"]
+    )
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -80,8 +94,7 @@ def test_dsdpo_commands_take_a_checkpoint_folder_as_a_model(trained):
     assert load_tokenizer(output).mask_token == "[MASK]"
 
 
-def test_export_of_a_partial_or_missing_checkpoint_is_a_one_line_error(trained, tmp_path):
-    output, *_ = trained
+def test_export_of_a_partial_or_missing_checkpoint_is_a_one_line_error(tmp_path):
     partial = tmp_path / "step_000009"
     partial.mkdir()
     for target in (partial, tmp_path / "nothing"):

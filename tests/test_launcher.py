@@ -34,8 +34,22 @@ def _assert_learned(output, steps):
 
 def test_cpu_offload_run_learns_the_preference(tiny_gemma_dir, data_file, tmp_path):
     result = run_train(
-        ["--ds_config", REPO / "ds_configs" / "cpu.json", "--model", tiny_gemma_dir, "--data", data_file,
-         "--output", tmp_path, "--epochs", 2, "--budget", 4, "--beta", 0.5],
+        [
+            "--ds_config",
+            REPO / "ds_configs" / "cpu.json",
+            "--model",
+            tiny_gemma_dir,
+            "--data",
+            data_file,
+            "--output",
+            tmp_path,
+            "--epochs",
+            2,
+            "--budget",
+            4,
+            "--beta",
+            0.5,
+        ],
         ranks=1,
     )
     assert result.returncode == 0, tail(result)
@@ -58,8 +72,24 @@ def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
     test_config["zero_optimization"]["offload_param"]["buffer_size"] = 1e6
     (tmp_path / "nvme.json").write_text(json.dumps(test_config))
     result = run_train(
-        ["--ds_config", tmp_path / "nvme.json", "--nvme-path", tmp_path / "swap", "--model", model_dir,
-         "--data", data_file, "--output", tmp_path / "run", "--epochs", 2, "--budget", 4, "--beta", 0.5],
+        [
+            "--ds_config",
+            tmp_path / "nvme.json",
+            "--nvme-path",
+            tmp_path / "swap",
+            "--model",
+            model_dir,
+            "--data",
+            data_file,
+            "--output",
+            tmp_path / "run",
+            "--epochs",
+            2,
+            "--budget",
+            4,
+            "--beta",
+            0.5,
+        ],
         ranks=1,
     )
     assert result.returncode == 0, tail(result)
@@ -77,8 +107,22 @@ def test_two_ranks_give_the_loss_of_one_rank_with_twice_the_accumulation(tiny_ge
         (tmp_path / f"ds{ranks}.json").write_text(json.dumps(config))
         output = tmp_path / f"ranks{ranks}"
         result = run_train(
-            ["--ds_config", tmp_path / f"ds{ranks}.json", "--model", tiny_gemma_dir, "--data", data_file,
-             "--output", output, "--max-steps", 5, "--budget", 2, "--beta", 0.5],
+            [
+                "--ds_config",
+                tmp_path / f"ds{ranks}.json",
+                "--model",
+                tiny_gemma_dir,
+                "--data",
+                data_file,
+                "--output",
+                output,
+                "--max-steps",
+                5,
+                "--budget",
+                2,
+                "--beta",
+                0.5,
+            ],
             ranks=ranks,
         )
         assert result.returncode == 0, tail(result)

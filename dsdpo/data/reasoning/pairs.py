@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from dsdpo.data.reasoning.answers import extract_final_answer, final_answer_line, is_correct
+from dsdpo.answers import extract_final_answer, final_answer_line, is_correct
 from dsdpo.data.reasoning.sources import ReasoningProblem
 from dsdpo.data.reasoning.variants import KINDS, VARIANTS, WRONG_KINDS
 from dsdpo.errors import DsdpoError

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsdpo.data.reasoning.answers import ANSWER_MARK, answers_match, extract_final_answer
+from dsdpo.answers import ANSWER_MARK, answers_match, extract_final_answer
 from dsdpo.errors import DsdpoError
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from fractions import Fraction
 
-from dsdpo.data.reasoning.answers import answers_match, normalize
+from dsdpo.answers import answers_match, normalize
 from dsdpo.data.reasoning.arithmetic import carry_wrong_result, correct_equations
 
 WRONG_KINDS = ("wrong_arithmetic", "truncated_chain")
