@@ -28,7 +28,7 @@ open implementations: one forward per draw (that draw's row of every response). 
 seconds per estimate over --timing-repeats interleaved runs; "loop ÷ batched" is the speed-up.
 Both give the same terms (checked).
 
-    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/vrpo_variance.py [--repeats 100] [--hidden 64]
+    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/vrpo_variance.py [--repeats 40] [--hidden 64]
 """
 
 from __future__ import annotations
@@ -122,14 +122,14 @@ def variance_table(policy, reference, batch, ids, mask, args, estimator, exact_h
     title = f"estimator {estimator}: std of h across {args.repeats} seeds (mean over {pairs} pairs)"
     head = ["n"] + [f"{a},{'strat' if s else 'plain'}" for a, s in SETTINGS]
     head += [f"÷ {a},{'strat' if s else 'plain'}" for a, s in SETTINGS[:3]] + ["mean h", "exact h"]
-    print(f"\n{title}")
-    print(" | ".join(f"{c:>13}" for c in head))
+    print(f"\n{title}", flush=True)
+    print(" | ".join(f"{c:>13}" for c in head), flush=True)
     for n, std, mean in rows:
         base = std["indep", False]
         cells = [f"{n:>13d}"] + [f"{std[s]:>13.4f}" for s in SETTINGS]
         cells += [f"{std[s] / base:>13.3f}" for s in SETTINGS[:3]]
         cells += [f"{mean:>13.4f}", f"{exact_h:>13.4f}" if exact_h is not None else f"{'-':>13}"]
-        print(" | ".join(cells))
+        print(" | ".join(cells), flush=True)
 
 
 def count_calls(module):
@@ -152,9 +152,10 @@ def naive_loop_terms(scorer, batch, draws, mask):
 def cost_table(policy, batch, ids, mask, args):
     scorer = MaskedTokenScorer(policy)
     calls, handle = count_calls(scorer)
-    print(f"\ncost of one estimate of all {len(ids)} responses' terms (median of {args.timing_repeats})")
+    title = f"cost of one estimate of all {len(ids)} responses' terms (median of {args.timing_repeats})"
+    print(f"\n{title}", flush=True)
     head = ["n", "rows", "batched calls", "loop calls", "batched s", "loop s", "loop ÷ batched"]
-    print(" | ".join(f"{c:>14}" for c in head))
+    print(" | ".join(f"{c:>14}" for c in head), flush=True)
     for n in args.budgets:
         draws = sample_draws(len(ids), batch.response_lengths, n, keys=[DrawKey(0, i) for i in ids])
         times = {"batched": [], "loop": []}
@@ -182,7 +183,7 @@ def cost_table(policy, batch, ids, mask, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=100, help="independent estimates per setting")
+    parser.add_argument("--repeats", type=int, default=40, help="independent estimates per setting")
     parser.add_argument("--timing-repeats", type=int, default=7)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -220,7 +221,7 @@ def main():
     for estimator in args.estimators:
         start = time.perf_counter()
         variance_table(policy, reference, batch, ids, mask, args, estimator, exact_h)
-        print(f"({time.perf_counter() - start:.1f} s)")
+        print(f"({time.perf_counter() - start:.1f} s)", flush=True)
     if not args.skip_cost:
         cost_table(policy, batch, ids, mask, args)
 
