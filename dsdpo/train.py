@@ -23,6 +23,7 @@ from dsdpo.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    step_tag,
 )
 from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
@@ -46,6 +47,14 @@ from dsdpo.metrics import RunLogger, peak_memory_mb
 from dsdpo.models import load_config, load_tokenizer, resolve_mask_token_id
 
 log = logging.getLogger(__name__)
+
+
+class TrainingStopped(Exception):
+    """Raised after a stop request (Ctrl-C, SIGTERM) once the checkpoint of the last step is saved."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped; resume with --resume auto (or --resume {checkpoint})")
+        self.checkpoint = checkpoint
 
 
 class StopRequest:
@@ -155,7 +164,11 @@ def train(
             f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs"
         )
 
+    last_saved_step = state.step if checkpoint is not None else -1
+
     def save() -> Path:
+        nonlocal last_saved_step
+        last_saved_step = state.step
         return save_checkpoint(
             policy,
             output,
@@ -226,7 +239,10 @@ def train(
                 and state.step < total_steps
             ):
                 save()
-        save()
+        if state.step != last_saved_step:  # never rewrite a complete checkpoint (a kill could spoil it)
+            save()
+        if stop.requested:
+            raise TrainingStopped(output / step_tag(state.step))
     finally:
         stop.restore()
         logger.close()

@@ -172,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         if not args.ds_config:
             raise DsdpoError("--ds_config is required (e.g. ds_configs/rtx4080.json), or use --demo")
-        from dsdpo.train import train
+        from dsdpo.train import TrainingStopped, train
 
-        metrics = train(config, args.ds_config, nvme_path=args.nvme_path, resume=args.resume)
+        try:
+            metrics = train(config, args.ds_config, nvme_path=args.nvme_path, resume=args.resume)
+        except TrainingStopped as stopped:
+            print(str(stopped), file=sys.stderr)
+            return 130  # the shell's code for "interrupted"
     except DsdpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -109,3 +109,33 @@ def test_changed_options_are_named_on_resume(tiny_gemma_dir, data_file, tmp_path
     resumed = run_train([*args, "--resume", "auto", "--beta", 0.25])
     assert resumed.returncode == 0, tail(resumed)
     assert "loss.beta: 0.5 -> 0.25" in resumed.stdout + resumed.stderr
+
+
+def test_ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes(tiny_gemma_dir, data_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.run_helpers import metrics_by_step
+
+    args = [str(a) for a in _args(tiny_gemma_dir, data_file, tmp_path)]
+    args[args.index("--max-steps") + 1] = "400"
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    stopped_at = int((tmp_path / LATEST_FILE).read_text().removeprefix("step_"))
+    assert 2 <= stopped_at < 400 and "resume with --resume auto" in stderr
+    assert max(metrics_by_step(tmp_path)) == stopped_at  # nothing trained after the checkpoint

@@ -1,0 +1,156 @@
+"""Training configuration, DeepSpeed config resolution and the step batches (no engines here)."""
+
+import json
+
+import pytest
+
+from dsdpo.config import apply_overrides, config_from_dict, load_config_file, parse_assignments
+from dsdpo.data import PairBatcher
+from dsdpo.data.tokenize import TokenizedPair
+from dsdpo.ds_config import read_ds_config, reference_ds_config, resolve_batch_sizes, resolve_ds_config
+from dsdpo.errors import DsdpoError
+from dsdpo.train import step_batches
+from tests.run_helpers import REPO
+
+
+def test_config_file_flags_and_set_overrides_compose(tmp_path):
+    (tmp_path / "train.yaml").write_text("model: {path: m}\ndata: {path: d.jsonl}\nscore: {budget: 4}\n")
+    data = load_config_file(tmp_path / "train.yaml")
+    data = apply_overrides(data, {"loss.beta": 0.3, "score.estimator": None})  # None: flag not given
+    data = apply_overrides(data, parse_assignments(["score.budget=16", "train.max_steps=none"]))
+    config = config_from_dict(data).validate()
+    assert (config.score.budget, config.loss.beta, config.score.estimator) == (16, 0.3, "l_over_L")
+    assert config.train.max_steps is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"score": {"budgte": 4}}, r"unknown field score.budgte \(did you mean score.budget\?\)"),
+        ({"scores": {}}, "unknown section 'scores'"),
+        ({"score": {"budget": "many"}}, "score.budget: expected int, got 'many'"),
+        (
+            {"train": {"keep_last": 0}, "model": {"path": "m"}, "data": {"path": "d"}},
+            "train.keep_last must be",
+        ),
+        ({"data": {"path": "d"}}, "model.path is required"),
+        ({"loss": {"type": "kto"}}, "loss.type: unknown loss 'kto'"),
+    ],
+)
+def test_bad_configs_name_the_field(data, message):
+    with pytest.raises(DsdpoError, match=message):
+        config_from_dict(data, "train.yaml").validate()
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DsdpoError, match=r"bad\.json: not valid JSON"):
+        load_config_file(tmp_path / "bad.json")
+    with pytest.raises(DsdpoError, match="no such training config file"):
+        load_config_file(tmp_path / "missing.yaml")
+
+
+def test_batch_sizes_fill_auto_and_reject_inconsistent_triples():
+    assert resolve_batch_sizes(
+        {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, 2, "x"
+    ) == {
+        "train_batch_size": 12,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 3,
+    }
+    assert (
+        resolve_batch_sizes({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}, 2, "x")[
+            "gradient_accumulation_steps"
+        ]
+        == 4
+    )
+    bad = {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}
+    with pytest.raises(
+        DsdpoError,
+        match=r"x: inconsistent batch sizes: train_batch_size \(10\) must equal "
+        r"train_micro_batch_size_per_gpu \(2\) × gradient_accumulation_steps "
+        r"\(2\) × world size \(2\)",
+    ):
+        resolve_batch_sizes(bad, 2, "x")
+    with pytest.raises(DsdpoError, match="gradient_accumulation_steps must be a positive integer"):
+        resolve_batch_sizes({"gradient_accumulation_steps": 0}, 1, "x")
+
+
+@pytest.mark.parametrize("name", ["cpu.json", "rtx4080.json", "rtx4080_nvme.json", "multi_gpu.json"])
+def test_shipped_configs_resolve(name, tmp_path):
+    raw = read_ds_config(REPO / "ds_configs" / name)
+    resolved = resolve_ds_config(
+        raw,
+        world_size=8 if name == "multi_gpu.json" else 1,
+        total_steps=100,
+        nvme_path=str(tmp_path),
+        source=name,
+    )
+    assert resolved["managed_gradient_accumulation"] is False  # dsdpo owns the boundary
+    assert "auto" not in json.dumps(resolved)
+    reference = reference_ds_config(resolved)
+    assert "optimizer" not in reference and "scheduler" not in reference
+    assert "offload_optimizer" not in reference["zero_optimization"]
+    if name == "rtx4080_nvme.json":  # each engine swaps to its own folder
+        assert resolved["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path / "policy")
+        assert reference["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path / "reference")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["zero_optimization"].update(stage=2), "zero_optimization.stage must be 3"),
+        (lambda c: c.update(fp16={"enabled": True}), "fp16 is not supported"),
+        (lambda c: c.pop("optimizer"), "an optimizer block is required"),
+        (lambda c: c["optimizer"]["params"].update(lr="auto"), 'cannot fill "auto" for optimizer.params.lr'),
+    ],
+)
+def test_unusable_ds_configs_are_clear_errors(change, message):
+    raw = read_ds_config(REPO / "ds_configs" / "cpu.json")
+    change(raw)
+    with pytest.raises(DsdpoError, match=message):
+        resolve_ds_config(raw, world_size=1, total_steps=1)
+
+
+def test_nvme_config_without_a_path_says_how_to_give_one():
+    raw = read_ds_config(REPO / "ds_configs" / "rtx4080_nvme.json")
+    with pytest.raises(DsdpoError, match="offloads to NVMe: give --nvme-path DIR"):
+        resolve_ds_config(raw, world_size=1, total_steps=1)
+
+
+def test_bad_ds_config_json_names_file_line_and_column(tmp_path):
+    (tmp_path / "ds.json").write_text('{\n  "train_batch_size": 4,\n  oops\n}')
+    with pytest.raises(DsdpoError, match=r"ds.json: not valid JSON: line 3, column 3"):
+        read_ds_config(tmp_path / "ds.json")
+
+
+def _pairs(count):
+    return [TokenizedPair(f"p{i}", [1] * (1 + i % 5), [2], [3], None) for i in range(count)]
+
+
+def _step_pairs(world, micro, accumulation, steps):
+    """The pair ids of each step, over all ranks, as the trainer would cut them."""
+    per_rank = [
+        step_batches(PairBatcher(_pairs(40), micro * accumulation, seed=7, world_size=world, rank=r), micro)
+        for r in range(world)
+    ]
+    result = []
+    for _ in range(steps):
+        step = [next(rank_steps) for rank_steps in per_rank]
+        assert all(len(micro_batches) == accumulation for _, micro_batches in step)
+        assert all(len(mb) == micro for _, micro_batches in step for mb in micro_batches)
+        result.append(sorted(p.example_id for _, micro_batches in step for mb in micro_batches for p in mb))
+    return result
+
+
+def test_a_step_takes_the_same_pairs_however_they_are_spread_over_ranks_and_accumulation():
+    reference = _step_pairs(world=1, micro=4, accumulation=1, steps=25)  # crosses into epoch 2
+    assert _step_pairs(world=1, micro=1, accumulation=4, steps=25) == reference
+    assert _step_pairs(world=2, micro=1, accumulation=2, steps=25) == reference
+    assert _step_pairs(world=2, micro=2, accumulation=1, steps=25) == reference
+    assert len({tuple(step) for step in reference[:10]}) == 10  # an epoch: 10 distinct steps
+
+
+def test_step_batches_report_the_epoch_of_each_step():
+    steps = step_batches(PairBatcher(_pairs(8), 4, seed=0), 2)
+    assert [next(steps)[0] for _ in range(5)] == [0, 0, 1, 1, 2]
