@@ -17,19 +17,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_train(args, *, ranks: int | None = None, env: dict | None = None, timeout: int = 600):
-    """python launch/train.py ARGS, or `deepspeed --num_gpus RANKS launch/train.py ARGS` when ranks is set."""
+def _environment(env: dict | None) -> dict:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    environment.pop("RANK", None)  # the in-process tests' single-rank group must not leak in
-    environment.pop("WORLD_SIZE", None)
-    environment.pop("LOCAL_RANK", None)
-    environment.pop("MASTER_PORT", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(name, None)  # the in-process tests' one-rank group must not leak into a new run
+    return environment
+
+
+def _command(args, ranks: int | None) -> list[str]:
     script = [str(REPO / "launch" / "train.py"), *map(str, args)]
     if ranks is None:
-        command = [sys.executable, *script]
-    else:
-        command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        return [sys.executable, *script]
+    return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
+
+
+def run_train(args, *, ranks: int | None = None, env: dict | None = None, timeout: int = 600):
+    """python launch/train.py ARGS, or `deepspeed --num_gpus RANKS launch/train.py ARGS` when ranks is set."""
+    return subprocess.run(
+        _command(args, ranks),
+        env=_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def start_train(args, *, env: dict | None = None) -> subprocess.Popen:
+    """python launch/train.py ARGS in the background (its output in .stdout/.stderr pipes)."""
+    return subprocess.Popen(
+        _command(args, None),
+        env=_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def metrics_by_step(output: Path) -> dict[int, dict]:

@@ -1,17 +1,19 @@
 """Export round trip: a checkpoint of a trained ZeRO-3 policy -> HF folder -> same scores."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from dsdpo.checkpoint import TrainState, save_checkpoint
+from dsdpo.checkpoint import STATE_FILE, TrainState, check_checkpoint, load_checkpoint, save_checkpoint
 from dsdpo.cli import main
 from dsdpo.diffusion import forward_rows
 from dsdpo.draws import sample_draws
 from dsdpo.engine import barrier
+from dsdpo.errors import DsdpoError
 from dsdpo.gradient import preference_micro_step
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.loss import LossConfig
@@ -101,3 +103,14 @@ def test_export_of_a_partial_or_missing_checkpoint_is_a_one_line_error(tmp_path)
         result = CliRunner().invoke(main, ["export", str(target), str(tmp_path / "out")])
         assert result.exit_code == 1
         assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+
+
+def test_checkpoint_from_another_world_size_or_corrupt_is_a_clear_error(trained, tmp_path):
+    output, *_ = trained
+    with pytest.raises(DsdpoError, match=r"written by 1 ranks and this run has 2.*ds_to_universal"):
+        load_checkpoint(None, output / "step_000001", world_size=2)
+    copy = tmp_path / "step_000001"
+    shutil.copytree(output / "step_000001", copy)
+    (copy / STATE_FILE).write_text("{truncated")
+    with pytest.raises(DsdpoError, match=r"dsdpo_state\.json: corrupt checkpoint state"):
+        check_checkpoint(copy)

@@ -1,12 +1,15 @@
 """Crash and resume: SIGKILL at exact points (dsdpo.faults), then --resume auto continues exactly."""
 
+import signal
+import time
+
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from dsdpo.checkpoint import LATEST_FILE, STATE_FILE
 from dsdpo.demo import addition_pairs, write_jsonl
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail
+from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail
 
 STEPS = 12
 
@@ -37,7 +40,7 @@ def _args(model_dir, data_file, output, *extra):
         "--save-every",
         3,
         "--keep-last",
-        5,
+        2,
         *extra,
     ]
 
@@ -52,6 +55,7 @@ def straight(tiny_gemma_dir, data_file, tmp_path_factory):
     output = tmp_path_factory.mktemp("straight")
     result = run_train(_args(tiny_gemma_dir, data_file, output))
     assert result.returncode == 0, tail(result)
+    assert sorted(p.name for p in output.glob("step_*")) == ["step_000009", "step_000012"]  # --keep-last 2
     return output
 
 
@@ -112,26 +116,14 @@ def test_changed_options_are_named_on_resume(tiny_gemma_dir, data_file, tmp_path
 
 
 def test_ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes(tiny_gemma_dir, data_file, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.run_helpers import metrics_by_step
-
-    args = [str(a) for a in _args(tiny_gemma_dir, data_file, tmp_path)]
-    args[args.index("--max-steps") + 1] = "400"
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "launch" / "train.py"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = _args(tiny_gemma_dir, data_file, tmp_path)
+    args[args.index("--max-steps") + 1] = 400
+    process = start_train(args)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+    while process.poll() is None and time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
@@ -139,3 +131,15 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes(tiny_gemma_d
     stopped_at = int((tmp_path / LATEST_FILE).read_text().removeprefix("step_"))
     assert 2 <= stopped_at < 400 and "resume with --resume auto" in stderr
     assert max(metrics_by_step(tmp_path)) == stopped_at  # nothing trained after the checkpoint
+    resumed = run_train(
+        [
+            *args[: args.index("--max-steps")],
+            "--max-steps",
+            stopped_at + 2,
+            *args[args.index("--max-steps") + 2 :],
+            "--resume",
+            "auto",
+        ]
+    )
+    assert resumed.returncode == 0, tail(resumed)
+    assert max(metrics_by_step(tmp_path)) == stopped_at + 2

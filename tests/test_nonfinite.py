@@ -1,0 +1,81 @@
+"""A non-finite loss never reaches the weights: the step is skipped and counted, and a run of them
+stops training with a clear error (in-process training on real ZeRO-3 engines)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+import dsdpo.gradient
+from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
+from dsdpo.demo import addition_pairs, write_jsonl
+from dsdpo.errors import DsdpoError
+from dsdpo.loss import LossConfig
+from dsdpo.train import train
+from tests.ds_helpers import CPU_CONFIG
+from tests.run_helpers import metrics_by_step
+
+
+@pytest.fixture
+def nan_on_calls(monkeypatch):
+    """Make the preference loss NaN on the given (1-based) calls: one call per micro-batch."""
+    calls, real = [], dsdpo.gradient.preference_loss
+
+    def install(bad_calls):
+        def loss(*args, **kwargs):
+            calls.append(1)
+            out = real(*args, **kwargs)
+            if len(calls) in bad_calls:
+                out.losses = out.losses * float("nan")
+            return out
+
+        monkeypatch.setattr(dsdpo.gradient, "preference_loss", loss)
+
+    return install
+
+
+def _run(tmp_path, model_dir, steps, max_bad_steps):
+    ds = copy.deepcopy(CPU_CONFIG)
+    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    ds.pop("scheduler")
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
+    config = Config(
+        model=ModelConfig(path=str(model_dir)),
+        data=DataConfig(path=str(data)),
+        score=ScoreConfig(budget=2),
+        loss=LossConfig(beta=0.5),
+        train=TrainConfig(
+            output=str(tmp_path / "run"),
+            max_steps=steps,
+            save_every=1,
+            keep_last=10,
+            max_bad_steps=max_bad_steps,
+        ),
+    )
+    return train(config, tmp_path / "ds.json")
+
+
+def _weights(run, step):
+    return get_fp32_state_dict_from_zero_checkpoint(str(run), tag=f"step_{step:06d}")
+
+
+def test_skipped_steps_leave_weights_untouched_and_training_goes_on(tiny_gemma_dir, tmp_path, nan_on_calls):
+    nan_on_calls({2, 3})
+    _run(tmp_path, tiny_gemma_dir, steps=4, max_bad_steps=3)
+    run = tmp_path / "run"
+    metrics = metrics_by_step(run)
+    assert [metrics[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    after_1, after_3, after_4 = _weights(run, 1), _weights(run, 3), _weights(run, 4)
+    assert all(torch.equal(after_1[k], after_3[k]) for k in after_1)  # steps 2 and 3 changed nothing
+    assert any(not torch.equal(after_3[k], after_4[k]) for k in after_3)  # step 4 trained again
+    assert metrics[4]["loss"] == metrics[4]["loss"]  # finite again
+
+
+def test_a_run_of_non_finite_steps_stops_training_after_saving(tiny_gemma_dir, tmp_path, nan_on_calls):
+    nan_on_calls(set(range(2, 100)))
+    with pytest.raises(DsdpoError, match="2 steps in a row had a non-finite loss"):
+        _run(tmp_path, tiny_gemma_dir, steps=10, max_bad_steps=2)
+    assert (tmp_path / "run" / "latest").read_text() == "step_000003"
