@@ -8,8 +8,12 @@ import deepspeed
 import torch
 
 from dsdpo.config import ModelConfig
+from dsdpo.diffusion import ScoringBatch
+from dsdpo.draws import DrawKey, sample_draws
 from dsdpo.ds_config import resolve_ds_config
 from dsdpo.engine import build_engines, init_distributed
+from dsdpo.gradient import preference_micro_step
+from dsdpo.loss import LossConfig
 
 CPU_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json").read_text())
 
@@ -43,3 +47,48 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters([param]):
             weights[name] = param.detach().clone().float()
     return weights
+
+
+MASK = 4  # the tiny tokenizer's [MASK]
+PAIRS = [
+    ("2+3=", "5", "6"),
+    ("7-1=", "6 ok", "8"),
+    ("1+1=", "2", "3 no"),
+    ("4*2=", "8", "9"),
+]
+
+
+def pair_batch(tokenizer, indices) -> tuple[ScoringBatch, list[DrawKey]]:
+    """PAIRS[indices] as rows 0..P-1 prompt+chosen, P..2P-1 prompt+rejected, right padded; their keys."""
+    sequences, responses = [], []
+    for column in (1, 2):
+        for i in indices:
+            prompt, response = tokenizer(PAIRS[i][0]).input_ids, tokenizer(PAIRS[i][column]).input_ids
+            sequences.append(prompt + response)
+            responses.append([0] * len(prompt) + [1] * len(response))
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    response = torch.tensor([r + [0] * (width - len(r)) for r in responses]).bool()
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    keys = [DrawKey(0, f"{i}:{side}") for side in ("chosen", "rejected") for i in indices]
+    return ScoringBatch.build(ids, response, attention), keys
+
+
+def micro_step(
+    engines, tokenizer, indices, *, max_tokens=1 << 20, budget=4, estimator="l_over_L", loss_scale=1.0
+):
+    """One preference micro-step (forward and backward, no optimizer step) on PAIRS[indices]."""
+    batch, keys = pair_batch(tokenizer, indices)
+    draws = sample_draws(len(keys), batch.response_lengths, budget, estimator, keys=keys)
+    result = preference_micro_step(
+        engines.policy,
+        engines.reference,
+        batch,
+        draws,
+        mask_token_id=MASK,
+        loss_config=LossConfig(beta=0.5),
+        max_tokens_per_forward=max_tokens,
+        max_tokens_no_grad=max_tokens,
+        loss_scale=loss_scale,
+    )
+    return result, batch, draws

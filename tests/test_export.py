@@ -11,34 +11,18 @@ from transformers import AutoModelForCausalLM
 from dsdpo.checkpoint import STATE_FILE, TrainState, check_checkpoint, load_checkpoint, save_checkpoint
 from dsdpo.cli import main
 from dsdpo.diffusion import forward_rows
-from dsdpo.draws import sample_draws
 from dsdpo.engine import barrier
 from dsdpo.errors import DsdpoError
-from dsdpo.gradient import preference_micro_step
 from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.loss import LossConfig
 from dsdpo.models import load_config, load_model, load_tokenizer
-from tests.ds_helpers import cpu_ds_config, engines_for
-from tests.test_gradient import MASK, _pair_batch
+from tests.ds_helpers import MASK, cpu_ds_config, engines_for, micro_step
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_gemma_dir, tokenizer, tmp_path_factory):
     """A policy after one real optimizer step, its checkpoint, and its scores on some rows."""
     engines = engines_for(tiny_gemma_dir, cpu_ds_config())
-    batch, keys = _pair_batch(tokenizer, [0, 1])
-    draws = sample_draws(len(keys), batch.response_lengths, 4, keys=keys)
-    preference_micro_step(
-        engines.policy,
-        engines.reference,
-        batch,
-        draws,
-        mask_token_id=MASK,
-        loss_config=LossConfig(beta=0.5),
-        max_tokens_per_forward=1 << 20,
-        max_tokens_no_grad=1 << 20,
-        loss_scale=1.0,
-    )
+    _, batch, draws = micro_step(engines, tokenizer, [0, 1])
     engines.policy.step()
     output = tmp_path_factory.mktemp("run")
     hf_config, hf_tokenizer = load_config(tiny_gemma_dir), load_tokenizer(tiny_gemma_dir)

@@ -3,35 +3,10 @@
 import pytest
 import torch
 
-from dsdpo.diffusion import ScoringBatch
-from dsdpo.draws import DrawKey, sample_draws
+from dsdpo.draws import sample_draws
 from dsdpo.gradient import preference_micro_step
 from dsdpo.loss import LossConfig
-from tests.ds_helpers import cpu_ds_config, engines_for, full_weights
-
-MASK = 4
-PAIRS = [
-    ("2+3=", "5", "6"),
-    ("7-1=", "6 ok", "8"),
-    ("1+1=", "2", "3 no"),
-    ("4*2=", "8", "9"),
-]
-
-
-def _pair_batch(tokenizer, indices):
-    """Rows 0..P-1 prompt+chosen, P..2P-1 prompt+rejected, right padded."""
-    sequences, responses = [], []
-    for column in (1, 2):
-        for i in indices:
-            prompt, response = tokenizer(PAIRS[i][0]).input_ids, tokenizer(PAIRS[i][column]).input_ids
-            sequences.append(prompt + response)
-            responses.append([0] * len(prompt) + [1] * len(response))
-    width = max(map(len, sequences))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
-    response = torch.tensor([r + [0] * (width - len(r)) for r in responses]).bool()
-    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    keys = [DrawKey(0, f"{i}:{side}") for side in ("chosen", "rejected") for i in indices]
-    return ScoringBatch.build(ids, response, attention), keys
+from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
 
 
 def _train_one_step(model_dir, tokenizer, micro_batches, *, max_tokens, budget=4, estimator="l_over_L"):
@@ -41,20 +16,16 @@ def _train_one_step(model_dir, tokenizer, micro_batches, *, max_tokens, budget=4
     before = full_weights(engines.policy)
     results = []
     for indices in micro_batches:
-        batch, keys = _pair_batch(tokenizer, indices)
-        draws = sample_draws(len(keys), batch.response_lengths, budget, estimator, keys=keys)
         results.append(
-            preference_micro_step(
-                engines.policy,
-                engines.reference,
-                batch,
-                draws,
-                mask_token_id=MASK,
-                loss_config=LossConfig(beta=0.5),
-                max_tokens_per_forward=max_tokens,
-                max_tokens_no_grad=max_tokens,
+            micro_step(
+                engines,
+                tokenizer,
+                indices,
+                max_tokens=max_tokens,
+                budget=budget,
+                estimator=estimator,
                 loss_scale=1 / len(micro_batches),
-            )
+            )[0]
         )
     engines.policy.step()
     after = full_weights(engines.policy)
@@ -99,7 +70,7 @@ def test_reference_weights_do_not_move(unchunked):
 
 def test_a_non_finite_loss_is_reported_and_never_backpropagated(tiny_gemma_dir, tokenizer):
     engines = engines_for(tiny_gemma_dir, cpu_ds_config())
-    batch, keys = _pair_batch(tokenizer, [0])
+    batch, keys = pair_batch(tokenizer, [0])
     draws = sample_draws(2, batch.response_lengths, 2, keys=keys)
     # The reference returns NaN scores: the loss is NaN; no backward may run.
     hook = engines.reference.module.register_forward_hook(lambda _m, _i, out: out * float("nan"))
