@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +136,8 @@ def row_logprob_sums(
             f"but the batch has {batch.response_lengths.tolist()}"
         )
     scorer = as_scorer(model)
-    chunks = iter_chunk_inputs(batch, draws, mask_token_id, max_tokens_per_forward)
-    return torch.cat([scorer(**inputs) for _, inputs in chunks])
+    chunks = plan_chunks(batch, draws, max_tokens_per_forward)
+    return torch.cat([scorer(**forward_rows(batch, draws, rows, mask_token_id)) for rows in chunks])
 
 
 def elbo_terms(
@@ -237,22 +237,12 @@ def exact_elbo(
     max_tokens_per_forward: int | None = 65536,
 ) -> Tensor:
     """[B] the ELBO by enumerating every mask set: the number Monte Carlo estimates must converge to."""
-    draws = enumeration_draws(response_mask.bool().sum(1).tolist())
-    terms = elbo_terms(
+    return elbo(
         model,
         input_ids,
         response_mask,
         mask_token_id=mask_token_id,
-        draws=draws,
+        draws=enumeration_draws(response_mask.bool().sum(1).tolist()),  # one "draw": the exact sum
         attention_mask=attention_mask,
         max_tokens_per_forward=max_tokens_per_forward,
     )
-    return terms[:, 0]
-
-
-def iter_chunk_inputs(
-    batch: ScoringBatch, draws: Draws, mask_token_id: int, max_tokens_per_forward: int | None
-) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-    """(row indices, model inputs) per chunk: what a trainer's gradient pass walks through."""
-    for rows in plan_chunks(batch, draws, max_tokens_per_forward):
-        yield rows, forward_rows(batch, draws, rows, mask_token_id)

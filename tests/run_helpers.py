@@ -17,6 +17,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def train_args(ds_config, model_dir, data_file, output, **options) -> list:
+    """launch/train.py arguments: the four paths, then `--name value` for each option (name_with_dashes)."""
+    args = ["--ds_config", ds_config, "--model", model_dir, "--data", data_file, "--output", output]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
 def _environment(env: dict | None) -> dict:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from dsdpo.draws import sample_draws
-from dsdpo.gradient import preference_micro_step
-from dsdpo.loss import LossConfig
-from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
+from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step
 
 
 def _train_one_step(model_dir, tokenizer, micro_batches, *, max_tokens, budget=4, estimator="l_over_L"):
@@ -70,24 +67,12 @@ def test_reference_weights_do_not_move(unchunked):
 
 def test_a_non_finite_loss_is_reported_and_never_backpropagated(tiny_gemma_dir, tokenizer):
     engines = engines_for(tiny_gemma_dir, cpu_ds_config())
-    batch, keys = pair_batch(tokenizer, [0])
-    draws = sample_draws(2, batch.response_lengths, 2, keys=keys)
     # The reference returns NaN scores: the loss is NaN; no backward may run.
     hook = engines.reference.module.register_forward_hook(lambda _m, _i, out: out * float("nan"))
     calls = []
     engines.policy.module.register_full_backward_hook(lambda *_: calls.append(1))
     try:
-        result = preference_micro_step(
-            engines.policy,
-            engines.reference,
-            batch,
-            draws,
-            mask_token_id=MASK,
-            loss_config=LossConfig(),
-            max_tokens_per_forward=1 << 20,
-            max_tokens_no_grad=1 << 20,
-            loss_scale=1.0,
-        )
+        result, _, _ = micro_step(engines, tokenizer, [0], budget=2)
     finally:
         hook.remove()
     assert not result.finite

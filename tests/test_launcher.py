@@ -8,7 +8,7 @@ import pytest
 
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.tiny import init_tiny
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail
+from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
 
 def _nvme_available() -> bool:
@@ -24,23 +24,7 @@ def data_file(tmp_path_factory):
 
 def _learn(ds_config, model_dir, data_file, output, *extra, timeout=600):
     """Two epochs of the synthetic preference through the `deepspeed` launcher; must succeed."""
-    args = [
-        "--ds_config",
-        ds_config,
-        "--model",
-        model_dir,
-        "--data",
-        data_file,
-        "--output",
-        output,
-        "--epochs",
-        2,
-        "--budget",
-        4,
-        "--beta",
-        0.5,
-        *extra,
-    ]
+    args = [*train_args(ds_config, model_dir, data_file, output, epochs=2, budget=4, beta=0.5), *extra]
     result = run_train(args, ranks=1, timeout=timeout)
     assert result.returncode == 0, tail(result)
 
@@ -99,23 +83,11 @@ def test_two_ranks_give_the_loss_of_one_rank_with_twice_the_accumulation(tiny_ge
         config = {**base, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accumulation}
         (tmp_path / f"ds{ranks}.json").write_text(json.dumps(config))
         output = tmp_path / f"ranks{ranks}"
+        args = train_args(
+            tmp_path / f"ds{ranks}.json", tiny_gemma_dir, data_file, output, max_steps=5, budget=2, beta=0.5
+        )
         result = run_train(
-            [
-                "--ds_config",
-                tmp_path / f"ds{ranks}.json",
-                "--model",
-                tiny_gemma_dir,
-                "--data",
-                data_file,
-                "--output",
-                output,
-                "--max-steps",
-                5,
-                "--budget",
-                2,
-                "--beta",
-                0.5,
-            ],
+            args,
             ranks=ranks,
         )
         assert result.returncode == 0, tail(result)

@@ -9,7 +9,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from dsdpo.checkpoint import LATEST_FILE, STATE_FILE
 from dsdpo.demo import addition_pairs, write_jsonl
-from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail
+from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail, train_args
 
 STEPS = 12
 
@@ -20,29 +20,9 @@ def data_file(tmp_path_factory):
 
 
 def _args(model_dir, data_file, output, *extra):
-    return [
-        "--ds_config",
-        REPO / "ds_configs" / "cpu.json",
-        "--model",
-        model_dir,
-        "--data",
-        data_file,
-        "--output",
-        output,
-        "--max-steps",
-        STEPS,
-        "--epochs",
-        10,
-        "--budget",
-        2,
-        "--beta",
-        0.5,
-        "--save-every",
-        3,
-        "--keep-last",
-        2,
-        *extra,
-    ]
+    cpu = REPO / "ds_configs" / "cpu.json"
+    options = dict(max_steps=STEPS, epochs=10, budget=2, beta=0.5, save_every=3, keep_last=2)
+    return [*train_args(cpu, model_dir, data_file, output, **options), *extra]
 
 
 def _final_weights(output):
@@ -116,9 +96,7 @@ def test_changed_options_are_named_on_resume(tiny_gemma_dir, data_file, tmp_path
 
 
 def test_ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes(tiny_gemma_dir, data_file, tmp_path):
-    args = _args(tiny_gemma_dir, data_file, tmp_path)
-    args[args.index("--max-steps") + 1] = 400
-    process = start_train(args)
+    process = start_train(_args(tiny_gemma_dir, data_file, tmp_path, "--max-steps", 400))
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
@@ -131,15 +109,9 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes(tiny_gemma_d
     stopped_at = int((tmp_path / LATEST_FILE).read_text().removeprefix("step_"))
     assert 2 <= stopped_at < 400 and "resume with --resume auto" in stderr
     assert max(metrics_by_step(tmp_path)) == stopped_at  # nothing trained after the checkpoint
+    # A later --max-steps wins over the earlier one: resume for two more steps.
     resumed = run_train(
-        [
-            *args[: args.index("--max-steps")],
-            "--max-steps",
-            stopped_at + 2,
-            *args[args.index("--max-steps") + 2 :],
-            "--resume",
-            "auto",
-        ]
+        _args(tiny_gemma_dir, data_file, tmp_path, "--max-steps", stopped_at + 2, "--resume", "auto")
     )
     assert resumed.returncode == 0, tail(resumed)
     assert max(metrics_by_step(tmp_path)) == stopped_at + 2
