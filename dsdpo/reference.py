@@ -1,0 +1,131 @@
+"""Precomputed reference scores: train with no reference model in memory (DESIGN.md, "Reference model").
+
+The reference is frozen and the draws are keyed on (seed, example id, epoch, draw index), so its
+per-draw ELBO terms for every response and epoch can be computed once, before training, and read back
+during it: the policy then sees exactly the masks the reference was scored on (antithetic still),
+and a 16 GB card streams one model per step instead of two.
+
+The file is safetensors: one tensor `terms` [epochs, pairs, 2 (chosen, rejected), budget] and, in
+its metadata, the example ids and everything the terms depend on besides the model (estimator,
+budget, trajectory steps, seed, max_length, max_prompt_length). Training checks each of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from dsdpo import __version__
+from dsdpo.data.tokenize import TokenizedPair
+from dsdpo.errors import DsdpoError
+from dsdpo.evaluate import ScoreSettings, score_pairs
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """What the reference's terms depend on besides its weights; training must use the same."""
+
+    estimator: str
+    budget: int
+    steps: int | None
+    seed: int
+    max_length: int
+    max_prompt_length: int | None
+
+
+def precompute_reference_scores(
+    model: nn.Module,
+    pairs: list[TokenizedPair],
+    out: str | Path,
+    *,
+    settings: ReferenceSettings,
+    epochs: int,
+    mask_token_id: int,
+    pad_token_id: int,
+    batch_size: int = 8,
+    max_tokens_per_forward: int | None = None,
+    progress: bool = True,
+    source: str = "",
+) -> Path:
+    """Score every pair's chosen and rejected response for `epochs` epochs; write the file."""
+    if epochs < 1:
+        raise DsdpoError(f"epochs must be at least 1, got {epochs}")
+    per_epoch = []
+    for epoch in range(epochs):
+        scores = score_pairs(
+            model,
+            pairs,
+            mask_token_id=mask_token_id,
+            pad_token_id=pad_token_id,
+            desc=f"epoch {epoch}",
+            settings=ScoreSettings(
+                budget=settings.budget,
+                estimator=settings.estimator,
+                trajectory_steps=settings.steps,
+                seed=settings.seed,
+                epoch=epoch,
+                batch_size=batch_size,
+                max_tokens_per_forward=max_tokens_per_forward,
+                progress=progress,
+            ),
+        )
+        per_epoch.append(torch.stack([scores.chosen_terms, scores.rejected_terms], dim=1))
+    meta = {
+        "settings": asdict(settings),
+        "ids": [p.example_id for p in pairs],
+        "epochs": epochs,
+        "reference": source,
+        "dsdpo_version": __version__,
+    }
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    terms = torch.stack(per_epoch).to(torch.float32)  # the trainer's scores are fp32 sums
+    save_file({"terms": terms}, str(path), metadata={"dsdpo": json.dumps(meta)})
+    return path
+
+
+class PrecomputedReference:
+    """The reference's per-draw terms, looked up by example id and epoch."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                self.terms = handle.get_tensor("terms")
+                meta = json.loads((handle.metadata() or {})["dsdpo"])
+        except (OSError, SafetensorError, KeyError, ValueError) as err:
+            raise DsdpoError(f"{self.path}: not a dsdpo reference-scores file ({err})") from err
+        self.settings = ReferenceSettings(**meta["settings"])
+        self.epochs = meta["epochs"]
+        self.row_of = {example_id: row for row, example_id in enumerate(meta["ids"])}
+
+    def check(self, settings: ReferenceSettings, example_ids: list[str], epochs_needed: int) -> None:
+        """Every difference from the training run is an error naming the field."""
+        saved, wanted = asdict(self.settings), asdict(settings)
+        wrong = [
+            f"{name} {saved[name]!r} (training: {wanted[name]!r})"
+            for name in saved
+            if saved[name] != wanted[name]
+        ]
+        if wrong:
+            raise DsdpoError(f"{self.path} was computed with other settings: {', '.join(wrong)}")
+        missing = [example_id for example_id in example_ids if example_id not in self.row_of]
+        if missing:
+            raise DsdpoError(f"{self.path} has no scores for {len(missing)} pairs, e.g. id {missing[0]!r}")
+        if self.epochs < epochs_needed:
+            raise DsdpoError(
+                f"{self.path} covers {self.epochs} epochs, training needs {epochs_needed}: "
+                f"precompute with --epochs {epochs_needed}"
+            )
+
+    def lookup(self, example_ids: list[str], epoch: int) -> Tensor:
+        """[2P, n] terms in PairBatch order: the P chosen responses, then the P rejected ones."""
+        rows = torch.tensor([self.row_of[example_id] for example_id in example_ids])
+        pair_terms = self.terms[epoch, rows]  # [P, 2, n]
+        return torch.cat([pair_terms[:, 0], pair_terms[:, 1]])
