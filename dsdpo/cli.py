@@ -444,9 +444,9 @@ def score_options(command):
         click.option("--split", default=None, help="Split of a datasets folder (default: train)."),
         click.option(
             "--max-length",
-            default=2048,
+            default=1024,
             show_default=True,
-            help="Prompt + response tokens at most; longer pairs are cut as in training.",
+            help="Prompt + response tokens at most; longer pairs are cut as in training (same default).",
         ),
         click.option("--max-prompt-length", type=int, default=None, help="Prompt tokens at most."),
         click.option(
@@ -642,3 +642,47 @@ def compare_command(base_dir, tuned_dir, beta, json_out, **knobs):
     if json_out:
         _write_json(json_out, comparison.as_dict())
     click.echo(comparison.table())
+
+
+@main.command("precompute-reference")
+@click.option("--ref", "ref_dir", required=True, type=click.Path(), help="The reference model folder.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The scores file (safetensors).")
+@click.option(
+    "--epochs",
+    default=1,
+    show_default=True,
+    help="Epochs to cover: the draws change every epoch, so give the training run's number of epochs.",
+)
+@loading_options
+@score_options
+def precompute_reference_command(ref_dir, out, epochs, **knobs):
+    """Score the reference once, so that training needs no reference model in memory.
+
+    Writes every pair's per-draw reference terms for each epoch, keyed exactly as training keys its
+    draws. Train with `--reference-scores OUT` and the same --budget, --estimator, --trajectory-steps,
+    --seed, --max-length and --max-prompt-length (training checks each and names any difference).
+    """
+    from dsdpo.reference import ReferenceSettings, precompute_reference_scores
+
+    settings = _score_settings(knobs)  # checks the draw options before any model is loaded
+    pairs, models, ids = _load_scoring_inputs([ref_dir], knobs)
+    path = precompute_reference_scores(
+        models[0],
+        pairs,
+        out,
+        settings=ReferenceSettings(
+            estimator=settings.estimator,
+            budget=settings.budget,
+            steps=settings.trajectory_steps,
+            seed=settings.seed,
+            max_length=knobs["max_length"],
+            max_prompt_length=knobs["max_prompt_length"],
+        ),
+        epochs=epochs,
+        batch_size=settings.batch_size,
+        max_tokens_per_forward=settings.max_tokens_per_forward,
+        progress=settings.progress,
+        source=str(ref_dir),
+        **ids,
+    )
+    click.echo(f"wrote the reference terms of {len(pairs)} pairs × {epochs} epochs to {path}")

@@ -27,6 +27,8 @@ from dsdpo.loss import LossConfig
 class ModelConfig:
     path: str = ""  # local Hugging Face folder of the policy (and, by default, the reference)
     reference_path: str | None = None  # a different reference model; default: the policy's start
+    # Reference terms precomputed by `dsdpo precompute-reference`: no reference model is loaded.
+    reference_scores: str | None = None
     trust_remote_code: bool = False  # LLaDA and Dream ship their own modelling code
     mask_token_id: int | None = None  # default: the config's mask_token_id, else the tokenizer's
     gradient_checkpointing: bool = True  # activation checkpointing of the policy
@@ -34,6 +36,11 @@ class ModelConfig:
     def validate(self):
         if not self.path:
             raise DsdpoError("model.path is required: a local model folder (--model DIR)")
+        if self.reference_path and self.reference_scores:
+            raise DsdpoError(
+                "model.reference_path and model.reference_scores exclude each other: the scores file "
+                "already holds the reference"
+            )
 
 
 @dataclass

@@ -83,7 +83,7 @@ def device() -> torch.device:
 @dataclass
 class Engines:
     policy: Any  # deepspeed.DeepSpeedEngine around MaskedTokenScorer(policy model)
-    reference: Any  # deepspeed.DeepSpeedEngine around MaskedTokenScorer(reference model), eval only
+    reference: Any  # engine around MaskedTokenScorer(reference model), eval only; None without one
     # Held for the engines' lifetime: transformers' ZeRO-3 loading reads it globally.
     _hf_ds_config: Any = None
 
@@ -101,8 +101,11 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     return model, hf_config
 
 
-def build_engines(model_config: ModelConfig, ds_config: dict[str, Any]) -> Engines:
-    """The training policy engine and the frozen reference engine."""
+def build_engines(
+    model_config: ModelConfig, ds_config: dict[str, Any], *, with_reference: bool = True
+) -> Engines:
+    """The training policy engine and the frozen reference engine (none when its scores are
+    precomputed, or the loss is reference-free)."""
     policy_model, hf_config = _load_partitioned(model_config.path, ds_config, model_config)
     disable_dropout(policy_model)
     if model_config.gradient_checkpointing:
@@ -114,6 +117,8 @@ def build_engines(model_config: ModelConfig, ds_config: dict[str, Any]) -> Engin
         config=ds_config,
     )
 
+    if not with_reference:
+        return Engines(policy=policy, reference=None, _hf_ds_config=hf_config)
     reference_config = reference_ds_config(ds_config)
     reference_model, _ = _load_partitioned(
         model_config.reference_path or model_config.path, reference_config, model_config

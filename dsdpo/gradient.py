@@ -52,18 +52,21 @@ def _no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: 
     return torch.cat(sums)
 
 
-def _diagnostics(policy_terms: Tensor, reference_terms: Tensor) -> dict[str, float]:
+def _diagnostics(policy_terms: Tensor, reference_terms: Tensor | None) -> dict[str, float]:
     """VRPO diagnostics: std error of B̂_θ, of B̂_θ − B̂_ref (antithetic), and their draw correlation."""
     n = policy_terms.shape[1]
     if n < 2:
         return {}
+    score_stderr = {"vrpo/score_stderr": float((policy_terms.std(1) / n**0.5).mean())}
+    if reference_terms is None:
+        return score_stderr
     difference = policy_terms - reference_terms
     centred_p = policy_terms - policy_terms.mean(1, keepdim=True)
     centred_r = reference_terms - reference_terms.mean(1, keepdim=True)
     covariance = (centred_p * centred_r).sum(1)
     norms = (centred_p.square().sum(1) * centred_r.square().sum(1)).sqrt().clamp_min(1e-12)
     return {
-        "vrpo/score_stderr": float((policy_terms.std(1) / n**0.5).mean()),
+        **score_stderr,
         "vrpo/diff_stderr": float((difference.std(1) / n**0.5).mean()),
         "vrpo/policy_ref_corr": float((covariance / norms).mean()),
     }
@@ -84,6 +87,9 @@ def preference_micro_step(
 ) -> MicroStep:
     """Score a micro-batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected) and backprop its loss.
 
+    `reference` is the reference engine, or its precomputed per-draw terms [2P, n] (dsdpo.reference),
+    or None for a reference-free loss.
+
     `loss_scale` multiplies the micro-batch's mean loss (1 / gradient accumulation steps), so that the
     step's gradient is that of the mean loss over every pair of the step.
     """
@@ -94,22 +100,29 @@ def preference_micro_step(
     single_pass = grad_calls == 1
     coefficients = row_weights(draws).to(batch.input_ids.device)
 
-    reference_sums = _no_grad_row_sums(reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls)
-    sweeps = no_grad_calls
+    sweeps = 0
+    if reference is None or isinstance(reference, Tensor):
+        reference_terms = reference
+    else:
+        reference_sums = _no_grad_row_sums(
+            reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls
+        )
+        reference_terms = draw_terms(reference_sums, draws)
+        sweeps += no_grad_calls
     if single_pass:
         policy_sums = policy(**forward_rows(batch, draws, grad_chunks[0], mask_token_id))
     else:
         policy_sums = _no_grad_row_sums(policy, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls)
     sweeps += 1 if single_pass else no_grad_calls
 
-    policy_terms, reference_terms = draw_terms(policy_sums, draws), draw_terms(reference_sums, draws)
+    policy_terms = draw_terms(policy_sums, draws)
     scores = policy_terms.mean(1) if single_pass else policy_terms.mean(1).requires_grad_()
-    reference_scores = reference_terms.mean(1)
+    reference_scores = reference_terms.mean(1) if reference_terms is not None else None
     out: LossOutput = preference_loss(
         scores[:pairs],
         scores[pairs:],
-        reference_scores[:pairs],
-        reference_scores[pairs:],
+        reference_scores[:pairs] if reference_scores is not None else None,
+        reference_scores[pairs:] if reference_scores is not None else None,
         loss_config,
         preference_prob,
     )

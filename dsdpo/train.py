@@ -45,6 +45,7 @@ from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
 from dsdpo.metrics import RunLogger, peak_memory_mb
 from dsdpo.models import load_config, load_tokenizer, resolve_mask_token_id
+from dsdpo.reference import PrecomputedReference, ReferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,12 @@ def train(
         nvme_path=nvme_path,
         source=str(ds_config_path),
     )
-    engines = build_engines(config.model, ds_config)
+    reference_scores = _precomputed_reference(config, pairs, -(-total_steps // steps_per_epoch))
+    engines = build_engines(
+        config.model, ds_config, with_reference=reference_scores is None and not config.loss.reference_free
+    )
     policy = engines.policy
+    reference = reference_scores or engines.reference
     if is_rank0:
         _write_run_files(output, config, ds_config)
 
@@ -196,7 +201,7 @@ def train(
             epoch, micro_batches = next(steps)
             metrics = _optimizer_step(
                 policy,
-                engines.reference,
+                reference,
                 micro_batches,
                 epoch,
                 config,
@@ -249,6 +254,23 @@ def train(
     return metrics
 
 
+def _precomputed_reference(config: Config, pairs, epochs_needed: int) -> PrecomputedReference | None:
+    """The reference's precomputed terms, checked against this run's settings and data."""
+    if not config.model.reference_scores:
+        return None
+    reference = PrecomputedReference(config.model.reference_scores)
+    settings = ReferenceSettings(
+        estimator=config.score.estimator,
+        budget=config.score.budget,
+        steps=config.score.steps,
+        seed=config.train.seed,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
+    )
+    reference.check(settings, [pair.example_id for pair in pairs], epochs_needed)
+    return reference
+
+
 def _optimizer_step(
     policy, reference, micro_batches, epoch, config, mask_token_id, accumulation, *, pad_token_id
 ):
@@ -269,10 +291,14 @@ def _optimizer_step(
             steps=config.score.steps,
         )
         prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
+        if isinstance(reference, PrecomputedReference):
+            reference_input = reference.lookup(batch.example_ids, epoch).to(device())
+        else:
+            reference_input = reference
         results.append(
             preference_micro_step(
                 policy,
-                reference,
+                reference_input,
                 scoring,
                 draws,
                 mask_token_id=mask_token_id,

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLAG_FIELDS = {
     "model": "model.path",
     "ref_model": "model.reference_path",
+    "reference_scores": "model.reference_scores",
     "mask_token_id": "model.mask_token_id",
     "trust_remote_code": "model.trust_remote_code",
     "gradient_checkpointing": "model.gradient_checkpointing",
@@ -86,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local Hugging Face folder of the model to train")
     g.add_argument("--ref-model", help="reference model folder (default: the starting policy)")
+    g.add_argument(
+        "--reference-scores",
+        help="reference terms from `dsdpo precompute-reference`: no reference model in memory",
+    )
     g.add_argument("--mask-token-id", type=int, help="mask token id (default: from config or tokenizer)")
     g.add_argument(
         "--trust-remote-code", action="store_true", default=None, help="allow the model's own code (LLaDA)"
