@@ -46,6 +46,12 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def launcher_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them, readable before the process group exists, so
+    that bad input is reported before the slow distributed start-up. Plain python: (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

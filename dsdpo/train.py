@@ -37,8 +37,7 @@ from dsdpo.engine import (
     build_engines,
     device,
     init_distributed,
-    rank,
-    world_size,
+    launcher_rank_and_world,
 )
 from dsdpo.errors import DsdpoError
 from dsdpo.faults import crash_point
@@ -100,8 +99,8 @@ def train(
 ) -> dict[str, float]:
     """Run (or resume) training; return the last step's metrics."""
     config.validate()
-    init_distributed()
-    is_rank0, ranks = rank() == 0, world_size()
+    this_rank, ranks = launcher_rank_and_world()  # everything cheap is checked before init_distributed
+    is_rank0 = this_rank == 0
     output = Path(config.train.output)
     if is_rank0:
         output.mkdir(parents=True, exist_ok=True)
@@ -129,7 +128,9 @@ def train(
             f"{config.data.path}: {len(pairs)} pairs make no optimizer step of "
             f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
         )
-    batcher = PairBatcher(pairs, micro * accumulation, seed=config.train.seed, world_size=ranks, rank=rank())
+    batcher = PairBatcher(
+        pairs, micro * accumulation, seed=config.train.seed, world_size=ranks, rank=this_rank
+    )
     steps_per_epoch = len(batcher)
     total_steps = config.train.epochs * steps_per_epoch
     if config.train.max_steps is not None:
@@ -142,6 +143,7 @@ def train(
         source=str(ds_config_path),
     )
     reference_scores = _precomputed_reference(config, pairs, -(-total_steps // steps_per_epoch))
+    init_distributed()
     engines = build_engines(
         config.model, ds_config, with_reference=reference_scores is None and not config.loss.reference_free
     )

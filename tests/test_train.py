@@ -154,3 +154,17 @@ def test_a_step_takes_the_same_pairs_however_they_are_spread_over_ranks_and_accu
 def test_step_batches_report_the_epoch_of_each_step():
     steps = step_batches(PairBatcher(_pairs(8), 4, seed=0), 2)
     assert [next(steps)[0] for _ in range(5)] == [0, 0, 1, 1, 2]
+
+
+def test_bad_input_to_the_trainer_is_one_line_before_any_distributed_start_up(tiny_gemma_dir, tmp_path):
+    from tests.run_helpers import run_train, train_args
+
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    args = train_args(
+        REPO / "ds_configs" / "cpu.json", tiny_gemma_dir, tmp_path / "pairs.jsonl", tmp_path / "out"
+    )
+    result = run_train(args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'pairs.jsonl'}:1: ")
+    assert "rejected" in result.stderr and "Traceback" not in result.stderr
+    assert "shm_comm" not in result.stdout + result.stderr  # failed before DeepSpeed's start-up
