@@ -19,6 +19,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,15 +168,46 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
     return names
 
 
+def is_universal(folder: Path) -> bool:
+    """Whether a checkpoint was converted to DeepSpeed's universal format (any world size loads it)."""
+    return bool(check_checkpoint(folder).get("universal"))
+
+
+def convert_to_universal(checkpoint: Path, out: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `checkpoint`, plus dsdpo's files: resumable on any number
+    of ranks with the same train_batch_size. The state file is written last, as in a save."""
+    meta = check_checkpoint(checkpoint)
+    if meta.get("universal"):
+        raise DsdpoError(f"{checkpoint} is already a universal checkpoint")
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint),
+        "--output_folder",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DsdpoError(f"{checkpoint}: DeepSpeed's conversion failed: {result.stderr.strip()[-500:]}")
+    shutil.copytree(checkpoint / "hf", out / "hf", dirs_exist_ok=True)
+    _atomic_write(out / STATE_FILE, json.dumps({**meta, "universal": True}, indent=1))
+    return out
+
+
 def load_checkpoint(engine, folder: Path, *, world_size: int) -> tuple[TrainState, dict[str, Any]]:
-    """Load weights, optimizer and scheduler into `engine`; return the train state and saved config."""
+    """Load weights, optimizer and scheduler into `engine`; return the train state and saved config.
+
+    A universal checkpoint needs `"checkpoint": {"load_universal": true}` in the engine's config.
+    """
     meta = check_checkpoint(folder)
-    if meta["world_size"] != world_size:
+    if meta["world_size"] != world_size and not meta.get("universal"):
         raise DsdpoError(
             f"{folder} was written by {meta['world_size']} ranks and this run has {world_size}: ZeRO's "
-            "optimizer shards cannot be re-partitioned in place. Convert it with "
-            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder} --output_folder "
-            f"{folder}_universal`, or resume with {meta['world_size']} ranks"
+            f"optimizer shards cannot be re-partitioned in place. Convert it with `dsdpo convert-checkpoint "
+            f"{folder}` (DeepSpeed's universal checkpoint) and resume from the result, or resume with "
+            f"{meta['world_size']} ranks"
         )
     try:
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)

@@ -686,3 +686,24 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
         **ids,
     )
     click.echo(f"wrote the reference terms of {len(pairs)} pairs × {epochs} epochs to {path}")
+
+
+@main.command("convert-checkpoint")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("out_dir", required=False, type=click.Path(file_okay=False))
+def convert_checkpoint_command(checkpoint, out_dir):
+    """Make a checkpoint resumable on another number of ranks (DeepSpeed's universal format).
+
+    CHECKPOINT is a step_NNNNNN folder (or a run folder: its newest). OUT_DIR defaults to
+    CHECKPOINT_universal. Resume with `--resume OUT_DIR` on any number of ranks; keep
+    train_batch_size (micro-batch × accumulation × ranks) the same so the data order continues.
+    """
+    from pathlib import Path
+
+    from dsdpo.checkpoint import convert_to_universal
+    from dsdpo.export import resolve_checkpoint
+
+    folder = resolve_checkpoint(checkpoint)
+    out = Path(out_dir) if out_dir else folder.with_name(folder.name + "_universal")
+    convert_to_universal(folder, out)
+    click.echo(f"wrote a universal checkpoint to {out}; resume with --resume {out}")

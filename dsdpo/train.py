@@ -21,6 +21,7 @@ from dsdpo.checkpoint import (
     TrainState,
     config_differences,
     find_resume_checkpoint,
+    is_universal,
     load_checkpoint,
     save_checkpoint,
     step_tag,
@@ -143,6 +144,9 @@ def train(
         source=str(ds_config_path),
     )
     reference_scores = _precomputed_reference(config, pairs, -(-total_steps // steps_per_epoch))
+    checkpoint = find_resume_checkpoint(output, resume) if resume else None
+    if checkpoint is not None and is_universal(checkpoint):
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     init_distributed()
     engines = build_engines(
         config.model, ds_config, with_reference=reference_scores is None and not config.loss.reference_free
@@ -153,7 +157,6 @@ def train(
         _write_run_files(output, config, ds_config)
 
     state, saved_config = TrainState(), None
-    checkpoint = find_resume_checkpoint(output, resume) if resume else None
     if checkpoint is not None:
         state, saved_config = load_checkpoint(policy, checkpoint, world_size=ranks)
         batcher.load_state_dict(state.batcher)

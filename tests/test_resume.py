@@ -115,3 +115,38 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes(tiny_gemma_d
     )
     assert resumed.returncode == 0, tail(resumed)
     assert max(metrics_by_step(tmp_path)) == stopped_at + 2
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_after_conversion(tiny_gemma_dir, data_file, tmp_path):
+    import copy
+    import json
+
+    from click.testing import CliRunner
+
+    from dsdpo.cli import main
+
+    configs = {}
+    for ranks, accumulation in ((2, 1), (1, 2)):  # the same 4 pairs a step either way
+        config = copy.deepcopy(json.loads((REPO / "ds_configs" / "cpu.json").read_text()))
+        config.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=accumulation)
+        configs[ranks] = tmp_path / f"ds{ranks}.json"
+        configs[ranks].write_text(json.dumps(config))
+    output = tmp_path / "run"
+    options = dict(max_steps=6, budget=2, beta=0.5, save_every=3, keep_last=5)
+    two = run_train(train_args(configs[2], tiny_gemma_dir, data_file, output, **options), ranks=2)
+    assert two.returncode == 0, tail(two)
+    expected = metrics_by_step(output)
+
+    one_rank = run_train(train_args(configs[1], tiny_gemma_dir, data_file, output, **options, resume="auto"))
+    assert one_rank.returncode == 2 and "dsdpo convert-checkpoint" in one_rank.stderr  # says how
+    converted = CliRunner().invoke(main, ["convert-checkpoint", str(output / "step_000003")])
+    assert converted.exit_code == 0, converted.output
+    resumed = run_train(
+        train_args(
+            configs[1], tiny_gemma_dir, data_file, output, **options, resume=output / "step_000003_universal"
+        )
+    )
+    assert resumed.returncode == 0, tail(resumed)
+    got = metrics_by_step(output)
+    for step in (4, 5, 6):
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-5), step

@@ -18,7 +18,9 @@ from dsdpo.errors import DsdpoError
 WINDOW_BATCHES = 50  # batches per length-sorting window: large enough to group, small enough to mix
 
 # Fields that fix the order: a state saved under other values cannot continue the same sequence.
-ORDER_FIELDS = ("seed", "batch_size", "world_size", "num_pairs", "shuffle", "group_by_length")
+# (The order depends on batch_size × world_size only: a run may resume on other ranks with the same
+# global batch.)
+ORDER_FIELDS = ("seed", "global_batch", "num_pairs", "shuffle", "group_by_length")
 
 
 def epoch_order(
@@ -116,6 +118,7 @@ class PairBatcher:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "global_batch": self.batch_size * self.world_size,
             "num_pairs": len(self.pairs),
             "shuffle": self.shuffle,
             "group_by_length": self.group_by_length,
