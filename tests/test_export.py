@@ -91,7 +91,9 @@ def test_export_of_a_partial_or_missing_checkpoint_is_a_one_line_error(tmp_path)
 
 def test_checkpoint_from_another_world_size_or_corrupt_is_a_clear_error(trained, tmp_path):
     output, *_ = trained
-    with pytest.raises(DsdpoError, match=r"written by 1 ranks and this run has 2.*ds_to_universal"):
+    with pytest.raises(
+        DsdpoError, match=r"written with world size 1 and this run has 2.*dsdpo convert-checkpoint"
+    ):
         load_checkpoint(None, output / "step_000001", world_size=2)
     copy = tmp_path / "step_000001"
     shutil.copytree(output / "step_000001", copy)
