@@ -205,8 +205,9 @@ def load_checkpoint(engine, folder: Path, *, world_size: int) -> tuple[TrainStat
     if meta["world_size"] != world_size and not meta.get("universal"):
         raise DsdpoError(
             f"{folder} was written with world size {meta['world_size']} and this run has {world_size}: "
-            f"ZeRO's optimizer shards cannot be re-partitioned in place. Convert it with `dsdpo convert-checkpoint "
-            f"{folder}` (DeepSpeed's universal checkpoint) and resume from the result, or resume with "
+            "ZeRO's optimizer shards cannot be re-partitioned in place. Convert it with "
+            f"`dsdpo convert-checkpoint {folder}` (DeepSpeed's universal checkpoint) and resume from the "
+            "result, or resume with "
             f"world size {meta['world_size']}"
         )
     try:
