@@ -8,6 +8,7 @@ holds the fp32 partitions DeepSpeed maps plus one output shard, never a second c
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,10 +54,48 @@ def _lazy_weights(folder: Path) -> dict[str, object]:
     return weights
 
 
-def _materialise(lazy_tensors: dict[str, object], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import to_torch_tensor
+PEFT_PREFIX = "base_model.model."  # where PEFT puts the base model's own parameter names
+ADAPTER_CONFIG = "adapter_config.json"  # written beside config.json by a LoRA run
 
-    return to_torch_tensor(lazy_tensors, dtype=dtype)
+
+def _lora_scale(hf_files: Path) -> float | None:
+    """alpha / r of a LoRA run's adapters (PEFT's scaling), or None for a full fine-tuning run."""
+    adapter = hf_files / ADAPTER_CONFIG
+    if not adapter.is_file():
+        return None
+    settings = json.loads(adapter.read_text())
+    return settings["lora_alpha"] / settings["r"]
+
+
+def _weight_sources(folder: Path) -> dict[str, tuple[torch.Size, Callable[[], torch.Tensor]]]:
+    """Output name -> (shape, a function that materialises the fp32 tensor), one tensor at a time.
+
+    A LoRA run's adapters are merged into the weights they adapt: W + (alpha/r)·B·A.
+    """
+    lazy = _lazy_weights(folder)
+    scale = _lora_scale(folder / "hf")
+    sources = {}
+    for name, tensor in lazy.items():
+        if scale is None:
+            sources[name] = (tensor.shape, tensor.contiguous)
+        elif ".lora_A." in name or ".lora_B." in name:
+            continue  # folded into their base weight below
+        elif name.endswith(".base_layer.weight"):
+            stem = name.removesuffix(".base_layer.weight")
+            a, b = lazy[f"{stem}.lora_A.default.weight"], lazy[f"{stem}.lora_B.default.weight"]
+            merged = lambda w=tensor, a=a, b=b: w.contiguous() + scale * (b.contiguous() @ a.contiguous())  # noqa: E731
+            sources[f"{stem.removeprefix(PEFT_PREFIX)}.weight"] = (tensor.shape, merged)
+        else:
+            sources[name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")] = (
+                tensor.shape,
+                tensor.contiguous,
+            )
+    return sources
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point weights to the output precision; integer buffers keep their type."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def export_checkpoint(
@@ -74,13 +113,13 @@ def export_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    lazy = _lazy_weights(folder)
-    empty = {name: torch.empty(t.shape, dtype=DTYPES[dtype]) for name, t in lazy.items()}
+    sources = _weight_sources(folder)
+    empty = {name: torch.empty(shape, dtype=DTYPES[dtype]) for name, (shape, _) in sources.items()}
     split = split_torch_state_dict_into_shards(
         empty, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
     for shard_file, names in split.filename_to_tensors.items():
-        shard = _materialise({name: lazy[name] for name in names}, DTYPES[dtype])
+        shard = {name: _cast(sources[name][1](), DTYPES[dtype]) for name in names}
         save_file(shard, str(out / shard_file), metadata={"format": "pt"})
         del shard
     if split.is_sharded:
@@ -91,7 +130,7 @@ def export_checkpoint(
     config.dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
     config.save_pretrained(out)
     for item in hf_files.iterdir():  # tokenizer files, chat template, remote code
-        if item.name != "config.json" and item.is_file():
+        if item.name not in ("config.json", ADAPTER_CONFIG) and item.is_file():  # adapters are merged
             (out / item.name).write_bytes(item.read_bytes())
     return out
 
@@ -107,7 +146,9 @@ def load_checkpoint_model(
     model = model_class_for(config, trust_remote_code=trust_remote_code).from_config(
         config, trust_remote_code=trust_remote_code
     )
-    weights = _materialise(_lazy_weights(folder), dtype or torch.float32)
+    weights = {
+        name: _cast(make(), dtype or torch.float32) for name, (_, make) in _weight_sources(folder).items()
+    }
     missing, unexpected = model.load_state_dict(weights, strict=False)
     model.tie_weights()
     tied = {name for name in missing if name not in weights and _is_tied(model, name)}

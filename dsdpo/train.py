@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +96,30 @@ def _write_run_files(output: Path, config: Config, ds_config: dict[str, Any]) ->
     (output / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
 
-def train(
-    config: Config, ds_config_path: str | Path, *, nvme_path: str | None = None, resume: str | None = None
-) -> dict[str, float]:
-    """Run (or resume) training; return the last step's metrics."""
-    config.validate()
-    this_rank, ranks = launcher_rank_and_world()  # everything cheap is checked before init_distributed
-    is_rank0 = this_rank == 0
-    output = Path(config.train.output)
-    if is_rank0:
-        output.mkdir(parents=True, exist_ok=True)
+@dataclass
+class RunPlan:
+    """Everything a run needs that can be read and checked before the (slow) distributed start-up."""
 
+    output: Path
+    rank: int
+    world_size: int
+    tokenizer: Any
+    hf_config: Any
+    mask_token_id: int
+    batcher: PairBatcher
+    batch_sizes: dict[str, int]
+    total_steps: int
+    ds_config: dict[str, Any]
+    reference_scores: PrecomputedReference | None
+    checkpoint: Path | None
+    summary: str
+
+
+def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: str | None) -> RunPlan:
+    """Load and check the model files, the data, the DeepSpeed config and the checkpoint to resume."""
+    config.validate()
+    rank, ranks = launcher_rank_and_world()
+    output = Path(config.train.output)
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
     hf_config = load_config(config.model.path, trust_remote_code=config.model.trust_remote_code)
     mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
@@ -120,20 +134,15 @@ def train(
 
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
-    micro, accumulation = (
-        batch_sizes["train_micro_batch_size_per_gpu"],
-        batch_sizes["gradient_accumulation_steps"],
-    )
     if len(pairs) < batch_sizes["train_batch_size"]:
         raise DsdpoError(
             f"{config.data.path}: {len(pairs)} pairs make no optimizer step of "
             f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
         )
-    batcher = PairBatcher(
-        pairs, micro * accumulation, seed=config.train.seed, world_size=ranks, rank=this_rank
-    )
-    steps_per_epoch = len(batcher)
-    total_steps = config.train.epochs * steps_per_epoch
+    # The batcher's global batch is a whole optimizer step (see step_batches).
+    per_rank_step = batch_sizes["train_micro_batch_size_per_gpu"] * batch_sizes["gradient_accumulation_steps"]
+    batcher = PairBatcher(pairs, per_rank_step, seed=config.train.seed, world_size=ranks, rank=rank)
+    total_steps = config.train.epochs * len(batcher)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     ds_config = resolve_ds_config(
@@ -143,18 +152,48 @@ def train(
         nvme_path=nvme_path,
         source=str(ds_config_path),
     )
-    reference_scores = _precomputed_reference(config, pairs, -(-total_steps // steps_per_epoch))
+    reference_scores = _precomputed_reference(config, pairs, -(-total_steps // len(batcher)))
     checkpoint = find_resume_checkpoint(output, resume) if resume else None
     if checkpoint is not None and is_universal(checkpoint):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    init_distributed()
-    engines = build_engines(
-        config.model, ds_config, with_reference=reference_scores is None and not config.loss.reference_free
+    summary = (
+        f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
+        f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs"
     )
+    return RunPlan(
+        output=output,
+        rank=rank,
+        world_size=ranks,
+        tokenizer=tokenizer,
+        hf_config=hf_config,
+        mask_token_id=mask_token_id,
+        batcher=batcher,
+        batch_sizes=batch_sizes,
+        total_steps=total_steps,
+        ds_config=ds_config,
+        reference_scores=reference_scores,
+        checkpoint=checkpoint,
+        summary=summary,
+    )
+
+
+def train(
+    config: Config, ds_config_path: str | Path, *, nvme_path: str | None = None, resume: str | None = None
+) -> dict[str, float]:
+    """Run (or resume) training; return the last step's metrics."""
+    plan = plan_run(config, ds_config_path, nvme_path=nvme_path, resume=resume)
+    output, batcher, checkpoint, total_steps = plan.output, plan.batcher, plan.checkpoint, plan.total_steps
+    is_rank0, ranks = plan.rank == 0, plan.world_size
+    micro = plan.batch_sizes["train_micro_batch_size_per_gpu"]
+    accumulation = plan.batch_sizes["gradient_accumulation_steps"]
+    init_distributed()
+    with_reference = plan.reference_scores is None and not config.loss.reference_free
+    engines = build_engines(config.model, plan.ds_config, with_reference=with_reference)
     policy = engines.policy
-    reference = reference_scores or engines.reference
+    reference = plan.reference_scores or engines.reference
     if is_rank0:
-        _write_run_files(output, config, ds_config)
+        output.mkdir(parents=True, exist_ok=True)
+        _write_run_files(output, config, plan.ds_config)
 
     state, saved_config = TrainState(), None
     if checkpoint is not None:
@@ -168,11 +207,8 @@ def train(
                 f"warning: option differs from {checkpoint.name}, using the new value: {difference}"
             )
         logger.message(f"resumed from {checkpoint} at step {state.step}")
-    elif is_rank0:
-        logger.message(
-            f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
-            f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs"
-        )
+    else:
+        logger.message(plan.summary)
 
     last_saved_step = state.step if checkpoint is not None else -1
 
@@ -187,8 +223,8 @@ def train(
             world_size=ranks,
             is_rank0=is_rank0,
             save_hf_files=lambda folder: (
-                hf_config.save_pretrained(folder),
-                tokenizer.save_pretrained(folder),
+                plan.hf_config.save_pretrained(folder),
+                plan.tokenizer.save_pretrained(folder),
             ),
             keep_last=config.train.keep_last,
             barrier=barrier,
@@ -210,12 +246,12 @@ def train(
                 micro_batches,
                 epoch,
                 config,
-                mask_token_id,
+                plan.mask_token_id,
                 accumulation,
-                pad_token_id=tokenizer.pad_token_id or 0,
+                pad_token_id=plan.tokenizer.pad_token_id or 0,
             )
             state.step += 1
-            state.consumed_pairs += batch_sizes["train_batch_size"]
+            state.consumed_pairs += plan.batch_sizes["train_batch_size"]
             if metrics.pop("finite") == 1.0:
                 state.bad_steps_in_row = 0
             else:
@@ -229,7 +265,7 @@ def train(
                 skipped_steps=state.skipped_steps,
                 lr=float(policy.get_lr()[0]),
                 seconds=elapsed,
-                pairs_per_s=batch_sizes["train_batch_size"] / elapsed,
+                pairs_per_s=plan.batch_sizes["train_batch_size"] / elapsed,
                 tokens_per_s=metrics.pop("tokens") * ranks / elapsed,
                 peak_memory_mb=peak_memory_mb(),
             )
