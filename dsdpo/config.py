@@ -32,10 +32,17 @@ class ModelConfig:
     trust_remote_code: bool = False  # LLaDA and Dream ship their own modelling code
     mask_token_id: int | None = None  # default: the config's mask_token_id, else the tokenizer's
     gradient_checkpointing: bool = True  # activation checkpointing of the policy
+    # LoRA: train low-rank adapters instead of every weight (None: full fine-tuning). The reference is
+    # then the same engine with its adapters switched off: no second copy of the model.
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0
+    lora_target_modules: str = "all-linear"  # comma-separated module names, or "all-linear"
 
     def validate(self):
         if not self.path:
             raise DsdpoError("model.path is required: a local model folder (--model DIR)")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise DsdpoError(f"model.lora_rank must be at least 1, got {self.lora_rank}")
         if self.reference_path and self.reference_scores:
             raise DsdpoError(
                 "model.reference_path and model.reference_scores exclude each other: the scores file "

@@ -107,8 +107,36 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     return model, hf_config
 
 
+class AdapterDisabledReference:
+    """The reference of a LoRA run: the policy engine with its adapters switched off (DESIGN.md,
+    "Reference model: three ways"). Called like an engine, under no_grad, by dsdpo.gradient."""
+
+    def __init__(self, policy_engine):
+        self.policy = policy_engine
+
+    def __call__(self, **inputs):
+        with self.policy.module.model.disable_adapter():
+            return self.policy(**inputs)
+
+
+def _add_lora(model, model_config: ModelConfig, seed: int):
+    """LoRA adapters on the model; their random initialisation depends on `seed` alone."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_config.lora_target_modules
+    lora = LoraConfig(
+        r=model_config.lora_rank,
+        lora_alpha=model_config.lora_alpha,
+        lora_dropout=0.0,  # the two-pass gradient needs a deterministic model
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
+
+
 def build_engines(
-    model_config: ModelConfig, ds_config: dict[str, Any], *, with_reference: bool = True
+    model_config: ModelConfig, ds_config: dict[str, Any], *, with_reference: bool = True, seed: int = 0
 ) -> Engines:
     """The training policy engine and the frozen reference engine (none when its scores are
     precomputed, or the loss is reference-free)."""
@@ -116,6 +144,8 @@ def build_engines(
     disable_dropout(policy_model)
     if model_config.gradient_checkpointing:
         policy_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_config.lora_rank:
+        policy_model = _add_lora(policy_model, model_config, seed)
     policy_scorer = MaskedTokenScorer(policy_model)
     policy, *_ = deepspeed.initialize(
         model=policy_scorer,
@@ -125,6 +155,8 @@ def build_engines(
 
     if not with_reference:
         return Engines(policy=policy, reference=None, _hf_ds_config=hf_config)
+    if model_config.lora_rank and not model_config.reference_path:
+        return Engines(policy=policy, reference=AdapterDisabledReference(policy), _hf_ds_config=hf_config)
     reference_config = reference_ds_config(ds_config)
     reference_model, _ = _load_partitioned(
         model_config.reference_path or model_config.path, reference_config, model_config

@@ -25,6 +25,8 @@ SPLIT_HEAD_MODEL_TYPES = {
 
 
 def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the base model
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     names = SPLIT_HEAD_MODEL_TYPES.get(getattr(config, "model_type", None))
     if names is None or getattr(config, "final_logit_softcapping", None) is not None:

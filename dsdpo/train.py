@@ -188,7 +188,9 @@ def train(
     accumulation = plan.batch_sizes["gradient_accumulation_steps"]
     init_distributed()
     with_reference = plan.reference_scores is None and not config.loss.reference_free
-    engines = build_engines(config.model, plan.ds_config, with_reference=with_reference)
+    engines = build_engines(
+        config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
+    )
     policy = engines.policy
     reference = plan.reference_scores or engines.reference
     if is_rank0:
@@ -212,6 +214,12 @@ def train(
 
     last_saved_step = state.step if checkpoint is not None else -1
 
+    def save_model_files(folder: Path) -> None:
+        plan.hf_config.save_pretrained(folder)
+        plan.tokenizer.save_pretrained(folder)
+        if config.model.lora_rank:  # `dsdpo export` merges the adapters with these settings
+            policy.module.model.peft_config["default"].save_pretrained(folder)
+
     def save() -> Path:
         nonlocal last_saved_step
         last_saved_step = state.step
@@ -222,10 +230,7 @@ def train(
             config=config.to_dict(),
             world_size=ranks,
             is_rank0=is_rank0,
-            save_hf_files=lambda folder: (
-                plan.hf_config.save_pretrained(folder),
-                plan.tokenizer.save_pretrained(folder),
-            ),
+            save_hf_files=save_model_files,
             keep_last=config.train.keep_last,
             barrier=barrier,
         )

@@ -26,6 +26,9 @@ FLAG_FIELDS = {
     "mask_token_id": "model.mask_token_id",
     "trust_remote_code": "model.trust_remote_code",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "lora_rank": "model.lora_rank",
+    "lora_alpha": "model.lora_alpha",
+    "lora_target_modules": "model.lora_target_modules",
     "data": "data.path",
     "max_length": "data.max_length",
     "max_prompt_length": "data.max_prompt_length",
@@ -102,6 +105,16 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="keep activations instead of recomputing them (faster, more memory)",
     )
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        help="train LoRA adapters of this rank instead of every weight; "
+        "the reference is then the same model with the adapters off",
+    )
+    g.add_argument(
+        "--lora-alpha", type=float, help="LoRA scaling numerator (default 16; scale = alpha / rank)"
+    )
+    g.add_argument("--lora-target-modules", help='comma-separated module names, or "all-linear" (default)')
     g = p.add_argument_group("data")
     g.add_argument(
         "--data", help="preference pairs (prompt/chosen/rejected): JSONL, JSON, Parquet, datasets folder"
