@@ -76,7 +76,9 @@ def test_batch_sizes_fill_auto_and_reject_inconsistent_triples():
         resolve_batch_sizes({"gradient_accumulation_steps": 0}, 1, "x")
 
 
-@pytest.mark.parametrize("name", ["cpu.json", "rtx4080.json", "rtx4080_nvme.json", "multi_gpu.json"])
+@pytest.mark.parametrize(
+    "name", ["cpu.json", "rtx4080.json", "rtx4080_lora.json", "rtx4080_nvme.json", "multi_gpu.json"]
+)
 def test_shipped_configs_resolve(name, tmp_path):
     raw = read_ds_config(REPO / "ds_configs" / name)
     resolved = resolve_ds_config(
