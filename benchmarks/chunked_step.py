@@ -197,7 +197,7 @@ def main():
     engines = build_engines(ModelConfig(path=folder), config)
     parameters = sum(p.ds_numel for p in engines.policy.module.parameters())
     batch, keys = pair_batch(tokenizer, args.pairs, args.seq_len)
-    width = int(batch.sequence_ends().max())
+    width = int(batch.sequence_ends.max())
     chunk = args.rows_per_chunk * width
     modes = {"unchunked": (INFINITE, INFINITE), "chunked": (chunk, INFINITE), "chunked-ng": (chunk, chunk)}
     modes = {m: modes[m] for m in args.modes}

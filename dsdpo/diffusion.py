@@ -16,6 +16,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -50,10 +51,11 @@ class ScoringBatch:
             raise DsdpoError(f"response {int(empty[0])} of the batch is empty: there is nothing to score")
         return cls(input_ids, response_mask, attention_mask)
 
-    @property
+    @cached_property
     def response_lengths(self) -> Tensor:
         return self.response_mask.sum(1).cpu()
 
+    @cached_property
     def response_positions(self) -> Tensor:
         """[B, Lmax] sequence index of each response token, padded with S (an out-of-range column)."""
         lengths = self.response_mask.sum(1)
@@ -63,6 +65,7 @@ class ScoringBatch:
         valid = torch.arange(width, device=order.device) < lengths[:, None]
         return torch.where(valid, order, self.input_ids.shape[1])
 
+    @cached_property
     def sequence_ends(self) -> Tensor:
         """[B] one past the last attended token: columns beyond it are padding for that row."""
         columns = torch.arange(1, self.input_ids.shape[1] + 1, device=self.input_ids.device)
@@ -81,8 +84,8 @@ def forward_rows(batch: ScoringBatch, draws: Draws, rows: Tensor, mask_token_id:
     device = batch.input_ids.device
     rows = rows.to(draws.example.device)
     example = draws.example[rows].to(device)
-    width = int(batch.sequence_ends()[draws.example[rows]].max())
-    positions = batch.response_positions()[example]
+    width = int(batch.sequence_ends[draws.example[rows]].max())
+    positions = batch.response_positions[example]
     masked = _scatter_to_sequence(draws.masked[rows], positions, batch.input_ids.shape[1])[:, :width]
     scored = _scatter_to_sequence(draws.scored[rows], positions, batch.input_ids.shape[1])[:, :width]
     targets = batch.input_ids[example, :width]
@@ -101,7 +104,7 @@ def plan_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int |
     """
     if max_tokens_per_forward is None or draws.num_rows == 0:
         return [torch.arange(draws.num_rows)]
-    ends = batch.sequence_ends()[draws.example].tolist()
+    ends = batch.sequence_ends[draws.example].tolist()
     chunks, start, width = [], 0, 0
     for row, end in enumerate(ends):
         new_width = max(width, end)

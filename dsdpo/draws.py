@@ -87,22 +87,6 @@ class Draws:
     def batch_size(self) -> int:
         return int(self.lengths.numel())
 
-    def select(self, examples: Sequence[int]) -> Draws:
-        """The draws of some responses, renumbered 0..len(examples)-1 in the order given."""
-        index = torch.as_tensor(list(examples), dtype=torch.long)
-        renumber = torch.full((self.batch_size,), -1, dtype=torch.long)
-        renumber[index] = torch.arange(index.numel())
-        keep = renumber[self.example] >= 0
-        return Draws(
-            example=renumber[self.example[keep]],
-            draw=self.draw[keep],
-            masked=self.masked[keep],
-            scored=self.scored[keep],
-            weight=self.weight[keep],
-            lengths=self.lengths[index],
-            budget=self.budget,
-        )
-
 
 def _stratum_uniform(generator: torch.Generator, k: int, n: int, stratified: bool) -> float:
     """u in [0, 1): from the k-th of n strata, or from the whole interval when not stratified."""

@@ -60,13 +60,13 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_reduce_max(value: float) -> float:
-    """The largest value over all ranks (every rank must call it)."""
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of each value over all ranks, in one collective (every rank must call it)."""
     if world_size() == 1:
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor[0])
+    return tensor.tolist()
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

@@ -127,7 +127,7 @@ def export_checkpoint(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
     config = AutoConfig.from_pretrained(hf_files, trust_remote_code=True)
-    config.dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")  # "bfloat16", as transformers writes it
     config.save_pretrained(out)
     for item in hf_files.iterdir():  # tokenizer files, chat template, remote code
         if item.name not in ("config.json", ADAPTER_CONFIG) and item.is_file():  # adapters are merged

@@ -96,7 +96,7 @@ def preference_micro_step(
     pairs = batch.input_ids.shape[0] // 2
     grad_chunks = plan_chunks(batch, draws, max_tokens_per_forward)
     no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
-    grad_calls, no_grad_calls = (int(all_reduce_max(len(chunks))) for chunks in (grad_chunks, no_grad_chunks))
+    grad_calls, no_grad_calls = (int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks)]))
     single_pass = grad_calls == 1
     coefficients = row_weights(draws).to(batch.input_ids.device)
 
@@ -131,7 +131,7 @@ def preference_micro_step(
         **_diagnostics(policy_terms.detach(), reference_terms),
     }
     # A non-finite loss on any rank skips this micro-batch everywhere (the ranks stay in lockstep).
-    finite = all_reduce_max(0.0 if bool(torch.isfinite(out.losses).all()) else 1.0) == 0.0
+    finite = all_reduce_max([0.0 if bool(torch.isfinite(out.losses).all()) else 1.0]) == [0.0]
     if not finite:
         return MicroStep(finite=False, metrics=metrics, sweeps=sweeps)
 

@@ -240,7 +240,7 @@ def train(
     metrics: dict[str, float] = {}
     try:
         while state.step < total_steps:
-            if all_reduce_max(1.0 if stop.requested else 0.0):
+            if all_reduce_max([1.0 if stop.requested else 0.0]) == [1.0]:
                 logger.message(f"stopping at step {state.step}: saving a checkpoint")
                 break
             started = time.perf_counter()
