@@ -169,3 +169,19 @@ def sample_draws(
         lengths=lengths,
         budget=budget,
     )
+
+
+def pair_draws(
+    example_ids: Sequence[str],
+    response_lengths: Sequence[int] | Tensor,
+    budget: int,
+    estimator: str,
+    *,
+    seed: int,
+    epoch: int,
+    steps: int | None = None,
+) -> Draws:
+    """The draws of a PairBatch's 2P responses, keyed by draw_keys_for. Training, evaluation and the
+    precomputed reference all take their draws here, so they see the same masks."""
+    keys = draw_keys_for(example_ids, seed, epoch)
+    return sample_draws(len(keys), response_lengths, budget, estimator, keys=keys, steps=steps)

@@ -5,7 +5,7 @@
     comparison = compare_preference(base, tuned, pairs, mask_token_id=m, pad_token_id=p)
 
 Every response is scored with `settings.budget` keyed draws (dsdpo.draws), keyed exactly as training
-keys them (`draw_keys_for(ids, seed, epoch)`): two models scored with the same settings see the same
+keys them (`dsdpo.draws.pair_draws`): two models scored with the same settings see the same
 masks, so the shared noise cancels in their difference (antithetic, DESIGN.md "VRPO").
 
 Standard errors. A score is B̂ = (1/n) Σ_k f_k; its standard error is estimated as std_k(f_k)/sqrt(n)
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import elbo_terms
-from dsdpo.draws import ESTIMATORS, draw_keys_for, sample_draws
+from dsdpo.draws import ESTIMATORS, pair_draws
 from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig, preference_loss
 
@@ -139,13 +139,13 @@ def score_pairs(
         with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not settings.progress) as bar:
             for start in range(0, len(pairs), settings.batch_size):
                 batch = collate_pairs(list(pairs[start : start + settings.batch_size]), pad_token_id)
-                keys = draw_keys_for(batch.example_ids, settings.seed, settings.epoch)
-                draws = sample_draws(
-                    len(keys),
+                draws = pair_draws(
+                    batch.example_ids,
                     batch.response_mask.sum(1),
                     settings.budget,
                     settings.estimator,
-                    keys=keys,
+                    seed=settings.seed,
+                    epoch=settings.epoch,
                     steps=settings.trajectory_steps,
                 )
                 terms = elbo_terms(

@@ -30,7 +30,7 @@ from dsdpo.checkpoint import (
 from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
 from dsdpo.diffusion import ScoringBatch
-from dsdpo.draws import draw_keys_for, sample_draws
+from dsdpo.draws import pair_draws
 from dsdpo.ds_config import read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import (
     all_reduce_max,
@@ -327,13 +327,13 @@ def _optimizer_step(
         scoring = ScoringBatch.build(
             batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
         )
-        keys = draw_keys_for(batch.example_ids, config.train.seed, epoch)
-        draws = sample_draws(
-            len(keys),
+        draws = pair_draws(
+            batch.example_ids,
             scoring.response_lengths,
             config.score.budget,
             config.score.estimator,
-            keys=keys,
+            seed=config.train.seed,
+            epoch=epoch,
             steps=config.score.steps,
         )
         prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
