@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, PreTrainedModel
 
-from dsdpo.checkpoint import LATEST_FILE, check_checkpoint
+from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, check_checkpoint
 from dsdpo.errors import DsdpoError
 from dsdpo.models import DTYPES
 
@@ -34,7 +34,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def is_checkpoint(path: str | Path) -> bool:
     folder = Path(path)
-    return (folder / "dsdpo_state.json").is_file() or (folder / LATEST_FILE).is_file()
+    return (folder / STATE_FILE).is_file() or (folder / LATEST_FILE).is_file()
 
 
 def _lazy_weights(folder: Path) -> dict[str, object]:
@@ -126,9 +126,10 @@ def export_checkpoint(
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
-    config = AutoConfig.from_pretrained(hf_files, trust_remote_code=True)
-    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")  # "bfloat16", as transformers writes it
-    config.save_pretrained(out)
+    # config.json is edited as JSON, never instantiated: exporting runs no code from the checkpoint.
+    config = json.loads((hf_files / "config.json").read_text())
+    config["dtype"] = str(DTYPES[dtype]).removeprefix("torch.")  # "bfloat16", as transformers writes it
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for item in hf_files.iterdir():  # tokenizer files, chat template, remote code
         if item.name not in ("config.json", ADAPTER_CONFIG) and item.is_file():  # adapters are merged
             (out / item.name).write_bytes(item.read_bytes())
@@ -151,7 +152,7 @@ def load_checkpoint_model(
     }
     missing, unexpected = model.load_state_dict(weights, strict=False)
     model.tie_weights()
-    tied = {name for name in missing if name not in weights and _is_tied(model, name)}
+    tied = {name for name in missing if _is_tied(model, name)}
     if unexpected or set(missing) - tied:
         raise DsdpoError(
             f"{folder}: the weights do not fit the model config (missing {sorted(set(missing) - tied)[:5]}, "
