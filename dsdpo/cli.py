@@ -662,7 +662,7 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
     draws. Train with `--reference-scores OUT` and the same --budget, --estimator, --trajectory-steps,
     --seed, --max-length and --max-prompt-length (training checks each and names any difference).
     """
-    from dsdpo.reference import ReferenceSettings, precompute_reference_scores
+    from dsdpo.reference import precompute_reference_scores
 
     settings = _score_settings(knobs)  # checks the draw options before any model is loaded
     pairs, models, ids = _load_scoring_inputs([ref_dir], knobs)
@@ -670,18 +670,10 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
         models[0],
         pairs,
         out,
-        settings=ReferenceSettings(
-            estimator=settings.estimator,
-            budget=settings.budget,
-            steps=settings.trajectory_steps,
-            seed=settings.seed,
-            max_length=knobs["max_length"],
-            max_prompt_length=knobs["max_prompt_length"],
-        ),
+        settings=settings,
+        max_length=knobs["max_length"],
+        max_prompt_length=knobs["max_prompt_length"],
         epochs=epochs,
-        batch_size=settings.batch_size,
-        max_tokens_per_forward=settings.max_tokens_per_forward,
-        progress=settings.progress,
         source=str(ref_dir),
         **ids,
     )

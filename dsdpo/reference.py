@@ -13,7 +13,7 @@ budget, trajectory steps, seed, max_length, max_prompt_length). Training checks 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,16 +44,17 @@ def precompute_reference_scores(
     pairs: list[TokenizedPair],
     out: str | Path,
     *,
-    settings: ReferenceSettings,
+    settings: ScoreSettings,
+    max_length: int,
+    max_prompt_length: int | None,
     epochs: int,
     mask_token_id: int,
     pad_token_id: int,
-    batch_size: int = 8,
-    max_tokens_per_forward: int | None = None,
-    progress: bool = True,
     source: str = "",
 ) -> Path:
-    """Score every pair's chosen and rejected response for `epochs` epochs; write the file."""
+    """Score every pair's chosen and rejected response for `epochs` epochs (the draws of epoch e use
+    `settings` with epoch e); write the file. max_length and max_prompt_length are those the pairs
+    were tokenised with: training checks them."""
     if epochs < 1:
         raise DsdpoError(f"epochs must be at least 1, got {epochs}")
     per_epoch = []
@@ -64,20 +65,19 @@ def precompute_reference_scores(
             mask_token_id=mask_token_id,
             pad_token_id=pad_token_id,
             desc=f"epoch {epoch}",
-            settings=ScoreSettings(
-                budget=settings.budget,
-                estimator=settings.estimator,
-                trajectory_steps=settings.steps,
-                seed=settings.seed,
-                epoch=epoch,
-                batch_size=batch_size,
-                max_tokens_per_forward=max_tokens_per_forward,
-                progress=progress,
-            ),
+            settings=replace(settings, epoch=epoch),
         )
         per_epoch.append(torch.stack([scores.chosen_terms, scores.rejected_terms], dim=1))
+    reference_settings = ReferenceSettings(
+        estimator=settings.estimator,
+        budget=settings.budget,
+        steps=settings.trajectory_steps,
+        seed=settings.seed,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
     meta = {
-        "settings": asdict(settings),
+        "settings": asdict(reference_settings),
         "ids": [p.example_id for p in pairs],
         "epochs": epochs,
         "reference": source,
