@@ -198,6 +198,15 @@ def elbo(
     return terms.mean(-1)
 
 
+def standard_error(terms: Tensor) -> Tensor:
+    """[...] std of the last axis (n−1) / sqrt(n): the standard error of its mean (of B̂ for per-draw
+    terms); NaN when n = 1."""
+    n = terms.shape[-1]
+    if n < 2:
+        return torch.full(terms.shape[:-1], math.nan, dtype=terms.dtype)
+    return terms.std(-1, correction=1) / math.sqrt(n)
+
+
 def enumeration_draws(response_lengths: Sequence[int]) -> Draws:
     """Every non-empty mask set M of every response as one row, weighted 1/(|M| · C(L, |M|)).
 

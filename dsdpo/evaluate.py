@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import elbo_terms
+from dsdpo.diffusion import elbo_terms, standard_error
 from dsdpo.draws import ESTIMATORS, pair_draws
 from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig, preference_loss
@@ -58,14 +58,6 @@ class ScoreSettings:
             raise DsdpoError(f"batch size must be at least 1, got {self.batch_size}")
         if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 1:
             raise DsdpoError(f"max tokens per forward must be positive, got {self.max_tokens_per_forward}")
-
-
-def standard_error(terms: Tensor) -> Tensor:
-    """[...] std of the last axis (n−1) / sqrt(n): the standard error of its mean; NaN when n = 1."""
-    n = terms.shape[-1]
-    if n < 2:
-        return torch.full(terms.shape[:-1], math.nan, dtype=terms.dtype)
-    return terms.std(-1, correction=1) / math.sqrt(n)
 
 
 @dataclass

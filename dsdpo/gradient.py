@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks, row_weights
+from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks, row_weights, standard_error
 from dsdpo.draws import Draws
 from dsdpo.engine import all_reduce_max
 from dsdpo.loss import LossConfig, LossOutput, preference_loss
@@ -54,10 +54,9 @@ def _no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: 
 
 def _diagnostics(policy_terms: Tensor, reference_terms: Tensor | None) -> dict[str, float]:
     """VRPO diagnostics: std error of B̂_θ, of B̂_θ − B̂_ref (antithetic), and their draw correlation."""
-    n = policy_terms.shape[1]
-    if n < 2:
+    if policy_terms.shape[1] < 2:  # one draw: no spread to measure
         return {}
-    score_stderr = {"vrpo/score_stderr": float((policy_terms.std(1) / n**0.5).mean())}
+    score_stderr = {"vrpo/score_stderr": float(standard_error(policy_terms).mean())}
     if reference_terms is None:
         return score_stderr
     difference = policy_terms - reference_terms
@@ -67,7 +66,7 @@ def _diagnostics(policy_terms: Tensor, reference_terms: Tensor | None) -> dict[s
     norms = (centred_p.square().sum(1) * centred_r.square().sum(1)).sqrt().clamp_min(1e-12)
     return {
         **score_stderr,
-        "vrpo/diff_stderr": float((difference.std(1) / n**0.5).mean()),
+        "vrpo/diff_stderr": float(standard_error(difference).mean()),
         "vrpo/policy_ref_corr": float((covariance / norms).mean()),
     }
 
