@@ -36,7 +36,9 @@ class ModelConfig:
     # then the same engine with its adapters switched off: no second copy of the model.
     lora_rank: int | None = None
     lora_alpha: float = 16.0
-    lora_target_modules: str = "all-linear"  # comma-separated module names, or "all-linear"
+    # "auto": every linear layer of the blocks for LLaDA and Dream (dsdpo.families), else "all-linear";
+    # or comma-separated module names, or "all-linear"
+    lora_target_modules: str = "auto"
 
     def validate(self):
         if not self.path:

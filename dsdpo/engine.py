@@ -21,6 +21,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import reference_ds_config
 from dsdpo.errors import DsdpoError
+from dsdpo.families import Family, family_of_model
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import disable_dropout, load_model
 
@@ -119,16 +120,23 @@ class AdapterDisabledReference:
             return self.policy(**inputs)
 
 
+def lora_targets(option: str, family: Family | None) -> str | list[str]:
+    """PEFT's target_modules for --lora-target-modules: "auto" is the family's block layers (never
+    the output layer), or "all-linear" for other models."""
+    if option == "auto":
+        return family.lora_target_modules if family else "all-linear"
+    return option if option == "all-linear" else [name.strip() for name in option.split(",")]
+
+
 def _add_lora(model, model_config: ModelConfig, seed: int):
     """LoRA adapters on the model; their random initialisation depends on `seed` alone."""
     from peft import LoraConfig, get_peft_model
 
-    targets = model_config.lora_target_modules
     lora = LoraConfig(
         r=model_config.lora_rank,
         lora_alpha=model_config.lora_alpha,
         lora_dropout=0.0,  # the two-pass gradient needs a deterministic model
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        target_modules=lora_targets(model_config.lora_target_modules, family_of_model(model)),
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -143,6 +151,11 @@ def build_engines(
     policy_model, hf_config = _load_partitioned(model_config.path, ds_config, model_config)
     disable_dropout(policy_model)
     if model_config.gradient_checkpointing:
+        if not policy_model.supports_gradient_checkpointing:
+            raise DsdpoError(
+                f"{model_config.path}: {type(policy_model).__name__} does not support gradient "
+                "checkpointing; train with --no-gradient-checkpointing (more activation memory)"
+            )
         policy_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_config.lora_rank:
         policy_model = _add_lora(policy_model, model_config, seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, check_checkpoint
 from dsdpo.errors import DsdpoError
@@ -140,13 +140,11 @@ def load_checkpoint_model(
     checkpoint: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """The trained policy of a checkpoint as a plain transformers model (for eval and scoring)."""
-    from dsdpo.models import model_class_for
+    from dsdpo.models import build_from_config, load_config
 
     folder = resolve_checkpoint(checkpoint)
-    config = AutoConfig.from_pretrained(folder / "hf", trust_remote_code=trust_remote_code)
-    model = model_class_for(config, trust_remote_code=trust_remote_code).from_config(
-        config, trust_remote_code=trust_remote_code
-    )
+    config = load_config(folder / "hf", trust_remote_code=trust_remote_code)
+    model = build_from_config(config, trust_remote_code=trust_remote_code)
     weights = {
         name: _cast(make(), dtype or torch.float32) for name, (_, make) in _weight_sources(folder).items()
     }

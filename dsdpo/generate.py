@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsdpo.errors import DsdpoError
+from dsdpo.families import FAMILIES, family_of_model, shift_logits
 from dsdpo.logprobs import bidirectional_attention_mask
+from dsdpo.models import is_remote_code
+from dsdpo.padding import ignores_padding, logits_without_padding
 
 REMASKING = ("low_confidence", "random")
 
@@ -115,9 +118,18 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def denoiser_logits(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits [B, S, V] of one forward pass, with left padding hidden and positions per row."""
+    """Logits [B, S, V] of one forward pass, entry i predicting token i (a family's shift undone),
+    with left padding hidden and positions per row."""
+    family = family_of_model(model)
+    return shift_logits(_padded_logits(model, canvas, attention_mask), family.logit_shift if family else 0)
+
+
+def _padded_logits(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Tensor:
     if bool(attention_mask.all()):
         return _as_logits(model(input_ids=canvas))
+    if _ignores_padding(model, canvas):
+        unpadded = lambda ids, mask: _as_logits(model(input_ids=ids))  # noqa: E731
+        return logits_without_padding(unpadded, canvas, attention_mask)
     inputs = {"input_ids": canvas}
     if getattr(getattr(model, "config", None), "use_bidirectional_attention", False):
         # A 2D mask with zeros would make this decoder causal (transformers 5.23): pass the 4D one.
@@ -128,6 +140,16 @@ def denoiser_logits(model: nn.Module, canvas: Tensor, attention_mask: Tensor) ->
         # Each row's first real token is position 0, as if it had been run alone.
         inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
     return _as_logits(model(**inputs))
+
+
+def _ignores_padding(model: nn.Module, canvas: Tensor) -> bool:
+    """Probed once per model with its own code (dsdpo.padding); other models honour the mask."""
+    if not is_remote_code(model):
+        return False
+    if not hasattr(model, "_dsdpo_ignores_padding"):
+        padded = lambda ids, mask: _as_logits(model(input_ids=ids, attention_mask=mask))  # noqa: E731
+        model._dsdpo_ignores_padding = ignores_padding(padded, canvas)
+    return model._dsdpo_ignores_padding
 
 
 def _as_logits(output) -> Tensor:
@@ -272,9 +294,10 @@ def cut_at_stop(token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> list
 
 
 def stop_ids_of(tokenizer) -> list[int]:
-    """EOS, plus an end-of-turn token where the tokenizer has one (LLaDA's instruct model ends with it)."""
+    """EOS, plus the families' end-of-turn tokens that the tokenizer has (LLaDA's instruct model ends
+    with <|eot_id|>, Dream's with <|im_end|>)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|eot_id|>", "<|im_end|>"):
+    for token in dict.fromkeys(token for family in FAMILIES.values() for token in family.stop_tokens):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
             ids.append(token_id)

@@ -8,12 +8,21 @@ gathered afterwards (correct, only heavier).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsdpo.families import attribute, family_of, family_of_model, source_positions
+from dsdpo.models import is_remote_code
+from dsdpo.padding import ignores_padding, logits_without_padding
+
+log = logging.getLogger(__name__)
+
 # Model types whose logits are exactly `head(trunk(...).last_hidden_state)`, with no scaling or
-# soft-capping between them. A type not listed here falls back to full logits.
+# soft-capping between them (dsdpo's LLaDA and Dream name theirs in dsdpo.families). A type not
+# listed here falls back to full logits.
 SPLIT_HEAD_MODEL_TYPES = {
     "gemma": ("model", "lm_head"),
     "llama": ("model", "lm_head"),
@@ -28,13 +37,16 @@ def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the base model
         model = model.get_base_model()
     config = getattr(model, "config", None)
-    names = SPLIT_HEAD_MODEL_TYPES.get(getattr(config, "model_type", None))
+    family = family_of(config)
+    names = (family.trunk, family.head) if family else SPLIT_HEAD_MODEL_TYPES.get(config.model_type)
     if names is None or getattr(config, "final_logit_softcapping", None) is not None:
         return None
-    trunk, head = (getattr(model, name, None) for name in names)
-    if trunk is None or head is None:
+    if family is not None and config.tie_word_embeddings:
+        return None  # the tied output layer's weight is read outside its module: full logits
+    try:
+        return tuple(attribute(model, name) for name in names)
+    except AttributeError:
         return None
-    return trunk, head
 
 
 def bidirectional_attention_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -58,26 +70,49 @@ class MaskedTokenScorer(nn.Module):
     """Wraps a denoiser; forward returns, per row, Σ log p(targets[i] | input) over scored positions i.
 
     This is the module a DeepSpeed engine wraps, so that ZeRO-3's hooks see one root forward call.
+    A family's logit shift is applied here (Dream reads token i's logits at position i-1). A model
+    with its own code is probed once for whether it ignores the padding mask; if it does, its rows
+    run without padding (dsdpo.padding).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self._split = _trunk_and_head(model)
+        family = family_of_model(model)
+        self._shift = family.logit_shift if family else 0
         self._bidirectional_decoder = bool(
             getattr(getattr(model, "config", None), "use_bidirectional_attention", False)
         )
+        # None: not probed yet (only remote code is); the probe runs in the first forward, on every
+        # rank alike, where ZeRO-3 has the parameters at hand.
+        self.ignores_padding: bool | None = None if is_remote_code(model) else False
+
+    def _full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return _logits(self.model(input_ids=input_ids, attention_mask=attention_mask))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, targets: Tensor) -> Tensor:
         rows, positions = scored.nonzero(as_tuple=True)
-        if self._bidirectional_decoder:
-            attention_mask = bidirectional_attention_mask(attention_mask, self.model.dtype)
-        if self._split is not None:
-            trunk, head = self._split
-            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = head(hidden[rows, positions])
+        sources = source_positions(positions, self._shift)
+        if self.ignores_padding is None:
+            self.ignores_padding = ignores_padding(self._full_logits, input_ids)
+            if self.ignores_padding:
+                log.warning(
+                    "%s ignores the padding mask: each forward runs rows of equal length only (slower, "
+                    "exact). A current copy of the model's code may fix it.",
+                    type(self.model).__name__,
+                )
+        if self.ignores_padding and not bool(attention_mask.all()):
+            logits = logits_without_padding(self._full_logits, input_ids, attention_mask)[rows, sources]
         else:
-            logits = _logits(self.model(input_ids=input_ids, attention_mask=attention_mask))[rows, positions]
+            if self._bidirectional_decoder:
+                attention_mask = bidirectional_attention_mask(attention_mask, self.model.dtype)
+            if self._split is not None:
+                trunk, head = self._split
+                hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                logits = head(hidden[rows, sources])
+            else:
+                logits = self._full_logits(input_ids, attention_mask)[rows, sources]
         # log p(y_i) in fp32 whatever the model's dtype: the ELBO sums hundreds of these.
         token_logprobs = -F.cross_entropy(logits.float(), targets[rows, positions], reduction="none")
         per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)

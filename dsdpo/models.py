@@ -1,8 +1,10 @@
 """Loading masked-diffusion language models and their tokenizers from local folders.
 
-Three kinds load here: masked-LM models (`AutoModelForMaskedLM`: BERT, ModernBERT ...), decoders
-with bidirectional attention (a Gemma/Llama-family config with `use_bidirectional_attention`), and
-`trust_remote_code` models such as LLaDA and Dream. Nothing is fetched from a hub.
+Four kinds load here: the published LLaDA and Dream checkpoints, into dsdpo's own implementation of
+their architecture (dsdpo.families; their code files are never run), masked-LM models
+(`AutoModelForMaskedLM`: BERT, ModernBERT ...), decoders with bidirectional attention (a
+Gemma/Llama-family config with `use_bidirectional_attention`), and any other model with its own
+code under `trust_remote_code`. Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import (
 )
 
 from dsdpo.errors import DsdpoError
+from dsdpo.families import family_of, family_of_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,10 @@ def check_model_folder(path: str | Path) -> Path:
 
 def load_config(path: str | Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
     folder = check_model_folder(path)
+    family = family_of_folder(folder)
     try:
+        if family is not None:  # the folder's own code files (auto_map) are never run
+            return family.config_class.from_pretrained(folder)
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as err:
         hint = (
@@ -56,7 +62,11 @@ def load_config(path: str | Path, *, trust_remote_code: bool = False) -> Pretrai
 
 
 def model_class_for(config: PretrainedConfig, *, trust_remote_code: bool = False):
-    """The Auto class that builds the denoiser: the masked-LM head where there is one."""
+    """The class that builds the denoiser: dsdpo's own for a known family, else the Auto class
+    with the masked-LM head where there is one."""
+    family = family_of(config)
+    if family is not None:
+        return family.model_class
     architectures = config.architectures or []
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and auto_map:
@@ -91,7 +101,31 @@ def load_model(
 
         return load_checkpoint_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
     cls = model_class_for(config, trust_remote_code=trust_remote_code)
+    if family_of(config) is not None:
+        return cls.from_pretrained(path, config=config, dtype=dtype)
     return cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def build_from_config(config: PretrainedConfig, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A randomly initialised model of `config`'s architecture (weights come afterwards)."""
+    cls = model_class_for(config, trust_remote_code=trust_remote_code)
+    if family_of(config) is not None:
+        return cls(config)
+    return cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def copy_code_files(model_folder: str | Path, out: Path) -> None:
+    """The model's own Python files (auto_map's modules), so that a checkpoint or an export of it
+    loads again wherever the original did: with LLaDA's or Dream's own scripts too."""
+    for source in Path(model_folder).glob("*.py"):
+        (out / source.name).write_bytes(source.read_bytes())
+
+
+def is_remote_code(model: torch.nn.Module) -> bool:
+    """Whether the model's class came from its folder's own code files (trust_remote_code)."""
+    if hasattr(model, "get_base_model"):  # a PEFT model
+        model = model.get_base_model()
+    return type(model).__module__.startswith("transformers_modules")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -110,8 +144,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     folder = check_model_folder(path)
+    # A family's config is handed over, so that AutoTokenizer does not load it through its code files.
+    family_config = {"config": load_config(folder)} if family_of_folder(folder) else {}
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **family_config)
     except (OSError, ValueError) as err:
         raise DsdpoError(f"{folder}: no usable tokenizer ({err})") from err
 
@@ -119,12 +155,16 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
 def resolve_mask_token_id(
     explicit: int | None, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
 ) -> int:
-    """The mask token: an explicit option, else the config's `mask_token_id`, else the tokenizer's."""
+    """The mask token: an explicit option, else the config's `mask_token_id`, else the published one
+    of the model's family (LLaDA 126336, Dream 151666), else the tokenizer's."""
     if explicit is not None:
         return int(explicit)
     from_config = getattr(config, "mask_token_id", None)
     if from_config is not None:
         return int(from_config)
+    family = family_of(config)
+    if family is not None:
+        return family.mask_token_id
     if tokenizer is not None and tokenizer.mask_token_id is not None:
         return int(tokenizer.mask_token_id)
     raise DsdpoError(

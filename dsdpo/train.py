@@ -45,7 +45,7 @@ from dsdpo.errors import DsdpoError
 from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
 from dsdpo.metrics import RunLogger, peak_memory_mb
-from dsdpo.models import load_config, load_tokenizer, resolve_mask_token_id
+from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,7 @@ def train(
     def save_model_files(folder: Path) -> None:
         plan.hf_config.save_pretrained(folder)
         plan.tokenizer.save_pretrained(folder)
+        copy_code_files(config.model.path, folder)
         if config.model.lora_rank:  # `dsdpo export` merges the adapters with these settings
             policy.module.model.peft_config["default"].save_pretrained(folder)
 

@@ -114,7 +114,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lora-alpha", type=float, help="LoRA scaling numerator (default 16; scale = alpha / rank)"
     )
-    g.add_argument("--lora-target-modules", help='comma-separated module names, or "all-linear" (default)')
+    g.add_argument(
+        "--lora-target-modules",
+        help='comma-separated module names, "all-linear", or "auto" (default: every linear layer of the '
+        "blocks for LLaDA and Dream, all-linear for other models)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--data", help="preference pairs (prompt/chosen/rejected): JSONL, JSON, Parquet, datasets folder"

@@ -1,0 +1,106 @@
+"""The pieces LLaDA and Dream share: RMS norm, rotary embeddings, bidirectional attention, gated MLP.
+
+Both are Llama-shaped transformers without the causal mask. They differ in parameter names, biases
+and one precision detail (where RoPE is applied in fp32), so each family module wires these
+functions into its own module tree, under the parameter names of its published checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) computed in fp32, cast back, then scaled (the same in LLaDA and Dream)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = x.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def default_positions(input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
+    """[B, S] positions: the given ones, else 0..S-1 (right padding leaves real tokens in place)."""
+    if position_ids is not None:
+        return position_ids
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+
+def rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, 1, S, head_dim] in fp32 for RoPE with base `theta`, as both published models
+    compute them: inverse frequencies theta^(-2i/d), the angle table concatenated with itself."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
+    inverse_frequencies = 1.0 / (theta**exponents)
+    angles = positions.float()[..., None] * inverse_frequencies
+    table = torch.cat((angles, angles), dim=-1)[:, None]
+    return table.cos(), table.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, in_fp32: bool) -> Tensor:
+    """x·cos + rotate_half(x)·sin. LLaDA rotates in fp32 (`rope_full_precision`); Dream casts the
+    tables to the activations' dtype first. The two agree in fp32 and differ by rounding in bf16."""
+    if in_fp32:
+        rotated = x.float() * cos + _rotate_half(x.float()) * sin
+        return rotated.to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """[B, 1, 1, S] boolean mask (True = attend) from a [B, S] 0/1 mask; None when nothing is padded.
+
+    Every query sees every real token and no padding: bidirectional attention, so a padded row
+    scores exactly as it would alone.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def self_attention(
+    x: Tensor,
+    projections: tuple[nn.Module, nn.Module, nn.Module, nn.Module],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    rotary: tuple[Tensor, Tensor],
+    rope_in_fp32: bool,
+    mask: Tensor | None,
+) -> Tensor:
+    """Non-causal multi-head attention of a normed [B, S, D] input through (q, k, v, out) projections.
+
+    Grouped-query attention: query head h reads key/value head h // (num_heads / num_kv_heads), as
+    both published models' repetition of the key/value heads does.
+    """
+    q_proj, k_proj, v_proj, out_proj = projections
+    cos, sin = rotary
+    q = apply_rotary(_split_heads(q_proj(x), num_heads), cos, sin, in_fp32=rope_in_fp32)
+    k = apply_rotary(_split_heads(k_proj(x), num_kv_heads), cos, sin, in_fp32=rope_in_fp32)
+    v = _split_heads(v_proj(x), num_kv_heads)
+    heads = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=False, enable_gqa=num_kv_heads != num_heads
+    )
+    batch, _, length, _ = heads.shape
+    return out_proj(heads.transpose(1, 2).reshape(batch, length, -1))
+
+
+def gated_mlp(x: Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> Tensor:
+    """down(silu(gate(x)) · up(x)): LLaDA's ff_proj/up_proj/ff_out, Dream's gate/up/down_proj."""
+    return down(F.silu(gate(x)) * up(x))
