@@ -118,8 +118,19 @@ def test_score_command_converges_to_the_published_exact_elbo(family_dir, tmp_pat
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "scores.jsonl"
-    result = run("score", "--model", folder, "--trust-remote-code", "--data", data, "--budget", 256,
-                 "--out", out, "--no-progress")
+    result = run(
+        "score",
+        "--model",
+        folder,
+        "--trust-remote-code",
+        "--data",
+        data,
+        "--budget",
+        256,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     scores = [json.loads(line) for line in out.read_text().splitlines()]
     for case, score in zip(cases["cases"], scores, strict=True):
@@ -138,8 +149,12 @@ def test_padded_and_unpadded_scores_agree(family_dir):
     scored = ids == mask_id
     with torch.no_grad():
         together = model(ids, attention, scored, ids.roll(1, 1))
-        alone = model(ids[:1, : len(short)], attention[:1, : len(short)], scored[:1, : len(short)],
-                      ids.roll(1, 1)[:1, : len(short)])
+        alone = model(
+            ids[:1, : len(short)],
+            attention[:1, : len(short)],
+            scored[:1, : len(short)],
+            ids.roll(1, 1)[:1, : len(short)],
+        )
     assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
@@ -168,7 +183,153 @@ def test_lora_auto_targets_every_block_linear_and_not_the_output_layer(name):
     family = FAMILIES[name]
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=lora_targets("auto", family)))
-    adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in peft.named_modules()
-               if n.endswith(".lora_A")}
+    adapted = {
+        n.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for n, _ in peft.named_modules()
+        if n.endswith(".lora_A")
+    }
     head = family.head
     assert adapted == linear - {head}
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """A full fine-tuning run on LLaDA and a LoRA run on Dream, each with the trainer's defaults
+    (ZeRO-3 partitioned loading, gradient checkpointing on, a reference engine or adapters off)."""
+    from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
+    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.train import train
+    from tests.ds_helpers import CPU_CONFIG
+
+    folder = tmp_path_factory.mktemp("family-runs")
+    ds_config = {key: value for key, value in CPU_CONFIG.items() if key != "scheduler"}  # lr from step 1
+    (folder / "ds.json").write_text(json.dumps(ds_config))
+    data = write_jsonl(addition_pairs(8, seed=3), folder / "pairs.jsonl")
+    runs = {}
+    for name, extra in (("llada", {}), ("dream", {"lora_rank": 4})):
+        model_dir = published_folder(name, folder / f"{name}-model")
+        config = Config(
+            model=ModelConfig(path=str(model_dir), trust_remote_code=True, **extra),
+            data=DataConfig(path=str(data)),
+            train=TrainConfig(output=str(folder / f"{name}-run")),
+        )
+        train(config, folder / "ds.json")
+        runs[name] = (model_dir, folder / f"{name}-run", data)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_trained_checkpoint_exports_in_the_published_format_and_scores(trained_runs, name, tmp_path):
+    model_dir, run_dir, data = trained_runs[name]
+    out = tmp_path / "export"
+    result = run("export", run_dir, out, "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    # The published layout: the same weight names and shapes, config fields, code files, tokenizer.
+    published = load_file(FIXTURES / name / "model.safetensors")
+    exported = load_file(out / "model.safetensors")
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in published.items()}
+    assert not all(torch.equal(exported[k], published[k]) for k in published)  # training moved it
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((FIXTURES / name / "config.json").read_text())
+    assert {k: config.get(k) for k in ("model_type", "auto_map", "architectures")} == {
+        k: original[k] for k in ("model_type", "auto_map", "architectures")
+    }
+    for code_file in model_dir.glob("*.py"):
+        assert (out / code_file.name).read_text() == code_file.read_text()
+    assert (out / "tokenizer.json").is_file()
+    scores = tmp_path / "scores.jsonl"
+    result = run("score", "--model", out, "--data", data, "--budget", 2, "--out", scores, "--no-progress")
+    assert result.exit_code == 0, result.output
+    from_checkpoint = tmp_path / "from-checkpoint.jsonl"
+    result = run(
+        "score", "--model", run_dir, "--data", data, "--budget", 2, "--out", from_checkpoint, "--no-progress"
+    )
+    assert result.exit_code == 0, result.output
+    for a, b in zip(scores.read_text().splitlines(), from_checkpoint.read_text().splitlines(), strict=True):
+        assert json.loads(a)["chosen_elbo"] == pytest.approx(json.loads(b)["chosen_elbo"], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(name):
+    ids = expected(name)[0]["input_ids"]
+    gradients, norm_calls = [], []
+    for checkpointing in (False, True):
+        model = load_model(FIXTURES / name).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        first_norm = next(
+            m
+            for n, m in model.named_modules()
+            if n.endswith("0.attn_norm") or n.endswith("0.input_layernorm")
+        )
+        calls = []
+        first_norm.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        norm_calls.append(len(calls))
+    assert norm_calls == [1, 2]  # the checkpointed block ran again in backward
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+IGNORES_PADDING_CODE = '''
+from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
+
+
+class IgnoresPaddingConfig(LLaDAConfig):
+    model_type = "llada-ignores-padding"
+
+
+class IgnoresPaddingModel(LLaDAModelLM):
+    """Like LLaDA's published code before 2025-10: attention_mask is accepted and ignored."""
+
+    config_class = IgnoresPaddingConfig
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return super().forward(input_ids)
+'''
+
+
+@pytest.fixture(scope="module")
+def ignores_padding_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ignores-padding")
+    (folder / "modeling_ignores.py").write_text(IGNORES_PADDING_CODE)
+    config = json.loads((FIXTURES / "llada" / "config.json").read_text())
+    config.update(
+        model_type="llada-ignores-padding",
+        architectures=["IgnoresPaddingModel"],
+        auto_map={
+            "AutoConfig": "modeling_ignores.IgnoresPaddingConfig",
+            "AutoModel": "modeling_ignores.IgnoresPaddingModel",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(FIXTURES / "llada" / "model.safetensors", folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_remote_model_that_ignores_padding_is_scored_without_padding(ignores_padding_dir, caplog):
+    model = load_model(ignores_padding_dir, trust_remote_code=True).eval()
+    assert type(model).__name__ == "IgnoresPaddingModel"  # its own code, not dsdpo's LLaDA
+    scorer = MaskedTokenScorer(model)
+    mask_id = build_tokenizer().mask_token_id
+    ids = torch.tensor([[10, 11, mask_id, 12, 3, 0, 0], [20, 21, 22, mask_id, 23, mask_id, 3]])
+    attention = (ids[:, :] != 0).long()
+    targets, scored = ids.roll(1, 1), ids == mask_id
+    with torch.no_grad():
+        together = scorer(ids, attention, scored, targets)
+        alone = scorer(ids[:1, :5], attention[:1, :5], scored[:1, :5], targets[:1, :5])
+    assert scorer.ignores_padding
+    assert "ignores the padding mask" in caplog.text
+    assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+    with torch.no_grad():  # the sampler too (left padding)
+        left = denoiser_logits(
+            model, torch.tensor([[0, 0, 10, 11, mask_id]]), torch.tensor([[0, 0, 1, 1, 1]])
+        )
+        single = denoiser_logits(model, torch.tensor([[10, 11, mask_id]]), torch.ones(1, 3, dtype=torch.long))
+    assert torch.allclose(left[0, 2:], single[0], atol=1e-5)
+
+
+def test_a_model_that_honours_padding_is_not_flagged():
+    scorer = MaskedTokenScorer(load_model(FIXTURES / "llada").eval())
+    assert scorer.ignores_padding is False  # dsdpo's own: known to honour the mask, never probed
