@@ -333,3 +333,15 @@ def test_a_remote_model_that_ignores_padding_is_scored_without_padding(ignores_p
 def test_a_model_that_honours_padding_is_not_flagged():
     scorer = MaskedTokenScorer(load_model(FIXTURES / "llada").eval())
     assert scorer.ignores_padding is False  # dsdpo's own: known to honour the mask, never probed
+
+
+def test_a_model_without_gradient_checkpointing_stops_before_training(ignores_padding_dir, tmp_path):
+    from tests.ds_helpers import cpu_ds_config, engines_for
+
+    folder = tmp_path / "no-checkpointing"
+    shutil.copytree(ignores_padding_dir, folder)
+    code = folder / "modeling_ignores.py"
+    code.write_text(code.read_text() + "\n    supports_gradient_checkpointing = False\n")
+    with pytest.raises(DsdpoError, match="does not support gradient checkpointing.*--no-gradient-checkpointing"):
+        engines_for(folder, cpu_ds_config(), trust_remote_code=True)
+    engines_for(folder, cpu_ds_config(), trust_remote_code=True, gradient_checkpointing=False)
