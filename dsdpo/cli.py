@@ -560,10 +560,9 @@ def _write_json(path, data) -> None:
 @click.option(
     "--loss",
     "loss_type",
-    type=click.Choice(["sigmoid", "ipo", "hinge", "cdpo", "robust", "soft"]),
     default="sigmoid",
     show_default=True,
-    help="The preference loss reported (sigmoid = DPO).",
+    help="The preference loss reported (sigmoid = DPO); any loss type of training (dsdpo/loss.py).",
 )
 @click.option("--beta", default=0.1, show_default=True, help="β of the implicit rewards r = β(B̂_θ − B̂_ref).")
 @click.option("--label-smoothing", default=0.0, show_default=True, help="ε of the cdpo and robust losses.")

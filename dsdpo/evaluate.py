@@ -68,6 +68,8 @@ class PairScores:
     chosen_terms: Tensor  # [P, n]
     rejected_terms: Tensor  # [P, n]
     preference_prob: Tensor | None  # [P] soft labels, or None
+    chosen_lengths: Tensor | None = None  # [P] response tokens, for the per-token losses
+    rejected_lengths: Tensor | None = None
 
     @property
     def chosen(self) -> Tensor:
@@ -162,6 +164,8 @@ def score_pairs(
         preference_prob=None
         if all(p is None for p in probs)
         else torch.tensor([1.0 if p is None else p for p in probs], dtype=torch.float64),
+        chosen_lengths=torch.tensor([len(pair.chosen_ids) for pair in pairs]),
+        rejected_lengths=torch.tensor([len(pair.rejected_ids) for pair in pairs]),
     )
 
 
@@ -250,6 +254,8 @@ def preference_report(
         None if reference is None else reference.rejected,
         loss_config,
         preference_prob=policy.preference_prob,
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
     )
     metrics = out.metrics(policy.chosen, policy.rejected)
     policy_se = torch.cat([policy.chosen_std_error, policy.rejected_std_error])

@@ -124,6 +124,8 @@ def preference_micro_step(
         reference_scores[pairs:] if reference_scores is not None else None,
         loss_config,
         preference_prob,
+        chosen_lengths=batch.response_lengths[:pairs].to(scores.device),
+        rejected_lengths=batch.response_lengths[pairs:].to(scores.device),
     )
     metrics = {
         **out.metrics(scores[:pairs], scores[pairs:]),

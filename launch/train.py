@@ -42,6 +42,14 @@ FLAG_FIELDS = {
     "beta": "loss.beta",
     "label_smoothing": "loss.label_smoothing",
     "reference_free": "loss.reference_free",
+    "loss_weights": "loss.weights",
+    "f_divergence": "loss.f_divergence",
+    "f_alpha": "loss.f_alpha",
+    "discopop_tau": "loss.discopop_tau",
+    "wpo": "loss.wpo",
+    "sft_weight": "loss.sft_weight",
+    "chosen_floor": "loss.chosen_floor",
+    "chosen_floor_per_token": "loss.chosen_floor_per_token",
     "output": "train.output",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
@@ -54,6 +62,8 @@ FLAG_FIELDS = {
 
 
 def parser() -> argparse.ArgumentParser:
+    from dsdpo.loss import F_DIVERGENCES, LOSS_TYPES, SMOOTHED_LOSSES
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
@@ -140,11 +150,33 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens-no-grad", type=int, help="rows x tokens per forward without gradients")
     g = p.add_argument_group("loss")
     g.add_argument(
-        "--loss", choices=["sigmoid", "ipo", "hinge", "cdpo", "robust", "soft"], help="default sigmoid"
+        "--loss",
+        help=f"one of {', '.join(LOSS_TYPES)}, or several comma-separated (with --loss-weights); "
+        "default sigmoid (DPO); formulas in dsdpo/loss.py",
     )
+    g.add_argument("--loss-weights", help="comma-separated weight of each --loss type (default 1 each)")
     g.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
-    g.add_argument("--label-smoothing", type=float, help="epsilon of cdpo and robust")
+    g.add_argument(
+        "--label-smoothing", type=float, help=f"epsilon of {', '.join(SMOOTHED_LOSSES)} (default 0)"
+    )
     g.add_argument("--reference-free", action="store_true", default=None, help="no reference model")
+    g.add_argument(
+        "--f-divergence", choices=F_DIVERGENCES, help="divergence of f-DPO (default reverse_kl: DPO)"
+    )
+    g.add_argument("--f-alpha", type=float, help="alpha of --f-divergence alpha (default 1)")
+    g.add_argument("--discopop-tau", type=float, help="tau of the discopop loss (default 0.05)")
+    g.add_argument(
+        "--wpo", action="store_true", default=None, help="weight pairs by WPO's policy-probability weight"
+    )
+    g.add_argument("--sft-weight", type=float, help="RPO: add this times the chosen NLL per token")
+    g.add_argument(
+        "--chosen-floor",
+        type=float,
+        help="add lambda * max(0, B_ref(chosen) - B_policy(chosen)): keeps the chosen likelihood up",
+    )
+    g.add_argument(
+        "--chosen-floor-per-token", action="store_true", default=None, help="the floor's gap per token"
+    )
     g = p.add_argument_group("run")
     g.add_argument("--output", help="folder for metrics, configs, TensorBoard and checkpoints")
     g.add_argument("--epochs", type=int)

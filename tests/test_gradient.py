@@ -6,7 +6,9 @@ import torch
 from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step
 
 
-def _train_one_step(model_dir, tokenizer, micro_batches, *, max_tokens, budget=4, estimator="l_over_L"):
+def _train_one_step(
+    model_dir, tokenizer, micro_batches, *, max_tokens, budget=4, estimator="l_over_L", loss_config=None
+):
     engines = engines_for(
         model_dir, cpu_ds_config(micro=len(micro_batches[0]), accumulation=len(micro_batches))
     )
@@ -22,6 +24,7 @@ def _train_one_step(model_dir, tokenizer, micro_batches, *, max_tokens, budget=4
                 budget=budget,
                 estimator=estimator,
                 loss_scale=1 / len(micro_batches),
+                **({"loss_config": loss_config} if loss_config else {}),
             )[0]
         )
     engines.policy.step()
@@ -49,6 +52,21 @@ def test_smallest_chunking_gives_the_unchunked_step(tiny_gemma_dir, tokenizer, u
     assert chunked[0].metrics["loss"] == pytest.approx(whole[0].metrics["loss"], abs=1e-6)
     moved = max(float((after_whole[k] - before[k]).abs().max()) for k in before)
     assert moved > 1e-3  # the step did something, so equality below is not trivial
+    _assert_same_weights(after_chunked, after_whole)
+
+
+def test_batch_level_and_per_token_losses_chunk_exactly(tiny_gemma_dir, tokenizer):
+    """AOT sorts over the micro-batch; sigmoid_norm, WPO and the RPO term read response lengths."""
+    from dsdpo.loss import LossConfig
+
+    loss = LossConfig("aot_unpaired,sigmoid_norm", beta=0.5, weights="1,0.5", wpo=True, sft_weight=0.1)
+    runs = [
+        _train_one_step(tiny_gemma_dir, tokenizer, [[0, 1, 2, 3]], max_tokens=m, loss_config=loss)
+        for m in (1 << 20, 1)
+    ]
+    (before, after_whole, _, whole), (_, after_chunked, _, chunked) = runs
+    assert chunked[0].sweeps > whole[0].sweeps
+    assert max(float((after_whole[k] - before[k]).abs().max()) for k in before) > 1e-3
     _assert_same_weights(after_chunked, after_whole)
 
 

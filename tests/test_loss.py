@@ -84,7 +84,10 @@ def test_gradient_of_dpo_with_respect_to_the_scores():
         (dict(type="kto"), "loss.type: unknown loss 'kto'"),
         (dict(beta=0.0), "loss.beta must be positive"),
         (dict(type="robust", label_smoothing=0.5), r"loss.label_smoothing must be in \[0, 0.5\)"),
-        (dict(type="sigmoid", label_smoothing=0.1), "used by cdpo and robust only"),
+        (
+            dict(type="sigmoid", label_smoothing=0.1),
+            "label_smoothing is used by cdpo, robust, exo_pair, aot, aot_unpaired only",
+        ),
     ],
 )
 def test_bad_loss_configs_name_the_field(kwargs, message):
@@ -97,3 +100,117 @@ def test_missing_reference_or_preference_probability_is_an_error():
         preference_loss(PC, PR, None, None, LossConfig())
     with pytest.raises(DsdpoError, match="needs a preference_prob"):
         preference_loss(PC, PR, RC, RR, LossConfig("soft"))
+
+
+# The pair above with response lengths |y_w| = 2, |y_l| = 4: r_w = 1.0, r_l = -0.5, h = 1.5, β = 0.5.
+LENGTHS = {"chosen_lengths": torch.tensor([2.0]), "rejected_lengths": torch.tensor([4.0])}
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+HAND_WORKED = [
+    # EXO eq. 16 with TRL's default ε = 1e-3, z = βh = 0.75.
+    (
+        LossConfig("exo_pair", beta=0.5),
+        sigmoid(0.75) * (-softplus(-0.75) - math.log(0.999))
+        + sigmoid(-0.75) * (-softplus(0.75) - math.log(1e-3)),
+    ),
+    # h̄ = 1/2 − (−0.5)/4 = 0.625, βh̄ = 0.3125.
+    (LossConfig("sigmoid_norm", beta=0.5), softplus(-0.3125)),
+    (LossConfig("apo_zero", beta=0.5), (1 - sigmoid(0.5)) + sigmoid(-0.25)),
+    (LossConfig("apo_down", beta=0.5), sigmoid(0.5) + (1 - sigmoid(0.75))),
+    (LossConfig("nca_pair", beta=0.5), softplus(-0.5) + 0.5 * softplus(0.5) + 0.5 * softplus(-0.25)),
+    # One pair: δ = mean(0.5, −0.25) = 0.125.
+    (LossConfig("bco_pair", beta=0.5), softplus(-(0.5 - 0.125)) + softplus(-0.25 - 0.125)),
+    (LossConfig("sppo_hard", beta=0.5), (1.0 - 1.0) ** 2 + (-0.5 + 1.0) ** 2),
+    (LossConfig("discopop", beta=0.5), softplus(-0.75) * (1 - sigmoid(15)) + math.exp(-0.75) * sigmoid(15)),
+    (LossConfig("sft", beta=0.5), 10 / 2),
+    # f-DPO: z under JS, forward KL (α = 1) and α = 0.5, in the sigmoid loss.
+    (LossConfig(beta=0.5, f_divergence="js"), softplus(-0.5 * (1.5 - (softplus(1.0) - softplus(-0.5))))),
+    (
+        LossConfig(beta=0.5, f_divergence="forward_kl", f_alpha=0.5),  # forward KL is α = 1 whatever f_alpha
+        softplus(-0.5 * (math.exp(0.5) - math.exp(-1.0))),
+    ),
+    (
+        LossConfig(beta=0.5, f_divergence="alpha", f_alpha=0.5),
+        softplus(-0.5 * (math.exp(0.25) - math.exp(-0.5)) / 0.5),
+    ),
+    (LossConfig("ipo", beta=0.5, f_divergence="forward_kl"), (math.exp(0.5) - math.exp(-1.0) - 1.0) ** 2),
+    # WPO: weight min(1, exp(−10/2 − 12/4)) = e^−8.
+    (LossConfig(beta=0.5, wpo=True), softplus(-0.75) * math.exp(-8)),
+    # MPO: 0.8 · DPO + 0.2 · SPPO.
+    (LossConfig("sigmoid,sppo_hard", beta=0.5, weights="0.8,0.2"), 0.8 * softplus(-0.75) + 0.2 * 0.25),
+    # RPO: + 0.5 · NLL per token of the chosen response (10 / 2).
+    (LossConfig(beta=0.5, sft_weight=0.5), softplus(-0.75) + 0.5 * 5),
+    # The floor is inactive: the policy's chosen score (−10) is above the reference's (−11).
+    (LossConfig(beta=0.5, chosen_floor=2.0), softplus(-0.75)),
+]
+
+
+@pytest.mark.parametrize(("config", "expected"), HAND_WORKED)
+def test_more_losses_match_hand_computed_values(config, expected):
+    out = preference_loss(PC, PR, RC, RR, config, **LENGTHS)
+    assert float(out.losses[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_wpo_weight_is_capped_at_one():
+    out = preference_loss(torch.tensor([1.0]), torch.tensor([2.0]), RC, RR, LossConfig(wpo=True), **LENGTHS)
+    plain = preference_loss(torch.tensor([1.0]), torch.tensor([2.0]), RC, RR, LossConfig(), **LENGTHS)
+    assert float(out.losses[0]) == pytest.approx(float(plain.losses[0]))  # exp(1/2 + 2/4) > 1 → 1
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_chosen_floor_penalises_a_chosen_score_below_the_reference(per_token):
+    # Reference chosen −9: the policy's −10 is 1 below it. h = (−10 + 9) − (−12 + 11.5) = −0.5.
+    config = LossConfig(beta=0.5, chosen_floor=2.0, chosen_floor_per_token=per_token)
+    out = preference_loss(PC, PR, torch.tensor([-9.0]), RR, config, **LENGTHS)
+    assert float(out.losses[0]) == pytest.approx(softplus(0.25) + 2.0 * (0.5 if per_token else 1.0), rel=1e-6)
+
+
+# Two pairs for the batch-level AOT losses: policy log-ratios B̂θ(y_w) − B̂θ(y_l) = [2, −1],
+# reference ones [0.5, −2]; r_w = [1, 0.5], r_l = [−0.5, −0.5].
+TWO = [torch.tensor(v) for v in ([-10.0, -5.0], [-12.0, -4.0], [-11.0, -5.5], [-11.5, -3.5])]
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "deltas"),
+    [
+        ("aot", [1.0, 1.5]),  # sort([2, −1]) − sort([0.5, −2]) = [−1, 2] − [−2, 0.5]
+        ("aot_unpaired", [1.0, 1.5]),  # sort([1, 0.5]) − sort([−0.5, −0.5]) = [0.5, 1] − [−0.5, −0.5]
+    ],
+)
+def test_aot_losses_compare_sorted_log_ratios(loss_type, deltas):
+    out = preference_loss(*TWO, LossConfig(loss_type, beta=0.5, label_smoothing=0.1))
+    expected = [0.9 * softplus(-0.5 * d) + 0.1 * softplus(0.5 * d) for d in deltas]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_every_loss_type_has_a_hand_worked_test():
+    from dsdpo.loss import LOSS_TYPES
+
+    tested = {"sigmoid", "ipo", "hinge", "cdpo", "robust", "soft", "aot", "aot_unpaired"}
+    tested |= {t for config, _ in HAND_WORKED for t in config.types}
+    assert set(LOSS_TYPES) <= tested
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"type": "sigmoid,nope"}, "unknown loss 'nope'"),
+        ({"type": "sigmoid,ipo", "weights": "1"}, "1 weights for 2 loss types"),
+        ({"type": "sigmoid", "weights": "x"}, "not comma-separated numbers"),
+        ({"type": "apo_zero", "f_divergence": "js"}, "applies to sigmoid"),
+        ({"f_divergence": "tv"}, "unknown 'tv'"),
+        ({"sft_weight": -1.0}, "sft_weight must be >= 0"),
+    ],
+)
+def test_bad_new_loss_settings_name_the_field(kwargs, message):
+    with pytest.raises(DsdpoError, match=message):
+        LossConfig(**kwargs)
+
+
+def test_per_token_losses_need_lengths():
+    with pytest.raises(DsdpoError, match="sigmoid_norm needs the response lengths"):
+        preference_loss(PC, PR, RC, RR, LossConfig("sigmoid_norm"))
