@@ -14,6 +14,8 @@ the machine's load:
     chunked     max_tokens_per_forward = --rows-per-chunk rows (forces the two-pass path);
                 pass 1 (no grad, policy and reference) in one forward each
     chunked-ng  like chunked, but pass 1 is also chunked to --rows-per-chunk rows
+    per-draw    the per-draw objective (loss.objective "per_draw"): chunks of whole (pair, draw)
+                units of about --rows-per-chunk rows, one pass with grad, no policy pass 1
 
 Columns: s/step is the median wall time of --steps optimizer steps (after one warm-up step);
 "÷ unch" divides by the unchunked step at the same n (the issue's target: chunked ≤ 1.4×).
@@ -142,7 +144,7 @@ class Timer:
             delattr(engine, attr)
 
 
-def one_step(engines, batch, draws, mask, loss_config, grad_tokens, no_grad_tokens, memory=False):
+def one_step(engines, batch, draws, mask, grad_tokens, no_grad_tokens, loss_config, memory=False):
     """One optimizer step; with memory=True, the peak MiB allocated in the micro-step (not the step)."""
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if memory else None
     if prof is not None:
@@ -177,7 +179,7 @@ def main():
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--rows-per-chunk", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode and n (median)")
-    parser.add_argument("--modes", nargs="+", default=["unchunked", "chunked", "chunked-ng"])
+    parser.add_argument("--modes", nargs="+", default=["unchunked", "chunked", "chunked-ng", "per-draw"])
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
     parser.add_argument("--breakdown", action="store_true", help="time each kind of engine call")
     args = parser.parse_args()
@@ -199,9 +201,15 @@ def main():
     batch, keys = pair_batch(tokenizer, args.pairs, args.seq_len)
     width = int(batch.sequence_ends.max())
     chunk = args.rows_per_chunk * width
-    modes = {"unchunked": (INFINITE, INFINITE), "chunked": (chunk, INFINITE), "chunked-ng": (chunk, chunk)}
+    # mode -> (max tokens with grad, max tokens without, loss settings)
+    sequence, per_draw = LossConfig(beta=0.1), LossConfig(beta=0.1, objective="per_draw")
+    modes = {
+        "unchunked": (INFINITE, INFINITE, sequence),
+        "chunked": (chunk, INFINITE, sequence),
+        "chunked-ng": (chunk, chunk, sequence),
+        "per-draw": (chunk, INFINITE, per_draw),
+    }
     modes = {m: modes[m] for m in args.modes}
-    loss_config = LossConfig(beta=0.1)
     mask = tokenizer.mask_token_id
     print(
         f"gemma hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}: {parameters / 1e6:.2f}M "
@@ -216,21 +224,21 @@ def main():
         draws = sample_draws(len(keys), batch.response_lengths, n, keys=keys)
         times, sweeps, peaks = defaultdict(list), {}, {}
         for tokens in modes.values():  # warm-up
-            one_step(engines, batch, draws, mask, loss_config, *tokens)
+            one_step(engines, batch, draws, mask, *tokens)
         for _ in range(args.steps):
             for name, tokens in modes.items():
                 start = time.perf_counter()
-                result = one_step(engines, batch, draws, mask, loss_config, *tokens)
+                result = one_step(engines, batch, draws, mask, *tokens)
                 times[name].append(time.perf_counter() - start)
                 sweeps[name] = result.sweeps
         if not args.no_memory:
             for name, tokens in modes.items():
-                peaks[name] = one_step(engines, batch, draws, mask, loss_config, *tokens, memory=True)
+                peaks[name] = one_step(engines, batch, draws, mask, *tokens, memory=True)
         if args.breakdown:
             for name, tokens in modes.items():
                 with Timer(engines) as timer:
                     start = time.perf_counter()
-                    one_step(engines, batch, draws, mask, loss_config, *tokens)
+                    one_step(engines, batch, draws, mask, *tokens)
                     total = time.perf_counter() - start
                 breakdowns.append((n, name, total, dict(timer.seconds)))
         base = statistics.median(times["unchunked"]) if "unchunked" in times else None

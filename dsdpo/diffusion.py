@@ -121,11 +121,15 @@ def row_weights(draws: Draws) -> Tensor:
     return (draws.weight / draws.budget).float()
 
 
-def draw_terms(row_sums: Tensor, draws: Draws) -> Tensor:
-    """[B, n] per-draw terms f_k = Σ_rows weight · (row log-probability sum)."""
-    flat_index = (draws.example * draws.budget + draws.draw).to(row_sums.device)
+def draw_terms(row_sums: Tensor, draws: Draws, rows: Tensor | None = None) -> Tensor:
+    """[B, n] per-draw terms f_k = Σ_rows weight · (row log-probability sum).
+
+    With `rows`, `row_sums` are those rows' sums only, and the terms they do not reach are zero.
+    """
+    rows = torch.arange(draws.num_rows) if rows is None else rows.to(draws.example.device)
+    flat_index = (draws.example[rows] * draws.budget + draws.draw[rows]).to(row_sums.device)
     terms = torch.zeros(draws.batch_size * draws.budget, dtype=row_sums.dtype, device=row_sums.device)
-    terms = terms.index_add(0, flat_index, row_sums * draws.weight.to(row_sums))
+    terms = terms.index_add(0, flat_index, row_sums * draws.weight[rows].to(row_sums))
     return terms.view(draws.batch_size, draws.budget)
 
 

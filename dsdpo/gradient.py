@@ -11,6 +11,12 @@ autograd on the scores alone (so any loss in dsdpo.loss works). Pass 2 recompute
 chunk by chunk with gradients and backprops Σ_r g c_r s_r. When all rows fit in one chunk, one
 forward with gradients does both. Peak activation memory is one chunk whatever the budget.
 
+The per-draw objective (Diffusion-DPO, Wallace et al. 2024; loss.objective "per_draw") is the mean
+over draws k of ℓ(f_k), with f_k the draw-k terms of the pair's four scores (policy and reference,
+chosen and rejected share draw k's stratum and key). By Jensen it bounds the sequence loss from above
+for a convex ℓ. Each (pair, draw) unit's loss depends on that unit's rows alone, so chunks of whole
+units backprop their own losses in one pass: no first pass of the policy.
+
 Under ZeRO-3 every forward gathers parameters collectively, so all ranks run the same number of
 forward and backward calls: a rank with fewer chunks repeats its first one with a zero coefficient.
 """
@@ -50,6 +56,106 @@ def _no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: 
         if real:
             sums.append(result)
     return torch.cat(sums)
+
+
+def _reference_terms(reference, batch, draws, mask_token_id, chunks, calls) -> tuple[Tensor | None, int]:
+    """[2P, n] per-draw reference terms (from the engine, or precomputed, or None) and the sweeps spent."""
+    if reference is None or isinstance(reference, Tensor):
+        return reference, 0
+    sums = _no_grad_row_sums(reference, batch, draws, mask_token_id, chunks, calls)
+    return draw_terms(sums, draws), calls
+
+
+def plan_unit_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int) -> list[Tensor]:
+    """Rows in chunks of whole (pair, draw) units, at most `max_tokens_per_forward` (rows × width)
+    tokens each unless one unit alone is larger: a unit's chosen and rejected rows of draw k go together."""
+    pairs = draws.batch_size // 2
+    unit = (draws.example % pairs) * draws.budget + draws.draw
+    ends = batch.sequence_ends[draws.example]
+    chunks, current, count, width = [], [], 0, 0
+    for u in unit.unique().tolist():
+        rows = (unit == u).nonzero(as_tuple=True)[0]
+        new_width = max(width, int(ends[rows].max()))
+        if current and (count + len(rows)) * new_width > max_tokens_per_forward:
+            chunks.append(torch.cat(current))
+            current, count, new_width = [], 0, int(ends[rows].max())
+        current.append(rows)
+        count, width = count + len(rows), new_width
+    chunks.append(torch.cat(current))
+    return chunks
+
+
+def _per_draw_micro_step(
+    policy,
+    reference,
+    batch: ScoringBatch,
+    draws: Draws,
+    *,
+    mask_token_id: int,
+    loss_config: LossConfig,
+    max_tokens_per_forward: int,
+    max_tokens_no_grad: int,
+    loss_scale: float,
+    preference_prob: Tensor | None,
+) -> MicroStep:
+    """The per-draw objective in one pass (module docstring): each chunk of whole (pair, draw) units
+    backprops Σ_units ℓ(f_k) / (P n), so the step's gradient is that of the mean per-draw loss."""
+    pairs, budget = draws.batch_size // 2, draws.budget
+    grad_chunks = plan_unit_chunks(batch, draws, max_tokens_per_forward)
+    no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
+    grad_calls, no_grad_calls = (int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks)]))
+    reference_terms, sweeps = _reference_terms(
+        reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls
+    )
+    device = batch.input_ids.device
+    lengths = batch.response_lengths.to(device)
+    unit = ((draws.example % pairs) * budget + draws.draw).to(device)
+    policy_terms = torch.zeros(2 * pairs, budget, device=device)
+    unit_losses = torch.zeros(pairs * budget, device=device)
+    for rows, real in _padded(grad_chunks, grad_calls):
+        sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
+        if not real:
+            policy.backward((sums * 0).sum(), scale_wrt_gas=False)
+            continue
+        terms = draw_terms(sums, draws, rows)  # [2P, n], zero outside the chunk's units
+        units = unit[rows.to(device)].unique()
+        p, k = units // budget, units % budget
+        out = preference_loss(
+            terms[p, k],
+            terms[p + pairs, k],
+            reference_terms[p, k] if reference_terms is not None else None,
+            reference_terms[p + pairs, k] if reference_terms is not None else None,
+            loss_config,
+            preference_prob[p] if preference_prob is not None else None,
+            chosen_lengths=lengths[p],
+            rejected_lengths=lengths[p + pairs],
+        )
+        finite = bool(torch.isfinite(out.losses).all())
+        chunk_loss = out.losses.sum() / (pairs * budget) if finite else (sums * 0).sum()
+        policy.backward(chunk_loss * loss_scale, scale_wrt_gas=False)
+        unit_losses[units] = out.losses.detach()
+        policy_terms += terms.detach()
+    sweeps += 2 * grad_calls
+    # Metrics of the sequence scores (rewards, log-probabilities); the loss is the per-draw one.
+    scores = policy_terms.mean(1)
+    reference_scores = reference_terms.mean(1) if reference_terms is not None else None
+    sequence = preference_loss(
+        scores[:pairs],
+        scores[pairs:],
+        reference_scores[:pairs] if reference_scores is not None else None,
+        reference_scores[pairs:] if reference_scores is not None else None,
+        loss_config,
+        preference_prob,
+        chosen_lengths=lengths[:pairs],
+        rejected_lengths=lengths[pairs:],
+    )
+    metrics = {
+        **sequence.metrics(scores[:pairs], scores[pairs:]),
+        "loss": float(unit_losses.mean()),
+        **_diagnostics(policy_terms, reference_terms),
+    }
+    finite = all_reduce_max([0.0 if bool(torch.isfinite(unit_losses).all()) else 1.0]) == [0.0]
+    return MicroStep(finite=finite, metrics=metrics, sweeps=sweeps)
 
 
 def _diagnostics(policy_terms: Tensor, reference_terms: Tensor | None) -> dict[str, float]:
@@ -92,6 +198,19 @@ def preference_micro_step(
     `loss_scale` multiplies the micro-batch's mean loss (1 / gradient accumulation steps), so that the
     step's gradient is that of the mean loss over every pair of the step.
     """
+    if loss_config.objective == "per_draw":
+        return _per_draw_micro_step(
+            policy,
+            reference,
+            batch,
+            draws,
+            mask_token_id=mask_token_id,
+            loss_config=loss_config,
+            max_tokens_per_forward=max_tokens_per_forward,
+            max_tokens_no_grad=max_tokens_no_grad,
+            loss_scale=loss_scale,
+            preference_prob=preference_prob,
+        )
     pairs = batch.input_ids.shape[0] // 2
     grad_chunks = plan_chunks(batch, draws, max_tokens_per_forward)
     no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
@@ -99,15 +218,9 @@ def preference_micro_step(
     single_pass = grad_calls == 1
     coefficients = row_weights(draws).to(batch.input_ids.device)
 
-    sweeps = 0
-    if reference is None or isinstance(reference, Tensor):
-        reference_terms = reference
-    else:
-        reference_sums = _no_grad_row_sums(
-            reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls
-        )
-        reference_terms = draw_terms(reference_sums, draws)
-        sweeps += no_grad_calls
+    reference_terms, sweeps = _reference_terms(
+        reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls
+    )
     if single_pass:
         policy_sums = policy(**forward_rows(batch, draws, grad_chunks[0], mask_token_id))
     else:

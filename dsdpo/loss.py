@@ -213,6 +213,9 @@ LOSS_TYPES = tuple(LOSSES)
 F_DIVERGENCE_LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "robust", "soft", "exo_pair")
 SMOOTHED_LOSSES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+# Losses that compare pairs with each other (sorting, a mean reward): not a per-draw objective.
+BATCH_LEVEL_LOSSES = ("aot", "aot_unpaired", "bco_pair")
+OBJECTIVES = ("sequence", "per_draw")
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,9 @@ class LossConfig:
     sft_weight: float = 0.0  # RPO: + weight · NLL per token of the chosen response
     chosen_floor: float = 0.0  # + λ · max(0, B̂_ref(y_w) − B̂_θ(y_w))
     chosen_floor_per_token: bool = False  # the floor's gap divided by |y_w|
+    # sequence: the loss of the Monte Carlo scores B̂ = mean_k f_k (two passes when chunked);
+    # per_draw: Diffusion-DPO's mean over draws k of the loss of the draw-k terms (dsdpo.gradient).
+    objective: str = "sequence"
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -270,6 +276,13 @@ class LossConfig:
             raise DsdpoError(f"loss.f_alpha must be positive, got {self.f_alpha}")
         if not self.discopop_tau > 0:
             raise DsdpoError(f"loss.discopop_tau must be positive, got {self.discopop_tau}")
+        if self.objective not in OBJECTIVES:
+            raise DsdpoError(f"loss.objective: unknown {self.objective!r}; choose from {OBJECTIVES}")
+        if self.objective == "per_draw" and set(self.types) & set(BATCH_LEVEL_LOSSES):
+            raise DsdpoError(
+                f"loss.objective per_draw needs a loss of each pair alone, not {self.type!r} "
+                f"({', '.join(BATCH_LEVEL_LOSSES)} compare pairs with each other)"
+            )
         for name in ("sft_weight", "chosen_floor"):
             if getattr(self, name) < 0:
                 raise DsdpoError(f"loss.{name} must be >= 0, got {getattr(self, name)}")

@@ -50,6 +50,7 @@ FLAG_FIELDS = {
     "sft_weight": "loss.sft_weight",
     "chosen_floor": "loss.chosen_floor",
     "chosen_floor_per_token": "loss.chosen_floor_per_token",
+    "objective": "loss.objective",
     "output": "train.output",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
@@ -62,7 +63,7 @@ FLAG_FIELDS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    from dsdpo.loss import F_DIVERGENCES, LOSS_TYPES, SMOOTHED_LOSSES
+    from dsdpo.loss import F_DIVERGENCES, LOSS_TYPES, OBJECTIVES, SMOOTHED_LOSSES
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -155,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
         "default sigmoid (DPO); formulas in dsdpo/loss.py",
     )
     g.add_argument("--loss-weights", help="comma-separated weight of each --loss type (default 1 each)")
+    g.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="sequence (default): the loss of the Monte Carlo scores; per_draw: Diffusion-DPO's mean of "
+        "the per-draw losses (an upper bound, one pass with gradients)",
+    )
     g.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
     g.add_argument(
         "--label-smoothing", type=float, help=f"epsilon of {', '.join(SMOOTHED_LOSSES)} (default 0)"

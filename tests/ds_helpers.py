@@ -83,7 +83,7 @@ def micro_step(
     budget=4,
     estimator="l_over_L",
     loss_scale=1.0,
-    loss_config=LossConfig(beta=0.5),
+    loss_config=None,
 ):
     """One preference micro-step (forward and backward, no optimizer step) on PAIRS[indices]."""
     batch, keys = pair_batch(tokenizer, indices)
@@ -94,7 +94,7 @@ def micro_step(
         batch,
         draws,
         mask_token_id=MASK,
-        loss_config=loss_config,
+        loss_config=loss_config or LossConfig(beta=0.5),
         max_tokens_per_forward=max_tokens,
         max_tokens_no_grad=max_tokens,
         loss_scale=loss_scale,

@@ -85,3 +85,20 @@ def test_draws_never_touch_columns_beyond_a_response():
 def test_bad_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(DsdpoError, match=message):
         sample_draws(**kwargs)
+
+
+@pytest.mark.parametrize("estimator", ["l_over_L", "one_over_t"])
+def test_chosen_and_rejected_draw_k_share_stratum_k(estimator):
+    """The per-draw objective pairs draw k of y_w with draw k of y_l: same stratum, own key."""
+    from dsdpo.draws import pair_draws
+
+    n, length = 4, 40
+    draws = pair_draws(
+        ["a", "b"], [length] * 4, n, estimator, seed=3, epoch=0
+    )  # rows: a, b chosen; a, b rejected
+    fraction = draws.masked.sum(1).double() / length  # ≈ the stratum's u (l/L) or t
+    for row in range(draws.num_rows):
+        k = int(draws.draw[row])
+        assert k / n - 0.1 <= fraction[row] <= (k + 1) / n + 0.1, (row, k, float(fraction[row]))
+    chosen, rejected = draws.masked[draws.example == 0], draws.masked[draws.example == 2]
+    assert not torch.equal(chosen, rejected)  # own masks: keyed by side

@@ -1,9 +1,13 @@
 """The chunked two-pass gradient equals the unchunked one, through real ZeRO-3 engines on the CPU."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step
+from dsdpo.diffusion import elbo_terms
+from dsdpo.loss import LossConfig
+from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step
 
 
 def _train_one_step(
@@ -24,7 +28,7 @@ def _train_one_step(
                 budget=budget,
                 estimator=estimator,
                 loss_scale=1 / len(micro_batches),
-                **({"loss_config": loss_config} if loss_config else {}),
+                loss_config=loss_config,
             )[0]
         )
     engines.policy.step()
@@ -57,8 +61,6 @@ def test_smallest_chunking_gives_the_unchunked_step(tiny_gemma_dir, tokenizer, u
 
 def test_batch_level_and_per_token_losses_chunk_exactly(tiny_gemma_dir, tokenizer):
     """AOT sorts over the micro-batch; sigmoid_norm, WPO and the RPO term read response lengths."""
-    from dsdpo.loss import LossConfig
-
     loss = LossConfig("aot_unpaired,sigmoid_norm", beta=0.5, weights="1,0.5", wpo=True, sft_weight=0.1)
     runs = [
         _train_one_step(tiny_gemma_dir, tokenizer, [[0, 1, 2, 3]], max_tokens=m, loss_config=loss)
@@ -95,3 +97,73 @@ def test_a_non_finite_loss_is_reported_and_never_backpropagated(tiny_gemma_dir, 
         hook.remove()
     assert not result.finite
     assert calls == []
+
+
+PER_DRAW = LossConfig(beta=0.5, objective="per_draw")
+
+
+@pytest.fixture(scope="module")
+def reference_terms():
+    """Precomputed reference terms [2P, n] unlike the policy's, so each (pair, draw) has its own
+    coefficient (at step 1 an engine reference equals the policy and every coefficient is σ(0))."""
+    return -20 + 5 * torch.rand(8, 4, generator=torch.Generator().manual_seed(0))
+
+
+def _per_draw_step(model_dir, tokenizer, reference, max_tokens):
+    engines = engines_for(model_dir, cpu_ds_config(micro=4))
+    before = full_weights(engines.policy)
+    result, batch, draws = micro_step(
+        replace(engines, reference=reference),
+        tokenizer,
+        [0, 1, 2, 3],
+        max_tokens=max_tokens,
+        loss_config=PER_DRAW,
+    )
+    engines.policy.step()
+    return before, full_weights(engines.policy), result, batch, draws
+
+
+def test_per_draw_objective_is_the_mean_of_per_draw_losses(tiny_gemma_dir, tokenizer, reference_terms):
+    """Checked against per-draw terms computed independently (elbo_terms on the plain model)."""
+    from dsdpo.models import load_model
+
+    plain = load_model(tiny_gemma_dir).eval()
+    _, _, result, batch, draws = _per_draw_step(tiny_gemma_dir, tokenizer, reference_terms, 1 << 20)
+    with torch.no_grad():
+        f = elbo_terms(
+            plain,
+            batch.input_ids,
+            batch.response_mask,
+            mask_token_id=MASK,
+            draws=draws,
+            attention_mask=batch.attention_mask,
+        )
+    h = (f[:4] - reference_terms[:4]) - (f[4:] - reference_terms[4:])  # [P, n], draw by draw
+    per_draw = torch.nn.functional.softplus(-0.5 * h).mean()
+    sequence = torch.nn.functional.softplus(-0.5 * h.mean(1)).mean()
+    assert result.metrics["loss"] == pytest.approx(float(per_draw), abs=1e-5)
+    assert float(per_draw) > float(sequence)  # Jensen: the per-draw loss bounds the sequence loss
+    assert result.sweeps == 2  # one forward and one backward: no first pass, no reference engine
+
+
+def test_per_draw_chunked_equals_unchunked(tiny_gemma_dir, tokenizer, reference_terms):
+    before, whole, _, _, _ = _per_draw_step(tiny_gemma_dir, tokenizer, reference_terms, 1 << 20)
+    _, chunked, result, _, _ = _per_draw_step(tiny_gemma_dir, tokenizer, reference_terms, 1)
+    assert result.sweeps == 2 * 16  # one (pair, draw) unit per chunk: 4 pairs × 4 draws
+    assert max(float((whole[k] - before[k]).abs().max()) for k in before) > 1e-3
+    _assert_same_weights(chunked, whole)
+
+
+def test_per_draw_equals_sequence_for_a_loss_linear_in_h(tiny_gemma_dir, tokenizer, reference_terms):
+    """hinge with βh < 1 is 1 − βh: linear, so mean_k ℓ(h_k) = ℓ(mean_k h_k), gradients included."""
+    after = {}
+    for objective in ("sequence", "per_draw"):
+        engines = engines_for(tiny_gemma_dir, cpu_ds_config(micro=4))
+        loss = LossConfig("hinge", beta=0.01, objective=objective)
+        result, _, _ = micro_step(
+            replace(engines, reference=reference_terms), tokenizer, [0, 1, 2, 3], loss_config=loss
+        )
+        engines.policy.step()
+        after[objective] = full_weights(engines.policy)
+        assert 0 < result.metrics["loss"] < 1  # inside the linear region
+    _assert_same_weights(after["per_draw"], after["sequence"])
