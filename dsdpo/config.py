@@ -39,12 +39,16 @@ class ModelConfig:
     # "auto": every linear layer of the blocks for LLaDA and Dream (dsdpo.families), else "all-linear";
     # or comma-separated module names, or "all-linear"
     lora_target_modules: str = "auto"
+    # Parameters that do not train (dsdpo.freeze): "embeddings", "head", "layers:K", name regexes
+    freeze: str = ""
 
     def validate(self):
         if not self.path:
             raise DsdpoError("model.path is required: a local model folder (--model DIR)")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise DsdpoError(f"model.lora_rank must be at least 1, got {self.lora_rank}")
+        if self.freeze and self.lora_rank:
+            raise DsdpoError("model.freeze: with LoRA only the adapters train already; drop one of the two")
         if self.reference_path and self.reference_scores:
             raise DsdpoError(
                 "model.reference_path and model.reference_scores exclude each other: the scores file "

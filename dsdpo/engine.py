@@ -22,6 +22,7 @@ from dsdpo.config import ModelConfig
 from dsdpo.ds_config import reference_ds_config
 from dsdpo.errors import DsdpoError
 from dsdpo.families import Family, family_of_model
+from dsdpo.freeze import FreezeReport, freeze
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import disable_dropout, load_model
 
@@ -93,6 +94,7 @@ class Engines:
     reference: Any  # engine around MaskedTokenScorer(reference model), eval only; None without one
     # Held for the engines' lifetime: transformers' ZeRO-3 loading reads it globally.
     _hf_ds_config: Any = None
+    freeze_report: FreezeReport | None = None  # what --freeze froze, when it was given
 
 
 def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
@@ -150,6 +152,7 @@ def build_engines(
     precomputed, or the loss is reference-free)."""
     policy_model, hf_config = _load_partitioned(model_config.path, ds_config, model_config)
     disable_dropout(policy_model)
+    freeze_report = freeze(policy_model, model_config.freeze) if model_config.freeze else None
     if model_config.gradient_checkpointing:
         if not policy_model.supports_gradient_checkpointing:
             raise DsdpoError(
@@ -167,9 +170,9 @@ def build_engines(
     )
 
     if not with_reference:
-        return Engines(policy=policy, reference=None, _hf_ds_config=hf_config)
+        return Engines(policy, None, hf_config, freeze_report)
     if model_config.lora_rank and not model_config.reference_path:
-        return Engines(policy=policy, reference=AdapterDisabledReference(policy), _hf_ds_config=hf_config)
+        return Engines(policy, AdapterDisabledReference(policy), hf_config, freeze_report)
     reference_config = reference_ds_config(ds_config)
     reference_model, _ = _load_partitioned(
         model_config.reference_path or model_config.path, reference_config, model_config
@@ -177,4 +180,4 @@ def build_engines(
     reference_model.requires_grad_(False)
     reference, *_ = deepspeed.initialize(model=MaskedTokenScorer(reference_model), config=reference_config)
     reference.eval()
-    return Engines(policy=policy, reference=reference, _hf_ds_config=hf_config)
+    return Engines(policy, reference, hf_config, freeze_report)

@@ -211,6 +211,8 @@ def train(
         logger.message(f"resumed from {checkpoint} at step {state.step}")
     else:
         logger.message(plan.summary)
+    if engines.freeze_report is not None:
+        logger.message(engines.freeze_report.summary())
 
     last_saved_step = state.step if checkpoint is not None else -1
 

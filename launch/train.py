@@ -29,6 +29,7 @@ FLAG_FIELDS = {
     "lora_rank": "model.lora_rank",
     "lora_alpha": "model.lora_alpha",
     "lora_target_modules": "model.lora_target_modules",
+    "freeze": "model.freeze",
     "data": "data.path",
     "max_length": "data.max_length",
     "max_prompt_length": "data.max_prompt_length",
@@ -129,6 +130,11 @@ def parser() -> argparse.ArgumentParser:
         "--lora-target-modules",
         help='comma-separated module names, "all-linear", or "auto" (default: every linear layer of the '
         "blocks for LLaDA and Dream, all-linear for other models)",
+    )
+    g.add_argument(
+        "--freeze",
+        help='parameters that do not train, comma-separated: "embeddings", "head", "layers:K" (the first K '
+        "blocks) or name regexes; they get no optimizer state (the saving is printed at start)",
     )
     g = p.add_argument_group("data")
     g.add_argument(
