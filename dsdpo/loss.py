@@ -293,6 +293,7 @@ class LossOutput:
     losses: Tensor  # [P] per-pair loss
     chosen_rewards: Tensor  # [P] β(B̂_θ(y_w) − B̂_ref(y_w))
     rejected_rewards: Tensor  # [P]
+    beta: float = 1.0
 
     @property
     def loss(self) -> Tensor:
@@ -303,6 +304,10 @@ class LossOutput:
         chosen, rejected = self.chosen_rewards.detach(), self.rejected_rewards.detach()
         return {
             "loss": float(self.losses.detach().mean()),
+            # Drift of each side's score from the reference, in nats (the rewards without β): both
+            # falling while the margin grows is likelihood displacement (dsdpo.metrics).
+            "drift/chosen": float((chosen / self.beta).mean()),
+            "drift/rejected": float((rejected / self.beta).mean()),
             "rewards/chosen": float(chosen.mean()),
             "rewards/rejected": float(rejected.mean()),
             "rewards/margins": float((chosen - rejected).mean()),
@@ -354,4 +359,5 @@ def preference_loss(
         losses=losses,
         chosen_rewards=config.beta * terms.chosen_ratio.detach(),
         rejected_rewards=config.beta * terms.rejected_ratio.detach(),
+        beta=config.beta,
     )

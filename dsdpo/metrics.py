@@ -5,6 +5,7 @@ Only rank 0 writes; the other ranks get a logger that does nothing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import sys
@@ -82,3 +83,30 @@ class RunLogger:
         self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+class DisplacementMonitor:
+    """Warns once when the chosen responses' likelihood falls steadily below the reference's while
+    the margin grows (likelihood displacement, Razin et al. 2024; Pal et al. 2024): the policy then
+    wins pairs by pushing both responses down, often an early sign of over-optimisation."""
+
+    def __init__(self, window: int = 5):
+        self.window = window
+        self.history: list[tuple[float, float]] = []  # (drift/chosen, rewards/margins) per logged step
+        self.warned = False
+
+    def update(self, step: int, metrics: dict[str, float]) -> str | None:
+        if self.warned or "drift/chosen" not in metrics:
+            return None
+        self.history = [*self.history, (metrics["drift/chosen"], metrics["rewards/margins"])][-self.window :]
+        drifts = [drift for drift, _ in self.history]
+        falling = all(later < earlier for earlier, later in itertools.pairwise(drifts))
+        widening = self.history[-1][1] > self.history[0][1]
+        if len(self.history) < self.window or not (falling and widening and drifts[-1] < 0):
+            return None
+        self.warned = True
+        return (
+            f"warning: at step {step} the chosen responses' ELBO has fallen for {self.window} logged steps "
+            f"({drifts[-1]:.2f} nats below the reference) while the margin grew: likelihood displacement. "
+            "--chosen-floor or --sft-weight keep the chosen likelihood up"
+        )

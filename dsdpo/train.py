@@ -44,7 +44,7 @@ from dsdpo.engine import (
 from dsdpo.errors import DsdpoError
 from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
-from dsdpo.metrics import RunLogger, peak_memory_mb
+from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 
@@ -239,6 +239,7 @@ def train(
         )
 
     stop = StopRequest()
+    displacement = DisplacementMonitor()
     steps = step_batches(batcher, micro)
     metrics: dict[str, float] = {}
     try:
@@ -279,6 +280,8 @@ def train(
             )
             if state.step % config.train.log_every == 0 or state.step == total_steps:
                 logger.log(state.step, metrics)
+                if warning := displacement.update(state.step, metrics):
+                    logger.message(warning)
             logger.advance()
             crash_point("after_step", state.step)
             if state.bad_steps_in_row >= config.train.max_bad_steps:
