@@ -1,4 +1,6 @@
-"""Monte Carlo ELBO scores of responses under a masked diffusion LM (DESIGN.md, "The score").
+"""Monte Carlo ELBO scores of responses under a masked diffusion LM.
+
+docs/design.md, "The score of a response".
 
     terms = elbo_terms(model, input_ids, response_mask, mask_token_id=m, draws=d)   # [B, n]
     scores = elbo(model, input_ids, response_mask, mask_token_id=m, budget=8)      # [B]
@@ -214,7 +216,7 @@ def standard_error(terms: Tensor) -> Tensor:
 def enumeration_draws(response_lengths: Sequence[int]) -> Draws:
     """Every non-empty mask set M of every response as one row, weighted 1/(|M| · C(L, |M|)).
 
-    Summed, these rows give the ELBO exactly (DESIGN.md, "Exact value for small L"): 2^L - 1 rows a
+    Summed, these rows give the ELBO exactly (docs/design.md, "Exact value for small L"): 2^L - 1 rows a
     response, so only for short ones.
     """
     lengths = torch.as_tensor(list(response_lengths), dtype=torch.long)

@@ -1,4 +1,6 @@
-"""Keyed Monte Carlo draws for the ELBO estimators (DESIGN.md, "The score" and "VRPO").
+"""Keyed Monte Carlo draws for the ELBO estimators.
+
+docs/design.md, "The score of a response" and "VRPO".
 
 A draw is one unbiased estimate f_k of a response's ELBO B. It is made of one or more forward
 *rows*: a set of response positions replaced by the mask token, the subset of those whose

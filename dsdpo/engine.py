@@ -111,8 +111,8 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
 
 
 class AdapterDisabledReference:
-    """The reference of a LoRA run: the policy engine with its adapters switched off (DESIGN.md,
-    "Reference model: three ways"). Called like an engine, under no_grad, by dsdpo.gradient."""
+    """The reference of a LoRA run: the policy engine with its adapters switched off (docs/design.md,
+    "Reference model: four ways"). Called like an engine, under no_grad, by dsdpo.gradient."""
 
     def __init__(self, policy_engine):
         self.policy = policy_engine

@@ -6,7 +6,7 @@
 
 Every response is scored with `settings.budget` keyed draws (dsdpo.draws), keyed exactly as training
 keys them (`dsdpo.draws.pair_draws`): two models scored with the same settings see the same
-masks, so the shared noise cancels in their difference (antithetic, DESIGN.md "VRPO").
+masks, so the shared noise cancels in their difference (antithetic, docs/design.md, "VRPO").
 
 Standard errors. A score is B̂ = (1/n) Σ_k f_k; its standard error is estimated as std_k(f_k)/sqrt(n)
 (sample std, n−1). With stratified draws (VRPO) this treats the strata as independent draws and so

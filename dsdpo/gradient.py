@@ -1,6 +1,6 @@
 """The exact preference gradient of one micro-batch of pairs, with the draws split into chunks.
 
-DESIGN.md, "Exact gradients when the score is chunked". The loss ℓ is not linear in the scores, so a
+docs/design.md, "Exact gradients when the score is chunked". The loss ℓ is not linear in the scores, so a
 chunk cannot backprop its own piece of ℓ. With B̂ = Σ_rows c_r s_r (s_r: a row's log-probability
 sum, c_r = weight_r / n; see diffusion.row_weights):
 

@@ -1,4 +1,6 @@
-"""Precomputed reference scores: train with no reference model in memory (DESIGN.md, "Reference model").
+"""Precomputed reference scores: train with no reference model in memory.
+
+docs/design.md, "Reference model: four ways".
 
 The reference is frozen and the draws are keyed on (seed, example id, epoch, draw index), so its
 per-draw ELBO terms for every response and epoch can be computed once, before training, and read back
