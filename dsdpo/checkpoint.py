@@ -77,12 +77,19 @@ def save_checkpoint(
     save_hf_files,
     keep_last: int,
     barrier,
+    save_extra=None,
 ) -> Path:
-    """Write step_NNNNNN (all ranks call this), then mark it complete and move `latest` (rank 0)."""
+    """Write step_NNNNNN (all ranks call this), then mark it complete and move `latest` (rank 0).
+
+    `save_extra(folder)`, called on every rank before the checkpoint is marked complete, writes what
+    else a resume needs (a refreshed reference, dsdpo.reference_sync).
+    """
     tag = step_tag(state.step)
     folder = output / tag
     client_state = {"dsdpo": asdict(state), "rng": _rng_state()}
     engine.save_checkpoint(str(output), tag=tag, client_state=client_state, save_latest=False)
+    if save_extra is not None:
+        save_extra(folder)
     if is_rank0:
         save_hf_files(folder / "hf")
     barrier()  # every rank's shard is on disk

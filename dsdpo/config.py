@@ -108,6 +108,9 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps between checkpoints (and always at the end)
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss before training stops
+    # TR-DPO (dsdpo.reference_sync): every ref_sync_steps steps θ_ref ← α·θ + (1 − α)·θ_ref; 0: never
+    ref_sync_steps: int = 0
+    ref_sync_alpha: float = 0.6  # α (TRL's ref_model_mixup_alpha); 1.0 is a hard update
 
     def validate(self):
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
@@ -117,6 +120,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DsdpoError(f"train.{name} must be at least 1, got {value}")
+        if self.ref_sync_steps < 0:
+            raise DsdpoError(f"train.ref_sync_steps must be 0 (off) or positive, got {self.ref_sync_steps}")
+        if not 0 < self.ref_sync_alpha <= 1:
+            raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
 
 
 @dataclass
@@ -130,6 +137,17 @@ class Config:
     def validate(self) -> Config:
         for section in (self.model, self.data, self.score, self.train):
             section.validate()
+        if self.train.ref_sync_steps:
+            # TR-DPO moves a reference engine towards the policy: there must be one to move.
+            without_engine = [
+                (self.model.reference_scores, "--reference-scores (fixed scores)"),
+                (self.loss.reference_free, "--reference-free"),
+                (self.model.lora_rank, "--lora-rank (the reference is the policy with its adapters off)"),
+                (self.model.reference_path, "--ref-model (the refresh mixes the policy into its own start)"),
+            ]
+            for given, option in without_engine:
+                if given:
+                    raise DsdpoError(f"train.ref_sync_steps (TR-DPO) needs a reference engine: drop {option}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

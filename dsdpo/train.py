@@ -47,6 +47,7 @@ from dsdpo.gradient import preference_micro_step
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
+from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,12 @@ def train(
         output.mkdir(parents=True, exist_ok=True)
         _write_run_files(output, config, plan.ds_config)
 
+    def reference_refreshed(step: int) -> bool:
+        return bool(config.train.ref_sync_steps) and step >= config.train.ref_sync_steps
+
+    def save_reference_files(folder: Path) -> None:
+        save_reference(engines.reference, folder, is_rank0=is_rank0)
+
     state, saved_config = TrainState(), None
     if checkpoint is not None:
         state, saved_config = load_checkpoint(policy, checkpoint, world_size=ranks)
@@ -208,6 +215,8 @@ def train(
             logger.message(
                 f"warning: option differs from {checkpoint.name}, using the new value: {difference}"
             )
+        if reference_refreshed(state.step):
+            load_reference(engines.reference, checkpoint, is_rank0=is_rank0)
         logger.message(f"resumed from {checkpoint} at step {state.step}")
     else:
         logger.message(plan.summary)
@@ -236,6 +245,7 @@ def train(
             save_hf_files=save_model_files,
             keep_last=config.train.keep_last,
             barrier=barrier,
+            save_extra=save_reference_files if reference_refreshed(state.step) else None,
         )
 
     stop = StopRequest()
@@ -261,6 +271,8 @@ def train(
             )
             state.step += 1
             state.consumed_pairs += plan.batch_sizes["train_batch_size"]
+            if config.train.ref_sync_steps and state.step % config.train.ref_sync_steps == 0:
+                mix_reference(policy, engines.reference, config.train.ref_sync_alpha, is_rank0=is_rank0)
             if metrics.pop("finite") == 1.0:
                 state.bad_steps_in_row = 0
             else:

@@ -60,6 +60,8 @@ FLAG_FIELDS = {
     "save_every": "train.save_every",
     "keep_last": "train.keep_last",
     "max_bad_steps": "train.max_bad_steps",
+    "ref_sync_steps": "train.ref_sync_steps",
+    "ref_sync_alpha": "train.ref_sync_alpha",
 }
 
 
@@ -189,6 +191,14 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--chosen-floor-per-token", action="store_true", default=None, help="the floor's gap per token"
+    )
+    g.add_argument(
+        "--ref-sync-steps",
+        type=int,
+        help="TR-DPO: every this many steps move the reference engine towards the policy (default 0: never)",
+    )
+    g.add_argument(
+        "--ref-sync-alpha", type=float, help="TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (default 0.6)"
     )
     g = p.add_argument_group("run")
     g.add_argument("--output", help="folder for metrics, configs, TensorBoard and checkpoints")
