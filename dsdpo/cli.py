@@ -450,6 +450,15 @@ def score_options(command):
         ),
         click.option("--max-prompt-length", type=int, default=None, help="Prompt tokens at most."),
         click.option(
+            "--refuse-long-prompts",
+            is_flag=True,
+            help="A prompt that fills --max-length is an error (as in training); default: its start is "
+            "cut so the response fits, and counted.",
+        ),
+        click.option(
+            "--skip-invalid", is_flag=True, help="Count bad rows and long prompts instead of stopping."
+        ),
+        click.option(
             "--budget",
             default=8,
             show_default=True,
@@ -489,10 +498,6 @@ def score_options(command):
     return command
 
 
-_DATA_KNOBS = ("data", "split", "max_length", "max_prompt_length")
-_LOADING_KNOBS = ("mask_token_id", "trust_remote_code", "dtype")
-
-
 def _score_settings(knobs: dict):
     """ScoreSettings from the score options of that name (checked before any model is loaded)."""
     from dataclasses import fields
@@ -511,7 +516,9 @@ def _load_scoring_inputs(model_dirs, knobs: dict):
     from dsdpo.errors import DsdpoError
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
-    examples, _ = load_preference_data(knobs["data"], split=knobs["split"])
+    examples, skipped = load_preference_data(
+        knobs["data"], split=knobs["split"], skip_invalid=knobs["skip_invalid"]
+    )
     trust, explicit = knobs["trust_remote_code"], knobs["mask_token_id"]
     tokenizer = load_tokenizer(model_dirs[0], trust_remote_code=trust)
     mask_ids = []
@@ -528,15 +535,28 @@ def _load_scoring_inputs(model_dirs, knobs: dict):
         )
     if tokenizer.pad_token_id is None:
         raise DsdpoError(f"{model_dirs[0]}: the tokenizer has no pad token")
-    pairs, _ = tokenize_pairs(
-        examples, tokenizer, max_length=knobs["max_length"], max_prompt_length=knobs["max_prompt_length"]
+    pairs, cuts = tokenize_pairs(
+        examples,
+        tokenizer,
+        max_length=knobs["max_length"],
+        max_prompt_length=knobs["max_prompt_length"],
+        skip_invalid=knobs["skip_invalid"],
+        refuse_long_prompts=knobs["refuse_long_prompts"],
     )
+    _report_data_changes(knobs["data"], {**skipped, **cuts})
     device = _resolve_device(knobs["device"])
     models = [
         load_model(folder, dtype=knobs["dtype"], trust_remote_code=trust).to(device).eval()
         for folder in model_dirs
     ]
     return pairs, models, dict(mask_token_id=mask_ids[0], pad_token_id=tokenizer.pad_token_id)
+
+
+def _report_data_changes(source, counts: dict[str, int]) -> None:
+    """One stderr line for rows skipped or cut, so a score is never silently of other text."""
+    changed = {kind: count for kind, count in counts.items() if count}
+    if changed:
+        click.echo(f"{source}: " + ", ".join(f"{kind} {count}" for kind, count in changed.items()), err=True)
 
 
 def _write_json(path, data) -> None:

@@ -62,6 +62,8 @@ class DataConfig:
     max_length: int = 1024  # prompt + response tokens
     max_prompt_length: int | None = None
     skip_invalid: bool = False  # skip malformed rows (counted by reason) instead of stopping
+    # A prompt that alone fills max_length: by default its start is cut so a response fits (counted).
+    refuse_long_prompts: bool = False
 
     def validate(self):
         if not self.path:
@@ -88,14 +90,16 @@ class ScoreConfig:
             )
         if self.budget < 1:
             raise DsdpoError(f"score.budget must be at least 1, got {self.budget}")
-        if self.max_tokens_per_forward < 1:
-            raise DsdpoError(
-                f"score.max_tokens_per_forward must be positive, got {self.max_tokens_per_forward}"
-            )
+        for name in ("max_tokens_per_forward", "max_tokens_no_grad"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DsdpoError(f"score.{name} must be positive, got {value}")
 
     @property
     def no_grad_tokens(self) -> int:
-        return self.max_tokens_no_grad or 4 * self.max_tokens_per_forward
+        if self.max_tokens_no_grad is None:
+            return 4 * self.max_tokens_per_forward
+        return self.max_tokens_no_grad
 
 
 @dataclass
@@ -224,7 +228,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise DsdpoError(f"{file}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}") from err
-    return data or {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DsdpoError(
+            f"{file}: expected a mapping of sections ({', '.join(SECTIONS)}), found a {type(data).__name__}"
+        )
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

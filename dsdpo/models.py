@@ -158,6 +158,11 @@ def resolve_mask_token_id(
     """The mask token: an explicit option, else the config's `mask_token_id`, else the published one
     of the model's family (LLaDA 126336, Dream 151666), else the tokenizer's."""
     if explicit is not None:
+        vocabulary = max(getattr(config, "vocab_size", 0) or 0, getattr(config, "embedding_size", 0) or 0)
+        if vocabulary and not 0 <= explicit < vocabulary:
+            raise DsdpoError(
+                f"--mask-token-id {explicit} is outside the model's vocabulary (ids 0 to {vocabulary - 1})"
+            )
         return int(explicit)
     from_config = getattr(config, "mask_token_id", None)
     if from_config is not None:

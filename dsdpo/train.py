@@ -131,6 +131,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         max_length=config.data.max_length,
         max_prompt_length=config.data.max_prompt_length,
         skip_invalid=config.data.skip_invalid,
+        refuse_long_prompts=config.data.refuse_long_prompts,
     )
 
     raw_ds_config = read_ds_config(ds_config_path)

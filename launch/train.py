@@ -34,6 +34,7 @@ FLAG_FIELDS = {
     "max_length": "data.max_length",
     "max_prompt_length": "data.max_prompt_length",
     "skip_invalid": "data.skip_invalid",
+    "refuse_long_prompts": "data.refuse_long_prompts",
     "estimator": "score.estimator",
     "budget": "score.budget",
     "trajectory_steps": "score.steps",
@@ -146,6 +147,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-prompt-length", type=int, help="prompt tokens kept (its end)")
     g.add_argument(
         "--skip-invalid", action="store_true", default=None, help="skip bad rows instead of stopping"
+    )
+    g.add_argument(
+        "--refuse-long-prompts",
+        action="store_true",
+        default=None,
+        help="a prompt that fills --max-length is an error (skipped with --skip-invalid); default: its "
+        "start is cut so the response fits, and counted",
     )
     g = p.add_argument_group("score (VRPO)")
     g.add_argument("--estimator", choices=["l_over_L", "one_over_t", "trajectory"], help="ELBO estimator")

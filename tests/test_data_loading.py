@@ -109,3 +109,45 @@ def test_missing_file_unknown_format_and_nothing_usable(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
     with pytest.raises(DsdpoError, match=r"no usable rows \(skipped: \{'missing_field': 1\}\)"):
         load_preference_data(path, skip_invalid=True)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "not UTF-8 text (byte 0xe9)"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+        (
+            b'{"prompt": "x\\ud800", "chosen": "a", "rejected": "b"}',
+            'field "prompt" holds an invalid character',
+        ),
+        (
+            b'{"prompt": "x", "chosen": "a\\udfff", "rejected": "b"}',
+            'field "chosen" holds an invalid character',
+        ),
+        (
+            b'{"prompt": [{"role": "wizard", "content": "hi"}], '
+            b'"chosen": [{"role": "assistant", "content": "a"}], '
+            b'"rejected": [{"role": "assistant", "content": "b"}]}',
+            "field \"prompt\" message 1 has role 'wizard'",
+        ),
+    ],
+)
+def test_hostile_rows_are_one_error_naming_file_and_line_or_are_counted(tmp_path, line, message):
+    good = json.dumps(ROWS[0]).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b"\n" + line + b"\n")
+    with pytest.raises(DsdpoError) as error:
+        load_preference_data(path)
+    assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value)
+    examples, skipped = load_preference_data(path, skip_invalid=True)
+    assert [e.id for e in examples] == ["a"] and sum(skipped.values()) == 1
+
+
+def test_a_json_file_with_a_latin1_byte_or_deep_nesting_names_the_file(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n{"prompt": "caf\xe9"}]')
+    with pytest.raises(DsdpoError, match=r"d\.json:2: not UTF-8 text"):
+        load_preference_data(path)
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(DsdpoError, match=r"d\.json: JSON nested too deeply"):
+        load_preference_data(path)

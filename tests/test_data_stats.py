@@ -27,6 +27,7 @@ def test_stats_command_counts_lengths_and_truncation(tmp_path, tiny_gemma_dir):
     assert stats["truncation"] == {
         "max_length": 6,
         "prompt_truncated": 0,
+        "prompt_cut_to_fit": 0,
         "response_truncated": 1,
         "identical_after_truncation": 0,
         "prompt_too_long": 0,

@@ -24,6 +24,7 @@ def test_plain_and_conversational_rows_tokenise_with_eos(tokenizer):
     assert pairs[0].rejected_ids == [*char_ids(tokenizer, "c"), eos]
     assert counts == {
         "prompt_truncated": 0,
+        "prompt_cut_to_fit": 0,
         "response_truncated": 0,
         "identical_after_truncation": 0,
         "prompt_too_long": 0,
@@ -50,13 +51,26 @@ def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
     assert counts["identical_after_truncation"] == 1
 
 
-def test_a_prompt_that_fills_the_budget_is_reported_not_cut_to_nothing(tokenizer):
+def test_a_prompt_that_fills_the_budget_loses_its_start_so_the_response_fits(tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = [example("abcdef", "g", "h"), example("abcdefghij", "klmnopq", "r")]
+    pairs, counts = tokenize_pairs(rows, tokenizer, max_length=6)
+    # Responses of 2 tokens (text + EOS) fit whole: the prompt keeps its last 6 - 2 tokens.
+    assert pairs[0].prompt_ids == char_ids(tokenizer, "cdef")
+    assert pairs[0].chosen_ids == [*char_ids(tokenizer, "g"), eos]
+    # A response of 8 tokens gets half of max_length, 3; the prompt its last 3.
+    assert pairs[1].prompt_ids == char_ids(tokenizer, "hij")
+    assert pairs[1].chosen_ids == char_ids(tokenizer, "klm")
+    assert counts["prompt_cut_to_fit"] == 2 and counts["prompt_too_long"] == 0
+
+
+def test_refuse_long_prompts_reports_the_row_or_skips_it(tokenizer):
     rows = [example("abcdef", "g", "h")]
     with pytest.raises(
         DsdpoError, match=r"^d\.jsonl:7: the prompt is 6 tokens, leaving no room for a response"
     ):
-        tokenize_pairs(rows, tokenizer, max_length=6)
-    pairs, counts = tokenize_pairs(rows, tokenizer, max_length=6, skip_invalid=True)
+        tokenize_pairs(rows, tokenizer, max_length=6, refuse_long_prompts=True)
+    pairs, counts = tokenize_pairs(rows, tokenizer, max_length=6, skip_invalid=True, refuse_long_prompts=True)
     assert pairs == [] and counts["prompt_too_long"] == 1
     with pytest.raises(DsdpoError, match=r"max_prompt_length must be in \[1, max_length\)"):
         tokenize_pairs(rows, tokenizer, max_length=6, max_prompt_length=6)

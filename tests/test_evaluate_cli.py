@@ -93,6 +93,22 @@ def test_bad_inputs_are_one_line_errors(tiny_gemma_dir, folder_without_mask_toke
     )
 
 
+def test_bad_rows_are_skipped_and_long_prompts_cut_on_request_and_both_reported(tiny_gemma_dir, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    long_row = {"id": "long", "prompt": "x" * 40, "chosen": "y", "rejected": "z"}
+    path.write_text("".join(json.dumps(row) + "\n" for row in [*ROWS, long_row]) + '{"prompt": "p"}\n')
+    out = tmp_path / "scores.jsonl"
+    args = ["score", "--model", tiny_gemma_dir, "--data", path, "--out", out, "--max-length", "20", *FAST]
+    assert_one_line_error(run(*args), "mixed.jsonl:4: field")  # names the option that it suggests
+    result = run(*args, "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "missing_field 1" in result.output and "prompt_cut_to_fit 1" in result.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "long"]
+    result = run(*args, "--skip-invalid", "--refuse-long-prompts")
+    assert result.exit_code == 0 and "prompt_too_long 1" in result.output, result.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+
 def test_help_teaches():
     for command in (["eval", "preference"], ["score"], ["compare"]):
         result = run(*command, "--help")

@@ -19,6 +19,9 @@ def test_mask_token_comes_from_option_then_config_then_tokenizer(tiny_gemma_dir)
     config, tokenizer = load_config(tiny_gemma_dir), load_tokenizer(tiny_gemma_dir)
     assert tokenizer.convert_ids_to_tokens(tokenizer.mask_token_id) == "[MASK]"
     assert resolve_mask_token_id(99, config, tokenizer) == 99
+    for outside in (config.vocab_size, -1):
+        with pytest.raises(DsdpoError, match=rf"--mask-token-id {outside} is outside the model's vocabulary"):
+            resolve_mask_token_id(outside, config, tokenizer)
     config.mask_token_id = 7
     assert resolve_mask_token_id(None, config, tokenizer) == 7
     config.mask_token_id = None

@@ -1,6 +1,7 @@
 """Training configuration, DeepSpeed config resolution and the step batches (no engines here)."""
 
 import json
+import os
 
 import pytest
 
@@ -35,6 +36,10 @@ def test_config_file_flags_and_set_overrides_compose(tmp_path):
         ),
         ({"data": {"path": "d"}}, "model.path is required"),
         ({"loss": {"type": "kto"}}, "loss.type: unknown loss 'kto'"),
+        (
+            {"score": {"max_tokens_no_grad": 0}, "model": {"path": "m"}, "data": {"path": "d"}},
+            "score.max_tokens_no_grad must be positive, got 0",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(data, message):
@@ -48,6 +53,9 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config_file(tmp_path / "bad.json")
     with pytest.raises(DsdpoError, match="no such training config file"):
         load_config_file(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
+    with pytest.raises(DsdpoError, match=r"list\.yaml: expected a mapping of sections .* found a list"):
+        load_config_file(tmp_path / "list.yaml")
 
 
 def test_batch_sizes_fill_auto_and_reject_inconsistent_triples():
@@ -170,3 +178,60 @@ def test_bad_input_to_the_trainer_is_one_line_before_any_distributed_start_up(ti
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'pairs.jsonl'}:1: ")
     assert "rejected" in result.stderr and "Traceback" not in result.stderr
     assert "shm_comm" not in result.stdout + result.stderr  # failed before DeepSpeed's start-up
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.update(fp16=True), r'"fp16" must be a JSON object, got True'),
+        (lambda c: c.update(zero_optimization="three"), r'"zero_optimization" must be a JSON object'),
+        (
+            lambda c: c.update(zero_optimisation={"stage": 3}),
+            r"unknown key 'zero_optimisation': did you mean",
+        ),
+        (lambda c: c.update(my_notes="x"), r"unknown key 'my_notes': DeepSpeed would ignore it"),
+        (
+            lambda c: c["zero_optimization"].update(reduce_bucket_sise=5),
+            r"zero_optimization\.reduce_bucket_sise: Extra inputs are not permitted",
+        ),
+        (
+            lambda c: c["zero_optimization"].update(reduce_bucket_size="many"),
+            r"zero_optimization\.reduce_bucket_size: Input should be a valid integer.*'many'",
+        ),
+        (lambda c: c["optimizer"].update(type="Adamm"), r"optimizer\.type 'Adamm' is not an optimizer"),
+        (
+            lambda c: c.update(scheduler={"type": "WarmupLRR", "params": {}}),
+            r"scheduler\.type 'WarmupLRR' is not a scheduler",
+        ),
+        (
+            lambda c: c.update(scheduler={"type": "WarmupLR", "params": {"warmup_steps": 5}}),
+            r"scheduler\.params\.warmup_steps: WarmupLR takes no such parameter",
+        ),
+        (
+            lambda c: c.update(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": "10"}}),
+            r"scheduler\.params\.warmup_num_steps must be a number, got '10'",
+        ),
+    ],
+)
+def test_what_deepspeed_would_refuse_after_start_up_is_refused_before_it(change, message):
+    raw = read_ds_config(REPO / "ds_configs" / "cpu.json")
+    change(raw)
+    with pytest.raises(DsdpoError, match=rf"^cpu\.json: {message}"):
+        resolve_ds_config(raw, world_size=1, total_steps=1, source="cpu.json")
+
+
+def test_nvme_path_must_be_an_existing_writable_folder(tmp_path):
+    raw = read_ds_config(REPO / "ds_configs" / "rtx4080_nvme.json")
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cases = {
+        tmp_path / "missing": "does not exist",
+        tmp_path / "file": "is a file",
+        locked: "is not writable",
+    }
+    for path, problem in cases.items():
+        if path is locked and os.geteuid() == 0:
+            continue  # root writes anywhere
+        with pytest.raises(DsdpoError, match=rf"swaps to NVMe: {path} {problem}"):
+            resolve_ds_config(raw, world_size=1, total_steps=1, nvme_path=str(path))

@@ -19,20 +19,44 @@ from dsdpo.errors import DsdpoError
 Rows = Iterator[tuple[str, Any]]
 
 
+def _parse_json(text: str) -> Any:
+    """json.loads, with the errors a hostile file can cause as RowError: bad syntax, and nesting deep
+    enough to exhaust Python's recursion (json.loads raises RecursionError, not a JSON error)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RowError("malformed", f"not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise RowError("malformed", "JSON nested too deeply") from None
+
+
 def read_jsonl(path: Path) -> Rows:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:  # bytes: a line that is not UTF-8 is that line's error, not the file's
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield (
+                    f"{path}:{number}",
+                    RowError("malformed", f"not UTF-8 text (byte {raw[err.start]:#04x})"),
+                )
+                continue
             if not line.strip():
                 continue  # a blank line (often the last one) is no row
             try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"{path}:{number}", RowError("malformed", f"not valid JSON ({err.msg})")
+                yield f"{path}:{number}", _parse_json(line)
+            except RowError as err:
+                yield f"{path}:{number}", err
 
 
 def read_json(path: Path) -> Rows:
     """A JSON list of rows; a `.json` file holding JSON lines (common on the Hub) reads as JSONL."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DsdpoError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -40,6 +64,8 @@ def read_json(path: Path) -> Rows:
             yield from read_jsonl(path)
             return
         raise DsdpoError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+    except RecursionError:
+        raise DsdpoError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise DsdpoError(f"{path}: expected a JSON list of rows, found a {type(data).__name__}")
     for number, row in enumerate(data, 1):

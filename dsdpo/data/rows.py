@@ -18,6 +18,9 @@ from typing import Any
 Text = str | list[dict]
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
+# The roles chat templates know; another one ("wizard") is a typo or a different schema, and a
+# template would render it silently wrong or fail deep inside the tokenizer.
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass
@@ -48,12 +51,31 @@ def check_messages(field: str, messages: list) -> list[dict]:
             raise RowError("malformed", f'field "{field}" message {number} is not a {{role, content}} object')
         if not isinstance(message.get("content"), str):
             raise RowError("malformed", f'field "{field}" message {number} has no text "content"')
+        if message["role"] not in ROLES:
+            raise RowError(
+                "bad_role",
+                f'field "{field}" message {number} has role {message["role"]!r}; '
+                f"use one of {', '.join(ROLES)}",
+            )
+        check_text(f"{field}", message["content"])
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_text(field: str, text: str) -> str:
+    """Text a tokenizer can take: JSON's "\\ud800" escapes decode to lone surrogates, which are no
+    characters (UTF-8 cannot encode them) and make tokenizers fail with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowError(
+            "malformed", f'field "{field}" holds an invalid character {text[err.start]!r} (a lone surrogate)'
+        ) from None
+    return text
 
 
 def check_prompt(value: Any) -> Text:
     if isinstance(value, str):
-        return value
+        return check_text("prompt", value)
     if isinstance(value, list) and value:
         return check_messages("prompt", value)
     raise RowError("malformed", 'field "prompt" must be text or a non-empty list of {role, content} messages')
@@ -69,7 +91,7 @@ def check_response(field: str, value: Any) -> Text:
             )
         text = messages[0]["content"]
     elif isinstance(value, str):
-        text = value
+        text = check_text(field, value)
     else:
         raise RowError("malformed", f'field "{field}" must be text or a list with one assistant message')
     if not text.strip():
@@ -100,7 +122,7 @@ def check_id(value: Any) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise RowError("bad_id", f'field "id" must be a non-empty string or an integer, got {value!r}')
-    return str(value)
+    return check_text("id", str(value))
 
 
 def content_id(prompt: Text, chosen: Text, rejected: Text) -> str:

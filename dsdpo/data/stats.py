@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from dsdpo.data.rows import PreferenceExample
-from dsdpo.data.tokenize import PromptTooLong, encode_example, truncate_pair
+from dsdpo.data.tokenize import encode_example, truncate_pair, truncation_counter
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -24,14 +22,9 @@ def summarize(values: list[int]) -> dict[str, float]:
 
 
 def truncation_counts(pairs, max_length: int, max_prompt_length: int | None) -> dict[str, int]:
-    counts = Counter(
-        prompt_truncated=0, response_truncated=0, identical_after_truncation=0, prompt_too_long=0
-    )
+    counts = truncation_counter()
     for pair in pairs:
-        try:
-            truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length, counts=counts)
-        except PromptTooLong:
-            counts["prompt_too_long"] += 1
+        truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length, counts=counts)
     return dict(counts)
 
 

@@ -6,7 +6,9 @@ A response is its text (the assistant message's content) followed by EOS when th
 so the model also learns where an answer stops.
 
 Truncation keeps the END of the prompt (the question sits next to the answer) and the START of each
-response (the part the model produces first), so that prompt + response <= max_length.
+response (the part the model produces first), so that prompt + response <= max_length. A prompt that
+alone fills max_length loses its start until the longer response fits (up to half of max_length),
+as TRL keeps a prompt's end; with refuse_long_prompts such a pair is an error (or skipped) instead.
 """
 
 from __future__ import annotations
@@ -61,23 +63,40 @@ def encode_example(example: PreferenceExample, tokenizer) -> TokenizedPair:
     )
 
 
+def truncation_counter() -> Counter:
+    """The cut counts, every kind present (a report shows the zeros too)."""
+    kinds = ("prompt_truncated", "prompt_cut_to_fit", "response_truncated", "identical_after_truncation")
+    return Counter(dict.fromkeys((*kinds, "prompt_too_long"), 0))
+
+
 class PromptTooLong(ValueError):
     """The prompt alone leaves no room for a response: cutting it would train on nothing."""
 
 
 def truncate_pair(
-    pair: TokenizedPair, *, max_length: int, max_prompt_length: int | None, counts: Counter
+    pair: TokenizedPair,
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    counts: Counter,
+    refuse_long_prompts: bool = False,
 ) -> TokenizedPair:
-    """The pair cut to the budget; `counts` gains what was cut. Raises PromptTooLong."""
+    """The pair cut to the budget; `counts` gains what was cut. Raises PromptTooLong only when
+    refuse_long_prompts and the prompt alone leaves no room for a response."""
     prompt = pair.prompt_ids
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt = prompt[len(prompt) - max_prompt_length :]
         counts["prompt_truncated"] += 1
+    if len(prompt) >= max_length:
+        if refuse_long_prompts:
+            raise PromptTooLong(
+                f"the prompt is {len(prompt)} tokens, leaving no room for a response in "
+                f"max_length {max_length}"
+            )
+        response_room = min(max(len(pair.chosen_ids), len(pair.rejected_ids)), max_length // 2)
+        prompt = prompt[len(prompt) - (max_length - response_room) :]
+        counts["prompt_cut_to_fit"] += 1
     room = max_length - len(prompt)
-    if room <= 0:
-        raise PromptTooLong(
-            f"the prompt is {len(prompt)} tokens, leaving no room for a response in max_length {max_length}"
-        )
     responses = []
     for ids in (pair.chosen_ids, pair.rejected_ids):
         if len(ids) > room:
@@ -96,12 +115,15 @@ def tokenize_pairs(
     max_length: int,
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
+    refuse_long_prompts: bool = False,
 ) -> tuple[list[TokenizedPair], dict[str, int]]:
     """Token ids of each example, cut so prompt + response <= max_length, and the counts of cuts.
 
-    Counts: prompt_truncated (pairs), response_truncated (responses), identical_after_truncation
-    (pairs whose two responses became equal) and prompt_too_long (pairs skipped with skip_invalid).
-    A prompt that alone leaves no room for a response raises DsdpoError naming the example's source.
+    Counts: prompt_truncated (pairs, by max_prompt_length), prompt_cut_to_fit (pairs whose prompt
+    alone filled max_length), response_truncated (responses), identical_after_truncation (pairs whose
+    two responses became equal) and prompt_too_long (pairs skipped: refuse_long_prompts with
+    skip_invalid). With refuse_long_prompts and not skip_invalid, such a prompt raises DsdpoError
+    naming the example's source.
     """
     if max_length < 2:
         raise DsdpoError(
@@ -112,20 +134,25 @@ def tokenize_pairs(
             f"max_prompt_length must be in [1, max_length), got {max_prompt_length} "
             f"with max_length {max_length}"
         )
-    counts = Counter(
-        prompt_truncated=0, response_truncated=0, identical_after_truncation=0, prompt_too_long=0
-    )
+    counts = truncation_counter()
     pairs = []
     for example in examples:
         try:
             pair = encode_example(example, tokenizer)
             pairs.append(
-                truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length, counts=counts)
+                truncate_pair(
+                    pair,
+                    max_length=max_length,
+                    max_prompt_length=max_prompt_length,
+                    counts=counts,
+                    refuse_long_prompts=refuse_long_prompts,
+                )
             )
         except PromptTooLong as err:
             if not skip_invalid:
                 raise DsdpoError(
-                    f"{example.source}: {err}; raise max_length or set max_prompt_length"
+                    f"{example.source}: {err}; raise max_length, or drop --refuse-long-prompts to keep "
+                    "the prompt's end"
                 ) from None
             counts["prompt_too_long"] += 1
         except DsdpoError as err:
