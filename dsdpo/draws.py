@@ -182,8 +182,12 @@ def pair_draws(
     seed: int,
     epoch: int,
     steps: int | None = None,
+    chosen_only: bool = False,
 ) -> Draws:
     """The draws of a PairBatch's 2P responses, keyed by draw_keys_for. Training, evaluation and the
-    precomputed reference all take their draws here, so they see the same masks."""
+    precomputed reference all take their draws here, so they see the same masks. With chosen_only
+    (SFT) those of the P chosen responses alone, the same as in a preference batch."""
     keys = draw_keys_for(example_ids, seed, epoch)
+    if chosen_only:
+        keys = keys[: len(example_ids)]
     return sample_draws(len(keys), response_lengths, budget, estimator, keys=keys, steps=steps)

@@ -43,7 +43,7 @@ class MicroStep:
     sweeps: int = 0  # parameter sweeps: forward and backward calls of the policy and the reference
 
 
-def _padded(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
+def padded_calls(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
     """(rows, is_real) for `count` calls: the real chunks, then repeats of the first as fillers."""
     return [(rows, True) for rows in chunks] + [(chunks[0], False)] * (count - len(chunks))
 
@@ -51,7 +51,7 @@ def _padded(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
 @torch.no_grad()
 def _no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: int, chunks, count) -> Tensor:
     sums = []
-    for rows, real in _padded(chunks, count):
+    for rows, real in padded_calls(chunks, count):
         result = engine(**forward_rows(batch, draws, rows, mask_token_id))
         if real:
             sums.append(result)
@@ -112,7 +112,7 @@ def _per_draw_micro_step(
     unit = ((draws.example % pairs) * budget + draws.draw).to(device)
     policy_terms = torch.zeros(2 * pairs, budget, device=device)
     unit_losses = torch.zeros(pairs * budget, device=device)
-    for rows, real in _padded(grad_chunks, grad_calls):
+    for rows, real in padded_calls(grad_chunks, grad_calls):
         sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
         if not real:
             policy.backward((sums * 0).sum(), scale_wrt_gas=False)
@@ -256,7 +256,7 @@ def preference_micro_step(
     # g = ∂(scaled loss)/∂B̂ per response, spread onto rows: ∂/∂s_r = g[example(r)] · c_r.
     (out.loss * loss_scale).backward()
     row_grads = scores.grad[draws.example.to(scores.device)] * coefficients
-    for rows, real in _padded(grad_chunks, grad_calls):
+    for rows, real in padded_calls(grad_chunks, grad_calls):
         sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
         weight = row_grads[rows.to(row_grads.device)] if real else torch.zeros_like(sums)
         policy.backward((sums * weight).sum(), scale_wrt_gas=False)

@@ -243,6 +243,11 @@ class LossConfig:
         return tuple(name.strip() for name in self.type.split(","))
 
     @property
+    def supervised(self) -> bool:
+        """`--loss sft` alone: SFT on completions (dsdpo.sft), no rejected side and no reference."""
+        return self.types == ("sft",) and not (self.sft_weight or self.chosen_floor)
+
+    @property
     def type_weights(self) -> tuple[float, ...]:
         if not self.weights:
             return (1.0,) * len(self.types)

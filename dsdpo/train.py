@@ -48,6 +48,7 @@ from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
+from dsdpo.sft import sft_micro_step
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
     hf_config = load_config(config.model.path, trust_remote_code=config.model.trust_remote_code)
     mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
-    examples, skipped = load_preference_data(config.data.path, skip_invalid=config.data.skip_invalid)
+    examples, skipped = load_preference_data(
+        config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
+    )
     pairs, truncated = tokenize_pairs(
         examples,
         tokenizer,
@@ -189,7 +192,9 @@ def train(
     micro = plan.batch_sizes["train_micro_batch_size_per_gpu"]
     accumulation = plan.batch_sizes["gradient_accumulation_steps"]
     init_distributed()
-    with_reference = plan.reference_scores is None and not config.loss.reference_free
+    with_reference = plan.reference_scores is None and not (
+        config.loss.reference_free or config.loss.supervised
+    )
     engines = build_engines(
         config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
     )
@@ -341,8 +346,9 @@ def _optimizer_step(
 ):
     """All micro-batches of one step, then the optimizer update (or nothing, if any loss was not finite)."""
     results, tokens = [], 0
+    supervised = config.loss.supervised
     for pairs in micro_batches:
-        batch = collate_pairs(pairs, pad_token_id=pad_token_id)
+        batch = collate_pairs(pairs, pad_token_id=pad_token_id, chosen_only=supervised)
         scoring = ScoringBatch.build(
             batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
         )
@@ -354,7 +360,21 @@ def _optimizer_step(
             seed=config.train.seed,
             epoch=epoch,
             steps=config.score.steps,
+            chosen_only=supervised,
         )
+        tokens += int(batch.attention_mask.sum())
+        if supervised:
+            results.append(
+                sft_micro_step(
+                    policy,
+                    scoring,
+                    draws,
+                    mask_token_id=mask_token_id,
+                    max_tokens_per_forward=config.score.max_tokens_per_forward,
+                    loss_scale=1.0 / accumulation,
+                )
+            )
+            continue
         prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
         if isinstance(reference, PrecomputedReference):
             reference_input = reference.lookup(batch.example_ids, epoch).to(device())
@@ -374,7 +394,6 @@ def _optimizer_step(
                 preference_prob=prob,
             )
         )
-        tokens += int(batch.attention_mask.sum())
     finite = all(result.finite for result in results)
     if finite:
         policy.step()

@@ -268,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if metrics and int(os.environ.get("RANK", "0")) == 0:
-        summary = ", ".join(
-            f"{k}={metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins")
-        )
+        shown = ("loss", "rewards/accuracies", "rewards/margins")
+        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         print(f"done: {summary}; output in {config.train.output}")
     return 0
 

@@ -12,7 +12,8 @@ from dsdpo.data.tokenize import TokenizedPair
 
 @dataclass
 class PairBatch:
-    input_ids: Tensor  # [2P, S] long: rows 0..P-1 prompt+chosen, rows P..2P-1 prompt+rejected, right-padded
+    # [2P, S] long: rows 0..P-1 prompt+chosen, rows P..2P-1 prompt+rejected (absent for SFT), right-padded
+    input_ids: Tensor
     attention_mask: Tensor  # [2P, S] long, 0 on padding
     response_mask: Tensor  # [2P, S] bool, True exactly on response tokens
     example_ids: list[str]  # P ids
@@ -30,10 +31,11 @@ def preference_probs(pairs: list[TokenizedPair]) -> Tensor | None:
     return torch.tensor([1.0 if p.preference_prob is None else p.preference_prob for p in pairs])
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> PairBatch:
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
-        (p.prompt_ids, p.rejected_ids) for p in pairs
-    ]
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, chosen_only: bool = False) -> PairBatch:
+    """Rows prompt+chosen then prompt+rejected; with chosen_only (SFT) the first P rows alone."""
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    if not chosen_only:
+        sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(prompt) + len(response) for prompt, response in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dsdpo.data.rows import PreferenceExample, RowError, parse_row
+from dsdpo.data.rows import PreferenceExample, RowError, parse_completion_row, parse_row
 from dsdpo.errors import DsdpoError
 
 Rows = Iterator[tuple[str, Any]]
@@ -126,9 +126,10 @@ def read_rows(path: Path, split: str | None = None) -> Rows:
 
 
 def load_preference_data(
-    path: str | Path, *, skip_invalid: bool = False, split: str | None = None
+    path: str | Path, *, skip_invalid: bool = False, split: str | None = None, completions: bool = False
 ) -> tuple[list[PreferenceExample], dict[str, int]]:
     """The examples of a data file, and the count of skipped rows by reason (empty unless skip_invalid).
+    With `completions`, SFT examples: prompt and completion (or chosen), no rejected side.
 
     A bad row raises DsdpoError naming file and line ('data.jsonl:3: field "chosen" is missing').
     Ids must be unique: the draws and any precomputed reference scores are keyed on them.
@@ -140,7 +141,7 @@ def load_preference_data(
         try:
             if isinstance(row, RowError):
                 raise row
-            example = parse_row(row, source)
+            example = (parse_completion_row if completions else parse_row)(row, source)
             if example.id in seen:
                 raise RowError("duplicate_id", f'id "{example.id}" repeats the row at {seen[example.id]}')
         except RowError as err:

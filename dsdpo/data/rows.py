@@ -1,7 +1,8 @@
 """One preference row: its fields, their validation, and its stable id.
 
 A row is a mapping with `prompt`, `chosen` and `rejected` (plain text, or conversational lists of
-{role, content} messages) and optional `id` and `preference_prob`. Other fields (provenance, kinds)
+{role, content} messages) and optional `id` and `preference_prob`. For SFT a row is `prompt` and
+`completion` (or a preference row, of which the chosen side is read). Other fields (provenance, kinds)
 are allowed and ignored. Every problem is a `RowError` with a reason, so a loader can either raise it
 naming the file and line, or count it and skip the row.
 """
@@ -27,8 +28,8 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 class PreferenceExample:
     id: str  # stable: the row's `id`, else a hash of prompt/chosen/rejected
     prompt: Text  # plain text, or conversational messages [{role, content}, ...]
-    chosen: Text
-    rejected: Text
+    chosen: Text  # for SFT: the completion
+    rejected: Text | None  # None for SFT rows
     preference_prob: float | None  # soft label P(chosen ≻ rejected) in [0, 1]
     source: str  # "file.jsonl:12", for error messages
 
@@ -125,7 +126,7 @@ def check_id(value: Any) -> str | None:
     return check_text("id", str(value))
 
 
-def content_id(prompt: Text, chosen: Text, rejected: Text) -> str:
+def content_id(prompt: Text, chosen: Text, rejected: Text | None) -> str:
     """A hash of the content: the same row gets the same id in every run and on every rank."""
     text = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -150,5 +151,28 @@ def parse_row(row: Any, source: str) -> PreferenceExample:
         chosen=chosen,
         rejected=rejected,
         preference_prob=check_preference_prob(row.get("preference_prob")),
+        source=source,
+    )
+
+
+def parse_completion_row(row: Any, source: str) -> PreferenceExample:
+    """An SFT example from a prompt/completion row or, failing a completion, a preference row's
+    chosen side; raises RowError (without the source) when unusable."""
+    if not isinstance(row, Mapping):
+        raise RowError("malformed", f"the row is a {type(row).__name__}, not an object")
+    field = "completion" if row.get("completion") is not None else "chosen"
+    for required in ("prompt", field):
+        if row.get(required) is None:
+            missing = 'field "completion" (or "chosen")' if required == field else 'field "prompt"'
+            raise RowError("missing_field", f"{missing} is missing")
+    prompt = check_prompt(row["prompt"])
+    completion = check_response(field, row[field])
+    given_id = check_id(row.get("id"))
+    return PreferenceExample(
+        id=given_id if given_id is not None else content_id(prompt, completion, None),
+        prompt=prompt,
+        chosen=completion,
+        rejected=None,
+        preference_prob=None,
         source=source,
     )

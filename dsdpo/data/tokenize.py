@@ -26,7 +26,7 @@ class TokenizedPair:
     example_id: str
     prompt_ids: list[int]
     chosen_ids: list[int]
-    rejected_ids: list[int]
+    rejected_ids: list[int]  # empty for an SFT example
     preference_prob: float | None
 
     @property
@@ -58,7 +58,7 @@ def encode_example(example: PreferenceExample, tokenizer) -> TokenizedPair:
         example_id=example.id,
         prompt_ids=prompt_token_ids(example.prompt, tokenizer),
         chosen_ids=response_token_ids(example.chosen, tokenizer),
-        rejected_ids=response_token_ids(example.rejected, tokenizer),
+        rejected_ids=[] if example.rejected is None else response_token_ids(example.rejected, tokenizer),
         preference_prob=example.preference_prob,
     )
 
@@ -102,7 +102,7 @@ def truncate_pair(
         if len(ids) > room:
             counts["response_truncated"] += 1
         responses.append(ids[:room])
-    if responses[0] == responses[1]:
+    if responses[0] == responses[1] and pair.rejected_ids:
         # Both responses agree up to the cut: the pair carries no preference signal any more.
         counts["identical_after_truncation"] += 1
     return TokenizedPair(pair.example_id, prompt, responses[0], responses[1], pair.preference_prob)

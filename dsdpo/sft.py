@@ -1,0 +1,54 @@
+"""Supervised fine-tuning of a masked diffusion LM: LLaDA's SFT objective, one pass, chunked exactly.
+
+LLaDA (Nie et al. 2025, eq. 5 and its SFT recipe) trains on masked response tokens only, each
+cross-entropy weighted by 1/t and the sum normalised by the response length:
+
+    ℓ_SFT(x, y) = −B̂(y | x) / |y|,   B̂ = (1/n) Σ_k Σ_{i masked in draw k} w_k log p_θ(y_i | x, y_masked_k)
+
+with B̂ the Monte Carlo ELBO of dsdpo.diffusion (w_k = 1/t for one_over_t, L/l for l_over_L, the
+lower-variance form of the same bound). The loss is linear in the rows' log-probability sums, so
+each chunk of draws backprops its own part and the sum of the chunks' gradients is exact: no first
+pass, no reference. The same value is the `sft` term of dsdpo.loss on a pair's chosen side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
+from dsdpo.draws import Draws
+from dsdpo.engine import all_reduce_max
+from dsdpo.gradient import MicroStep, padded_calls
+
+
+def sft_micro_step(
+    policy,
+    batch: ScoringBatch,
+    draws: Draws,
+    *,
+    mask_token_id: int,
+    max_tokens_per_forward: int,
+    loss_scale: float,
+) -> MicroStep:
+    """Backprop the mean ℓ_SFT of a micro-batch of P completions (rows 0..P-1), chunk by chunk."""
+    responses, device = draws.batch_size, batch.input_ids.device
+    lengths = batch.response_lengths.to(device)
+    chunks = plan_chunks(batch, draws, max_tokens_per_forward)
+    (calls,) = (int(n) for n in all_reduce_max([len(chunks)]))
+    elbos = torch.zeros(responses, device=device)
+    finite = True
+    for rows, real in padded_calls(chunks, calls):
+        sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
+        if not real:  # a filler call keeps the ranks' collectives in step
+            policy.backward((sums * 0).sum(), scale_wrt_gas=False)
+            continue
+        part = draw_terms(sums, draws, rows).mean(1)  # this chunk's share of each B̂
+        chunk_loss = -(part / lengths).sum() / responses
+        if not torch.isfinite(chunk_loss):
+            finite, chunk_loss = False, (sums * 0).sum()  # the step is thrown away (see train.py)
+        policy.backward(chunk_loss * loss_scale, scale_wrt_gas=False)
+        elbos += part.detach()
+    nll = -(elbos / lengths)
+    metrics = {"loss": float(nll.mean()), "logps/chosen": float(elbos.mean())}
+    finite = all_reduce_max([0.0 if finite else 1.0]) == [0.0]
+    return MicroStep(finite=finite, metrics=metrics, sweeps=2 * calls)
