@@ -115,6 +115,9 @@ class TrainConfig:
     # TR-DPO (dsdpo.reference_sync): every ref_sync_steps steps θ_ref ← α·θ + (1 − α)·θ_ref; 0: never
     ref_sync_steps: int = 0
     ref_sync_alpha: float = 0.6  # α (TRL's ref_model_mixup_alpha); 1.0 is a hard update
+    # Held-out pairs (or completions, for SFT) scored with the same draws at every evaluation
+    eval_data: str | None = None
+    eval_every: int = 0  # optimizer steps between evaluations; 0: before the first step and at the end only
 
     def validate(self):
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
@@ -126,6 +129,12 @@ class TrainConfig:
                 raise DsdpoError(f"train.{name} must be at least 1, got {value}")
         if self.ref_sync_steps < 0:
             raise DsdpoError(f"train.ref_sync_steps must be 0 (off) or positive, got {self.ref_sync_steps}")
+        if self.eval_every < 0:
+            raise DsdpoError(
+                f"train.eval_every must be 0 (start and end only) or positive, got {self.eval_every}"
+            )
+        if self.eval_every and not self.eval_data:
+            raise DsdpoError("train.eval_every needs held-out data: give --eval-data FILE")
         if not 0 < self.ref_sync_alpha <= 1:
             raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
 

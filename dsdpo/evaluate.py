@@ -71,6 +71,21 @@ class PairScores:
     chosen_lengths: Tensor | None = None  # [P] response tokens, for the per-token losses
     rejected_lengths: Tensor | None = None
 
+    @classmethod
+    def of(cls, pairs: Sequence[TokenizedPair], chosen_terms: Tensor, rejected_terms: Tensor) -> PairScores:
+        """The scores of `pairs` from their per-draw terms, with their soft labels and lengths."""
+        probs = [pair.preference_prob for pair in pairs]
+        return cls(
+            example_ids=[pair.example_id for pair in pairs],
+            chosen_terms=chosen_terms,
+            rejected_terms=rejected_terms,
+            preference_prob=None
+            if all(p is None for p in probs)
+            else torch.tensor([1.0 if p is None else p for p in probs], dtype=torch.float64),
+            chosen_lengths=torch.tensor([len(pair.chosen_ids) for pair in pairs]),
+            rejected_lengths=torch.tensor([len(pair.rejected_ids) for pair in pairs]),
+        )
+
     @property
     def chosen(self) -> Tensor:
         return self.chosen_terms.mean(-1)
@@ -156,17 +171,7 @@ def score_pairs(
                 bar.update(batch.num_pairs)
     finally:
         model.train(was_training)
-    probs = [pair.preference_prob for pair in pairs]
-    return PairScores(
-        example_ids=[pair.example_id for pair in pairs],
-        chosen_terms=torch.cat(chosen),
-        rejected_terms=torch.cat(rejected),
-        preference_prob=None
-        if all(p is None for p in probs)
-        else torch.tensor([1.0 if p is None else p for p in probs], dtype=torch.float64),
-        chosen_lengths=torch.tensor([len(pair.chosen_ids) for pair in pairs]),
-        rejected_lengths=torch.tensor([len(pair.rejected_ids) for pair in pairs]),
-    )
+    return PairScores.of(pairs, torch.cat(chosen), torch.cat(rejected))
 
 
 @dataclass(frozen=True)

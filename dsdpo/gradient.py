@@ -49,7 +49,7 @@ def padded_calls(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
 
 
 @torch.no_grad()
-def _no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: int, chunks, count) -> Tensor:
+def no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: int, chunks, count) -> Tensor:
     sums = []
     for rows, real in padded_calls(chunks, count):
         result = engine(**forward_rows(batch, draws, rows, mask_token_id))
@@ -62,7 +62,7 @@ def _reference_terms(reference, batch, draws, mask_token_id, chunks, calls) -> t
     """[2P, n] per-draw reference terms (from the engine, or precomputed, or None) and the sweeps spent."""
     if reference is None or isinstance(reference, Tensor):
         return reference, 0
-    sums = _no_grad_row_sums(reference, batch, draws, mask_token_id, chunks, calls)
+    sums = no_grad_row_sums(reference, batch, draws, mask_token_id, chunks, calls)
     return draw_terms(sums, draws), calls
 
 
@@ -224,7 +224,7 @@ def preference_micro_step(
     if single_pass:
         policy_sums = policy(**forward_rows(batch, draws, grad_chunks[0], mask_token_id))
     else:
-        policy_sums = _no_grad_row_sums(policy, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls)
+        policy_sums = no_grad_row_sums(policy, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls)
     sweeps += 1 if single_pass else no_grad_calls
 
     policy_terms = draw_terms(policy_sums, draws)

@@ -42,8 +42,10 @@ from dsdpo.engine import (
     launcher_rank_and_world,
 )
 from dsdpo.errors import DsdpoError
+from dsdpo.evaluate import ScoreSettings
 from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
+from dsdpo.held_out import HeldOutEvaluation
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
@@ -115,6 +117,7 @@ class RunPlan:
     reference_scores: PrecomputedReference | None
     checkpoint: Path | None
     summary: str
+    eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
 
 
 def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: str | None) -> RunPlan:
@@ -137,6 +140,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         refuse_long_prompts=config.data.refuse_long_prompts,
     )
 
+    eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
     if len(pairs) < batch_sizes["train_batch_size"]:
@@ -179,7 +183,33 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         reference_scores=reference_scores,
         checkpoint=checkpoint,
         summary=summary,
+        eval_pairs=eval_pairs,
     )
+
+
+def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list | None:
+    """The --eval-data pairs (completions for SFT), cut as the training pairs are; an id that is also
+    a training pair's is refused: its held-out numbers would not be held out."""
+    if not config.train.eval_data:
+        return None
+    examples, _ = load_preference_data(
+        config.train.eval_data, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
+    )
+    pairs, _ = tokenize_pairs(
+        examples,
+        tokenizer,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
+        skip_invalid=config.data.skip_invalid,
+        refuse_long_prompts=config.data.refuse_long_prompts,
+    )
+    shared = [pair.example_id for pair in pairs if pair.example_id in training_ids]
+    if shared:
+        raise DsdpoError(
+            f"{config.train.eval_data}: {len(shared)} held-out rows are also training rows (id {shared[0]!r} "
+            f"in {config.data.path}); held-out data must be other rows"
+        )
+    return pairs
 
 
 def train(
@@ -254,6 +284,28 @@ def train(
             save_extra=save_reference_files if reference_refreshed(state.step) else None,
         )
 
+    evaluation = None
+    if plan.eval_pairs is not None:
+        evaluation = HeldOutEvaluation(
+            plan.eval_pairs,
+            loss=config.loss,
+            settings=ScoreSettings(
+                budget=config.score.budget,
+                estimator=config.score.estimator,
+                trajectory_steps=config.score.steps,
+                seed=config.train.seed,
+            ),
+            max_tokens_no_grad=config.score.no_grad_tokens,
+            mask_token_id=plan.mask_token_id,
+            pad_token_id=plan.tokenizer.pad_token_id or 0,
+        )
+        if checkpoint is None:  # the starting point of the curve
+            logger.log(0, evaluation.run(policy, engines.reference))
+
+    def evaluation_due(step: int) -> bool:
+        every = config.train.eval_every
+        return evaluation is not None and (step == total_steps or (bool(every) and step % every == 0))
+
     stop = StopRequest()
     displacement = DisplacementMonitor()
     steps = step_batches(batcher, micro)
@@ -296,7 +348,13 @@ def train(
                 tokens_per_s=metrics.pop("tokens") * ranks / elapsed,
                 peak_memory_mb=peak_memory_mb(),
             )
-            if state.step % config.train.log_every == 0 or state.step == total_steps:
+            if evaluation_due(state.step):
+                metrics.update(evaluation.run(policy, engines.reference))
+            if (
+                state.step % config.train.log_every == 0
+                or state.step == total_steps
+                or evaluation_due(state.step)
+            ):
                 logger.log(state.step, metrics)
                 if warning := displacement.update(state.step, metrics):
                     logger.message(warning)

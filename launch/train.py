@@ -63,6 +63,8 @@ FLAG_FIELDS = {
     "max_bad_steps": "train.max_bad_steps",
     "ref_sync_steps": "train.ref_sync_steps",
     "ref_sync_alpha": "train.ref_sync_alpha",
+    "eval_data": "train.eval_data",
+    "eval_every": "train.eval_every",
 }
 
 
@@ -207,6 +209,17 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--ref-sync-alpha", type=float, help="TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (default 0.6)"
+    )
+    g = p.add_argument_group("held-out evaluation")
+    g.add_argument(
+        "--eval-data",
+        help="held-out pairs (completions with --loss sft), scored with the same draws at every evaluation; "
+        "eval/* metrics in metrics.jsonl and TensorBoard",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        help="steps between evaluations (default 0: before the first step and at the end)",
     )
     g = p.add_argument_group("run")
     g.add_argument("--output", help="folder for metrics, configs, TensorBoard and checkpoints")

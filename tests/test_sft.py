@@ -73,20 +73,17 @@ def test_completion_rows_and_the_chosen_side_of_pairs_load_for_sft(tmp_path):
 
 
 def test_sft_run_on_completions_lowers_the_held_in_nll(tiny_gemma_dir, tmp_path):
-    rows = [{"id": f"r{i}", "prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(8)]
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    rows = [{"id": f"r{i}", "prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(10)]
+    data, held_out = tmp_path / "sft.jsonl", tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows[:8]))
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows[8:]))
+    config = REPO / "ds_configs" / "cpu.json"
     args = train_args(
-        REPO / "ds_configs" / "cpu.json",
-        tiny_gemma_dir,
-        data,
-        tmp_path / "run",
-        loss="sft",
-        epochs=6,
-        budget=4,
+        config, tiny_gemma_dir, data, tmp_path / "run", loss="sft", epochs=6, budget=4, eval_data=held_out
     )
     result = run_train(args)
     assert result.returncode == 0, tail(result)
     metrics = metrics_by_step(tmp_path / "run")
     first, last = metrics[1]["loss"], metrics[max(metrics)]["loss"]
     assert last < 0.8 * first, (first, last)  # measured: 4.75 -> 3.49 nats per token
+    assert metrics[max(metrics)]["eval/loss"] < metrics[0]["eval/loss"]  # held-out NLL per token

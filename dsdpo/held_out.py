@@ -1,0 +1,99 @@
+"""Evaluation on held-out data during training (`--eval-data FILE --eval-every N`).
+
+Every evaluation scores the same pairs with the same keyed draws (epoch 0 of the run's seed), so a
+change of `eval/*` between two evaluations is the policy's, not Monte Carlo noise; and the reference
+sees those draws too (antithetic, docs/design.md, "VRPO"). The engines are ZeRO-3's, so every rank
+scores every held-out pair, in step with the others (each forward gathers parameters collectively).
+
+Preference runs log TRL's metrics of dsdpo.evaluate (eval/loss, eval/rewards/accuracies, ...), SFT
+runs the held-out NLL per response token (eval/loss) and mean ELBO (eval/logps/chosen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from dsdpo.data.collate import collate_pairs
+from dsdpo.data.tokenize import TokenizedPair
+from dsdpo.diffusion import ScoringBatch, draw_terms, plan_chunks
+from dsdpo.draws import pair_draws
+from dsdpo.engine import all_reduce_max, device
+from dsdpo.evaluate import PairScores, ScoreSettings, preference_report
+from dsdpo.gradient import no_grad_row_sums
+from dsdpo.loss import LossConfig
+
+EVAL_BATCH = 8  # held-out pairs scored together
+
+
+class HeldOutEvaluation:
+    """Scores held-out pairs with the training engines; `run` returns the `eval/*` metrics."""
+
+    def __init__(
+        self,
+        pairs: Sequence[TokenizedPair],
+        *,
+        loss: LossConfig,
+        settings: ScoreSettings,
+        max_tokens_no_grad: int,
+        mask_token_id: int,
+        pad_token_id: int,
+    ):
+        self.pairs = list(pairs)
+        self.loss = loss
+        self.settings = replace(settings, epoch=0)  # the same draws at every evaluation
+        self.max_tokens = max_tokens_no_grad
+        self.mask_token_id = mask_token_id
+        self.pad_token_id = pad_token_id
+
+    def _terms(self, engine, pairs: list[TokenizedPair]) -> Tensor:
+        """[2P, n] (or [P, n] for SFT) per-draw ELBO terms of a batch, on the CPU in float64."""
+        supervised = self.loss.supervised
+        batch = collate_pairs(pairs, self.pad_token_id, chosen_only=supervised)
+        scoring = ScoringBatch.build(
+            batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
+        )
+        draws = pair_draws(
+            batch.example_ids,
+            scoring.response_lengths,
+            self.settings.budget,
+            self.settings.estimator,
+            seed=self.settings.seed,
+            epoch=self.settings.epoch,
+            steps=self.settings.trajectory_steps,
+            chosen_only=supervised,
+        )
+        chunks = plan_chunks(scoring, draws, self.max_tokens)
+        (calls,) = (int(n) for n in all_reduce_max([len(chunks)]))
+        sums = no_grad_row_sums(engine, scoring, draws, self.mask_token_id, chunks, calls)
+        return draw_terms(sums, draws).to("cpu", torch.float64)
+
+    @torch.no_grad()
+    def _chosen_and_rejected_terms(self, engine) -> tuple[Tensor, Tensor | None]:
+        chosen, rejected = [], []
+        for start in range(0, len(self.pairs), EVAL_BATCH):
+            pairs = self.pairs[start : start + EVAL_BATCH]
+            terms = self._terms(engine, pairs)
+            chosen.append(terms[: len(pairs)])
+            rejected.append(terms[len(pairs) :])
+        return torch.cat(chosen), None if self.loss.supervised else torch.cat(rejected)
+
+    def run(self, policy, reference) -> dict[str, float]:
+        """`reference`: an engine (or the adapter-off policy), or None (precomputed or reference-free
+        training: held-out rewards are then reference-free)."""
+        chosen, rejected = self._chosen_and_rejected_terms(policy)
+        lengths = torch.tensor([len(pair.chosen_ids) for pair in self.pairs])
+        if self.loss.supervised:
+            elbos = chosen.mean(1)
+            return {"eval/loss": float((-elbos / lengths).mean()), "eval/logps/chosen": float(elbos.mean())}
+        policy_scores = PairScores.of(self.pairs, chosen, rejected)
+        reference_scores = (
+            None
+            if reference is None
+            else PairScores.of(self.pairs, *self._chosen_and_rejected_terms(reference))
+        )
+        report = preference_report(policy_scores, reference_scores, self.loss, self.settings)
+        return {f"eval/{name}": value for name, value in report.trl_metrics().items()}
