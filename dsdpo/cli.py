@@ -718,3 +718,26 @@ def convert_checkpoint_command(checkpoint, out_dir):
     out = Path(out_dir) if out_dir else folder.with_name(folder.name + "_universal")
     convert_to_universal(folder, out)
     click.echo(f"wrote a universal checkpoint to {out}; resume with --resume {out}")
+
+
+@main.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--out", default="curves.png", show_default=True, type=click.Path(dir_okay=False), help="Image file."
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="A metric to draw (repeatable), e.g. loss, eval/rewards/accuracies; default: the loss, reward "
+    "and held-out metrics the runs logged.",
+)
+def plot_command(runs, out, metrics):
+    """Training and held-out curves of one or more RUNS (output folders) side by side, one panel per
+    metric (needs matplotlib: pip install 'dsdpo[plot]')."""
+    from pathlib import Path
+
+    from dsdpo.plot import plot_runs
+
+    plot_runs([Path(run) for run in runs], Path(out), metrics)
+    click.echo(f"wrote {out}")
