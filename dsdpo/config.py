@@ -82,6 +82,9 @@ class ScoreConfig:
     # Tokens in one forward without gradients (reference and the first pass): no activations are
     # kept for backward, so this can be several times larger. Default: 4 × max_tokens_per_forward.
     max_tokens_no_grad: int | None = None
+    # The reference scores the policy's draws (VRPO's antithetic sampling: the shared noise cancels
+    # in B̂_θ − B̂_ref). False gives it independent draws: an ablation, for measuring what sharing buys.
+    antithetic: bool = True
 
     def validate(self):
         if self.estimator not in ESTIMATORS:
@@ -150,6 +153,11 @@ class Config:
     def validate(self) -> Config:
         for section in (self.model, self.data, self.score, self.train):
             section.validate()
+        if not self.score.antithetic and (self.model.reference_scores or self.loss.objective == "per_draw"):
+            raise DsdpoError(
+                "score.antithetic false gives the reference its own draws: not with --reference-scores "
+                "(scored on the policy's draws) or --objective per_draw (a loss per shared draw)"
+            )
         if self.train.ref_sync_steps:
             # TR-DPO moves a reference engine towards the policy: there must be one to move.
             without_engine = [

@@ -47,14 +47,16 @@ def draw_keys(example_ids: Sequence[str | int], *, seed: int = 0, epoch: int = 0
     return [DrawKey(seed, example_id, epoch) for example_id in example_ids]
 
 
-def draw_keys_for(example_ids: Sequence[str], seed: int, epoch: int) -> list[DrawKey]:
+def draw_keys_for(example_ids: Sequence[str], seed: int, epoch: int, role: str = "") -> list[DrawKey]:
     """Keys of the 2P responses of a PairBatch, in its order (chosen rows, then rejected rows).
 
     Training and evaluation both key a pair's draws this way, so an evaluation with the training seed
-    and epoch sees the masks training saw, and a policy and its reference always share them.
+    and epoch sees the masks training saw, and a policy and its reference share them (antithetic).
+    A `role` keys other, independent draws (the reference's, when antithetic sampling is off).
     """
+    suffix = f":{role}" if role else ""
     return [
-        DrawKey(seed, f"{example_id}:{side}", epoch)
+        DrawKey(seed, f"{example_id}:{side}{suffix}", epoch)
         for side in ("chosen", "rejected")
         for example_id in example_ids
     ]
@@ -183,11 +185,12 @@ def pair_draws(
     epoch: int,
     steps: int | None = None,
     chosen_only: bool = False,
+    role: str = "",
 ) -> Draws:
     """The draws of a PairBatch's 2P responses, keyed by draw_keys_for. Training, evaluation and the
     precomputed reference all take their draws here, so they see the same masks. With chosen_only
     (SFT) those of the P chosen responses alone, the same as in a preference batch."""
-    keys = draw_keys_for(example_ids, seed, epoch)
+    keys = draw_keys_for(example_ids, seed, epoch, role)
     if chosen_only:
         keys = keys[: len(example_ids)]
     return sample_draws(len(keys), response_lengths, budget, estimator, keys=keys, steps=steps)

@@ -189,11 +189,13 @@ def preference_micro_step(
     max_tokens_no_grad: int,
     loss_scale: float,
     preference_prob: Tensor | None = None,
+    reference_draws: Draws | None = None,
 ) -> MicroStep:
     """Score a micro-batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected) and backprop its loss.
 
     `reference` is the reference engine, or its precomputed per-draw terms [2P, n] (dsdpo.reference),
-    or None for a reference-free loss.
+    or None for a reference-free loss. The reference engine scores `draws` too (antithetic, the
+    default), or its own `reference_draws` (an ablation of VRPO: no shared noise to cancel).
 
     `loss_scale` multiplies the micro-batch's mean loss (1 / gradient accumulation steps), so that the
     step's gradient is that of the mean loss over every pair of the step.
@@ -212,14 +214,18 @@ def preference_micro_step(
             preference_prob=preference_prob,
         )
     pairs = batch.input_ids.shape[0] // 2
+    reference_draws = reference_draws or draws
     grad_chunks = plan_chunks(batch, draws, max_tokens_per_forward)
     no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
-    grad_calls, no_grad_calls = (int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks)]))
+    reference_chunks = plan_chunks(batch, reference_draws, max_tokens_no_grad)
+    grad_calls, no_grad_calls, reference_calls = (
+        int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks), len(reference_chunks)])
+    )
     single_pass = grad_calls == 1
     coefficients = row_weights(draws).to(batch.input_ids.device)
 
     reference_terms, sweeps = _reference_terms(
-        reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls
+        reference, batch, reference_draws, mask_token_id, reference_chunks, reference_calls
     )
     if single_pass:
         policy_sums = policy(**forward_rows(batch, draws, grad_chunks[0], mask_token_id))

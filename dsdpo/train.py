@@ -434,6 +434,18 @@ def _optimizer_step(
             )
             continue
         prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
+        reference_draws = None
+        if not config.score.antithetic:
+            reference_draws = pair_draws(
+                batch.example_ids,
+                scoring.response_lengths,
+                config.score.budget,
+                config.score.estimator,
+                seed=config.train.seed,
+                epoch=epoch,
+                steps=config.score.steps,
+                role="reference",
+            )
         if isinstance(reference, PrecomputedReference):
             reference_input = reference.lookup(batch.example_ids, epoch).to(device())
         else:
@@ -450,6 +462,7 @@ def _optimizer_step(
                 max_tokens_no_grad=config.score.no_grad_tokens,
                 loss_scale=1.0 / accumulation,
                 preference_prob=prob,
+                reference_draws=reference_draws,
             )
         )
     finite = all(result.finite for result in results)

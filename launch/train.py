@@ -40,6 +40,7 @@ FLAG_FIELDS = {
     "trajectory_steps": "score.steps",
     "max_tokens_per_forward": "score.max_tokens_per_forward",
     "max_tokens_no_grad": "score.max_tokens_no_grad",
+    "antithetic": "score.antithetic",
     "loss": "loss.type",
     "beta": "loss.beta",
     "label_smoothing": "loss.label_smoothing",
@@ -167,6 +168,13 @@ def parser() -> argparse.ArgumentParser:
         help="rows x tokens per forward with gradients: the activation-memory knob (default 4096)",
     )
     g.add_argument("--max-tokens-no-grad", type=int, help="rows x tokens per forward without gradients")
+    g.add_argument(
+        "--no-antithetic",
+        dest="antithetic",
+        action="store_false",
+        default=None,
+        help="give the reference its own draws instead of the policy's (an ablation of VRPO)",
+    )
     g = p.add_argument_group("loss")
     g.add_argument(
         "--loss",

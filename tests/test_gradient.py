@@ -167,3 +167,40 @@ def test_per_draw_equals_sequence_for_a_loss_linear_in_h(tiny_gemma_dir, tokeniz
         after[objective] = full_weights(engines.policy)
         assert 0 < result.metrics["loss"] < 1  # inside the linear region
     _assert_same_weights(after["per_draw"], after["sequence"])
+
+
+def _independent_reference_step(model_dir, tokenizer, max_tokens):
+    """One step where the reference engine scores its own draws (score.antithetic false)."""
+    from dsdpo.draws import DrawKey, sample_draws
+    from dsdpo.gradient import preference_micro_step
+    from tests.ds_helpers import pair_batch
+
+    engines = engines_for(model_dir, cpu_ds_config(micro=4))
+    before = full_weights(engines.policy)
+    batch, keys = pair_batch(tokenizer, [0, 1, 2, 3])
+    draws = sample_draws(len(keys), batch.response_lengths, 4, "l_over_L", keys=keys)
+    own_keys = [DrawKey(key.seed, f"{key.example_id}:reference") for key in keys]
+    reference_draws = sample_draws(len(keys), batch.response_lengths, 4, "l_over_L", keys=own_keys)
+    result = preference_micro_step(
+        engines.policy, engines.reference, batch, draws, mask_token_id=MASK, loss_config=LossConfig(beta=0.5),
+        max_tokens_per_forward=max_tokens, max_tokens_no_grad=max_tokens, loss_scale=1.0,
+        reference_draws=reference_draws,
+    )  # fmt: skip
+    engines.policy.step()
+    return before, full_weights(engines.policy), result
+
+
+def test_independent_reference_draws_add_noise_where_shared_draws_cancel_it(
+    tiny_gemma_dir, tokenizer, unchunked
+):
+    _, _, _, shared = unchunked
+    # Policy = reference at step 1: shared draws give h = 0 exactly, independent ones only on average.
+    assert shared[0].metrics["loss"] == pytest.approx(0.693147, abs=1e-6)
+    assert shared[0].metrics["vrpo/diff_stderr"] == 0.0
+    before, after_whole, whole = _independent_reference_step(tiny_gemma_dir, tokenizer, 1 << 20)
+    assert abs(whole.metrics["loss"] - 0.693147) > 1e-3
+    assert whole.metrics["vrpo/diff_stderr"] > 0.01  # measured 0.028; 0 when shared
+    _, after_chunked, chunked = _independent_reference_step(tiny_gemma_dir, tokenizer, 1)
+    assert chunked.metrics["loss"] == pytest.approx(whole.metrics["loss"], abs=1e-6)
+    assert max(float((after_whole[k] - before[k]).abs().max()) for k in before) > 1e-3
+    _assert_same_weights(after_chunked, after_whole)

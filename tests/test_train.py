@@ -40,6 +40,15 @@ def test_config_file_flags_and_set_overrides_compose(tmp_path):
             {"score": {"max_tokens_no_grad": 0}, "model": {"path": "m"}, "data": {"path": "d"}},
             "score.max_tokens_no_grad must be positive, got 0",
         ),
+        (
+            {
+                "score": {"antithetic": False},
+                "model": {"path": "m"},
+                "data": {"path": "d"},
+                "loss": {"objective": "per_draw"},
+            },
+            "score.antithetic false gives the reference its own draws: not with",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(data, message):
