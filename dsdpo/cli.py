@@ -357,7 +357,8 @@ def _make_on_policy_pairs(
     click.echo(
         f"wrote {counts['pairs']} pairs from {counts['problems']} problems to {out} "
         f"({counts['correct_samples']}/{counts['samples']} answers right; no pair: "
-        f"{counts.get('all_correct', 0)} always right, {counts.get('all_wrong', 0)} always wrong)"
+        f"{counts.get('all_correct', 0)} always right, {counts.get('all_wrong', 0)} always wrong, "
+        f"{counts.get('no_usable_wrong', 0)} wrong only with empty answers)"
     )
 
 

@@ -3,7 +3,8 @@
 For each problem the model samples K answers with dsdpo's sampler; each is judged by the problem's
 checker (dsdpo.answers, as `dsdpo eval accuracy` judges). A problem with a correct and a wrong
 answer gives one pair: its first correct answer (chosen) and its first wrong one (rejected), in
-sampling order. Problems the model always solves or never solves give no pair; they are counted.
+sampling order (an empty answer is no response to train on). Problems the model always solves or
+never solves give no pair; they are counted.
 This is the on-policy recipe of iterative RPO / LLaDA 1.5's reasoning data: the rejected answers
 are the mistakes this model actually makes.
 """
@@ -63,10 +64,13 @@ def on_policy_pairs(
     for index, problem in enumerate(problems):
         records = judged[index]
         right = [r for r in records if r["correct"]]
-        wrong = [r for r in records if not r["correct"]]
+        # An empty answer is wrong, but no response to train on.
+        wrong = [r for r in records if not r["correct"] and r["generation"].strip()]
         counts["correct_samples"] += len(right)
         if not right or not wrong:
-            counts["all_correct" if right else "all_wrong"] += 1
+            counts[
+                "all_wrong" if not right else "no_usable_wrong" if len(right) < samples else "all_correct"
+            ] += 1
             continue
         prompt = prompt_template.format(question=problem.question)
         rows.append(

@@ -1,0 +1,352 @@
+"""Does DPO with dsdpo make a masked diffusion LM better at a task, and do VRPO's variance reductions
+matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
+
+1. Data: arithmetic word problems from templates ("Ann has 12 pens and gets 7 more. How many
+   pens?"), split into training and held-out problems with no shared question.
+2. SFT from scratch: a small bidirectional transformer (dsdpo.tiny, character tokenizer) trained with
+   `--loss sft` (LLaDA's masked-diffusion SFT objective) on prompt/completion rows.
+3. On-policy pairs: the SFT model samples --samples answers per problem (dsdpo.on_policy, as
+   `dsdpo make-pairs --source model` does); a right and a wrong answer make a pair. Training
+   problems give the DPO data, held-out problems the held-out pairs.
+4. DPO from the SFT model, at equal steps and seeds, in three arms:
+      (a) budget 1, reference on its own draws (--budget 1 --no-antithetic)
+      (b) budget 8, VRPO: stratified draws shared by policy and reference (the default)
+      (c) budget 8, stratified, reference on its own draws (--no-antithetic)
+5. Reported per arm and seed: held-out generation accuracy (greedy sampler) with its 95% Wilson
+   interval, held-out reward accuracy (eval/rewards/accuracies at the last step, same draws at every
+   evaluation), the standard error of B̂_θ − B̂_ref over draws (vrpo/diff_stderr, mean over steps) and
+   the spread of the gradient: the variance over steps of the gradient norm (grad_norm) when the run
+   logs it. Pooled rows add up the seeds' problems.
+
+    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/alignment_effect.py [--seeds 3] [--out runs/alignment]
+
+The numbers go to OUT/results.json and a markdown table on stdout (benchmarks/README.md records one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal"]
+ITEMS = ["pen", "cup", "box", "hat", "egg", "toy"]
+ARMS = {
+    "a: budget 1, independent": ["--budget", "1", "--no-antithetic"],
+    "b: budget 8, VRPO": ["--budget", "8"],
+    "c: budget 8, no antithetic": ["--budget", "8", "--no-antithetic"],
+}
+SAMPLER = dict(gen_length=4, block_length=4, steps=4, remasking="low_confidence", cfg_scale=0.0)
+
+
+def word_problems(seed: int) -> list[dict]:
+    """Every problem the templates make, shuffled: sums, differences and small products."""
+    rows = []
+    for a in range(1, 21):
+        for b in range(1, 21):
+            name, item = NAMES[(a + b) % len(NAMES)], ITEMS[(a * b) % len(ITEMS)]
+            rows.append((f"{name} has {a} {item}s and gets {b} more. How many {item}s?", a + b))
+            if a > b:
+                rows.append((f"{name} has {a} {item}s and gives {b} away. How many are left?", a - b))
+            if a <= 9 and b <= 9:
+                rows.append((f"{name} buys {a} bags of {b} {item}s. How many {item}s?", a * b))
+    random.Random(seed).shuffle(rows)
+    return [{"question": question, "answer": answer} for question, answer in rows]
+
+
+def write_jsonl(rows, path: Path) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def ds_config(path: Path, *, lr: float, micro: int, accumulation: int) -> Path:
+    config = copy.deepcopy(json.loads((REPO / "ds_configs" / "cpu.json").read_text()))
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation)
+    config["optimizer"]["params"]["lr"] = lr
+    config["scheduler"]["params"].update(warmup_max_lr=lr, warmup_min_lr=lr / 10, warmup_num_steps=10)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def train(args: list, log: Path) -> None:
+    """python launch/train.py ARGS; its output goes to `log`; a failure stops the benchmark."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    with log.open("w") as sink:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "train.py"), *map(str, args)],
+            stdout=sink,
+            stderr=sink,
+            env=env,
+        )
+    if done.returncode:
+        sys.exit(f"training failed, see {log}:\n" + log.read_text()[-2000:])
+
+
+def metrics(run: Path) -> dict[int, dict]:
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def accuracy(model_dir: Path, problems, batch_size: int):
+    from dsdpo.accuracy import evaluate_accuracy
+    from dsdpo.answers import load_problems_jsonl
+    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
+
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    mask = resolve_mask_token_id(None, load_config(model_dir), tokenizer)
+    return evaluate_accuracy(
+        model,
+        tokenizer,
+        load_problems_jsonl(problems),
+        mask_token_id=mask,
+        sampler={**SAMPLER, "temperature": 0.0},
+        batch_size=batch_size,
+        chat=False,
+        progress=False,
+    )
+
+
+def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature: float, seed: int) -> dict:
+    import torch
+
+    from dsdpo.answers import load_problems_jsonl
+    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
+    from dsdpo.on_policy import on_policy_pairs
+
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    mask = resolve_mask_token_id(None, load_config(model_dir), tokenizer)
+    sampler = {**SAMPLER, "temperature": temperature, "generator": torch.Generator().manual_seed(seed)}
+    rows, counts = on_policy_pairs(
+        model,
+        tokenizer,
+        load_problems_jsonl(problems),
+        mask_token_id=mask,
+        sampler=sampler,
+        samples=samples,
+        batch_size=64,
+        chat=False,
+        progress=False,
+    )
+    prefix = out.stem
+    write_jsonl([{**row, "id": f"{prefix}-{row['id']}"} for row in rows], out)
+    return counts
+
+
+def export(run: Path, out: Path) -> Path:
+    from dsdpo.export import export_checkpoint
+
+    return export_checkpoint(run, out, dtype="fp32", max_shard_size="5GB")
+
+
+def arm_row(name, seed, report, records, steps):
+    last = records[steps]
+    spread = [records[s][k] for s in range(1, steps + 1) for k in ["vrpo/diff_stderr"] if k in records[s]]
+    norms = [records[s]["grad_norm"] for s in range(1, steps + 1) if "grad_norm" in records[s]]
+    return {
+        "arm": name,
+        "seed": seed,
+        "correct": report.correct,
+        "n": report.n,
+        "accuracy": report.accuracy,
+        "ci95": [report.ci95_low, report.ci95_high],
+        "eval_reward_accuracy": last.get("eval/rewards/accuracies"),
+        "eval_margin": last.get("eval/rewards/margins"),
+        "diff_stderr": statistics.fmean(spread) if spread else None,
+        "grad_norm_var": statistics.variance(norms) if len(norms) > 1 else None,
+    }
+
+
+def table(rows) -> str:
+    def fmt(value, digits=3):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| arm | seed | held-out accuracy [95% CI] | held-out reward acc | diff_stderr | grad-norm var |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        low, high = row["ci95"]
+        ci = f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({row['correct']}/{row['n']})"
+        lines.append(
+            f"| {row['arm']} | {row['seed']} | {ci} | {fmt(row.get('eval_reward_accuracy'))} | "
+            f"{fmt(row.get('diff_stderr'), 4)} | {fmt(row.get('grad_norm_var'), 5)} |"
+        )
+    return "\n".join(lines)
+
+
+def pooled(rows, name) -> dict:
+    from dsdpo.accuracy import wilson_interval
+
+    mine = [row for row in rows if row["arm"] == name]
+    correct, n = sum(r["correct"] for r in mine), sum(r["n"] for r in mine)
+    values = {
+        k: [r[k] for r in mine if r[k] is not None]
+        for k in ("eval_reward_accuracy", "diff_stderr", "grad_norm_var")
+    }
+    return {
+        "arm": name,
+        "seed": "pooled",
+        "correct": correct,
+        "n": n,
+        "accuracy": correct / n,
+        "ci95": list(wilson_interval(correct, n)),
+        **{k: statistics.fmean(v) if v else None for k, v in values.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/alignment_effect"))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--heldout", type=int, default=300, help="held-out problems")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--sft-epochs", type=int, default=6)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--pair-problems", type=int, default=600, help="training problems sampled for DPO pairs")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--dpo-lr", type=float, default=2e-4)
+    p.add_argument("--beta", type=float, default=0.1)
+    args = p.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sys.path.insert(0, str(REPO))
+    from dsdpo.tiny import init_tiny
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    problems = word_problems(seed=0)
+    held_out, training = problems[: args.heldout], problems[args.heldout :]
+    held_out_file = write_jsonl(held_out, out / "held_out_problems.jsonl")
+    pair_problems = write_jsonl(training[: args.pair_problems], out / "pair_problems.jsonl")
+    sft_rows = [
+        {"id": f"sft-{i}", "prompt": r["question"], "completion": str(r["answer"])}
+        for i, r in enumerate(training)
+    ]
+    sft_data = write_jsonl(sft_rows, out / "sft.jsonl")
+    print(f"{len(training)} training problems, {len(held_out)} held out", flush=True)
+
+    model = init_tiny(
+        out / "init",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=4,
+        intermediate_size=4 * args.hidden,
+        seed=0,
+    )
+    sft_run = out / "sft"
+    if not (sft_run / "latest").is_file():
+        sft_config = ds_config(out / "sft_ds.json", lr=args.sft_lr, micro=32, accumulation=1)
+        train(
+            [
+                "--ds_config",
+                sft_config,
+                "--model",
+                model,
+                "--data",
+                sft_data,
+                "--output",
+                sft_run,
+                "--loss",
+                "sft",
+                "--budget",
+                "1",
+                "--epochs",
+                args.sft_epochs,
+                "--max-length",
+                "96",
+                "--log-every",
+                "10",
+            ],
+            out / "sft.log",
+        )
+    sft_model = out / "sft_model"
+    if not (sft_model / "config.json").is_file():
+        export(sft_run, sft_model)
+    sft_report = accuracy(sft_model, held_out_file, 100)
+    print(f"SFT: held-out {sft_report.summary()} ({time.time() - started:.0f} s)", flush=True)
+
+    train_pairs, eval_pairs = out / "dpo_pairs.jsonl", out / "held_out_pairs.jsonl"
+    counts = on_policy(
+        sft_model, pair_problems, train_pairs, samples=args.samples, temperature=args.temperature, seed=1
+    )
+    eval_counts = on_policy(
+        sft_model, held_out_file, eval_pairs, samples=args.samples, temperature=args.temperature, seed=2
+    )
+    print(f"on-policy pairs: {counts}; held-out: {eval_counts} ({time.time() - started:.0f} s)", flush=True)
+
+    dpo_config = ds_config(out / "dpo_ds.json", lr=args.dpo_lr, micro=8, accumulation=1)
+    rows = []
+    for seed in range(args.seeds):
+        for name, options in ARMS.items():
+            run = out / f"dpo-{name[0]}-seed{seed}"
+            if not (run / "latest").is_file():
+                train(
+                    [
+                        "--ds_config",
+                        dpo_config,
+                        "--model",
+                        sft_model,
+                        "--data",
+                        train_pairs,
+                        "--output",
+                        run,
+                        "--beta",
+                        args.beta,
+                        "--seed",
+                        seed,
+                        "--max-steps",
+                        args.dpo_steps,
+                        "--epochs",
+                        "100",
+                        "--eval-data",
+                        eval_pairs,
+                        "--max-length",
+                        "96",
+                        *options,
+                    ],
+                    out / f"{run.name}.log",
+                )
+            report = accuracy(run, held_out_file, 100)
+            rows.append(arm_row(name, seed, report, metrics(run), args.dpo_steps))
+            print(f"{name} seed {seed}: {report.summary()} ({time.time() - started:.0f} s)", flush=True)
+    sft_row = {
+        "arm": "SFT (start)",
+        "seed": "-",
+        "correct": sft_report.correct,
+        "n": sft_report.n,
+        "accuracy": sft_report.accuracy,
+        "ci95": [sft_report.ci95_low, sft_report.ci95_high],
+    }
+    summary = [sft_row, *rows, *(pooled(rows, name) for name in ARMS)]
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "pairs": counts,
+                "held_out_pairs": eval_counts,
+                "rows": summary,
+                "seconds": time.time() - started,
+            },
+            indent=2,
+        )
+    )
+    print(table(summary))
+    print(f"total {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
