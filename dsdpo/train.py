@@ -179,9 +179,15 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
 
 
 def train(
-    config: Config, ds_config_path: str | Path, *, nvme_path: str | None = None, resume: str | None = None
+    config: Config,
+    ds_config_path: str | Path,
+    *,
+    nvme_path: str | None = None,
+    resume: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[str, float]:
-    """Run (or resume) training; return the last step's metrics."""
+    """Run (or resume) training; return the last step's metrics. `trust_checkpoint` lets the
+    checkpoint resumed from hold pickled code (dsdpo.safe_load)."""
     plan = plan_run(config, ds_config_path, nvme_path=nvme_path, resume=resume)
     output, batcher, checkpoint, total_steps = plan.output, plan.batcher, plan.checkpoint, plan.total_steps
     is_rank0, ranks = plan.rank == 0, plan.world_size
@@ -206,7 +212,9 @@ def train(
 
     state, saved_config = TrainState(), None
     if checkpoint is not None:
-        state, saved_config = load_checkpoint(policy, checkpoint, world_size=ranks)
+        state, saved_config = load_checkpoint(
+            policy, checkpoint, world_size=ranks, trust_checkpoint=trust_checkpoint
+        )
         batcher.load_state_dict(state.batcher)
     logger = RunLogger(output, total_steps=total_steps, initial_step=state.step, enabled=is_rank0)
     if checkpoint is not None:
