@@ -46,6 +46,7 @@ class TrainState:
     skipped_steps: int = 0
     bad_steps_in_row: int = 0
     batcher: dict[str, Any] = field(default_factory=dict)  # PairBatcher.state_dict(): epoch, position
+    data_digest: str = ""  # dsdpo.data.rows.examples_digest of the data trained on ("" before it existed)
 
 
 def step_tag(step: int) -> str:

@@ -678,8 +678,11 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
 
     Writes every pair's per-draw reference terms for each epoch, keyed exactly as training keys its
     draws. Train with `--reference-scores OUT` and the same --budget, --estimator, --trajectory-steps,
-    --seed, --max-length and --max-prompt-length (training checks each and names any difference).
+    --seed, --max-length and --max-prompt-length, and give --dtype the training precision (bf16 for
+    ds_configs/rtx4080*.json). Training checks each, the tokenizer and every pair's tokens, and names
+    any difference.
     """
+    from dsdpo.models import load_tokenizer
     from dsdpo.reference import precompute_reference_scores
 
     settings = _score_settings(knobs)  # checks the draw options before any model is loaded
@@ -691,6 +694,8 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
         settings=settings,
         max_length=knobs["max_length"],
         max_prompt_length=knobs["max_prompt_length"],
+        dtype=knobs["dtype"],
+        tokenizer=load_tokenizer(ref_dir, trust_remote_code=knobs["trust_remote_code"]),
         epochs=epochs,
         source=str(ref_dir),
         **ids,

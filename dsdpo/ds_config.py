@@ -35,6 +35,14 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def precision(config: dict[str, Any]) -> str:
+    """What the engines compute in: "bf16" or "fp16" when that section is enabled, else "fp32"."""
+    for name in ("bf16", "fp16"):
+        if config.get(name, {}).get("enabled"):
+            return name
+    return "fp32"
+
+
 def _positive_int(config: dict, name: str, source: str) -> int | None:
     value = config.get(name, AUTO)
     if value == AUTO:
