@@ -36,11 +36,9 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
 
 
 def precision(config: dict[str, Any]) -> str:
-    """What the engines compute in: "bf16" or "fp16" when that section is enabled, else "fp32"."""
-    for name in ("bf16", "fp16"):
-        if config.get(name, {}).get("enabled"):
-            return name
-    return "fp32"
+    """What the engines compute in: "bf16" when that section is enabled, else "fp32" (fp16 is
+    refused by resolve_ds_config)."""
+    return "bf16" if config.get("bf16", {}).get("enabled") else "fp32"
 
 
 def _positive_int(config: dict, name: str, source: str) -> int | None:

@@ -105,7 +105,7 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
             "`dsdpo export CHECKPOINT DIR`, or continue its run with --resume"
         )
     hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
-    dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32  # DeepSpeed casts to fp16
+    dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32
     model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
     return model, hf_config
 
