@@ -30,6 +30,7 @@ import torch
 from dsdpo import __version__
 from dsdpo.errors import DsdpoError
 from dsdpo.faults import crash_point
+from dsdpo.safe_load import check_checkpoint_pickles
 
 STATE_FILE = "dsdpo_state.json"
 LATEST_FILE = "latest"
@@ -45,6 +46,7 @@ class TrainState:
     skipped_steps: int = 0
     bad_steps_in_row: int = 0
     batcher: dict[str, Any] = field(default_factory=dict)  # PairBatcher.state_dict(): epoch, position
+    data_digest: str = ""  # dsdpo.data.rows.examples_digest of the data trained on ("" before it existed)
 
 
 def step_tag(step: int) -> str:
@@ -180,10 +182,11 @@ def is_universal(folder: Path) -> bool:
     return bool(check_checkpoint(folder).get("universal"))
 
 
-def convert_to_universal(checkpoint: Path, out: Path) -> Path:
+def convert_to_universal(checkpoint: Path, out: Path, *, trust_checkpoint: bool = False) -> Path:
     """DeepSpeed's universal checkpoint of `checkpoint`, plus dsdpo's files: resumable on any number
     of ranks with the same train_batch_size. The state file is written last, as in a save."""
     meta = check_checkpoint(checkpoint)
+    check_checkpoint_pickles(checkpoint, trusted=trust_checkpoint)
     if meta.get("universal"):
         raise DsdpoError(f"{checkpoint} is already a universal checkpoint")
     command = [
@@ -203,10 +206,13 @@ def convert_to_universal(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def load_checkpoint(engine, folder: Path, *, world_size: int) -> tuple[TrainState, dict[str, Any]]:
+def load_checkpoint(
+    engine, folder: Path, *, world_size: int, trust_checkpoint: bool = False
+) -> tuple[TrainState, dict[str, Any]]:
     """Load weights, optimizer and scheduler into `engine`; return the train state and saved config.
 
     A universal checkpoint needs `"checkpoint": {"load_universal": true}` in the engine's config.
+    Shards holding more than data are refused unless `trust_checkpoint` (dsdpo.safe_load).
     """
     meta = check_checkpoint(folder)
     if meta["world_size"] != world_size and not meta.get("universal"):
@@ -217,6 +223,7 @@ def load_checkpoint(engine, folder: Path, *, world_size: int) -> tuple[TrainStat
             "result, or resume with "
             f"world size {meta['world_size']}"
         )
+    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
     try:
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     except (RuntimeError, OSError, KeyError, ValueError) as err:

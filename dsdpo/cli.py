@@ -89,9 +89,19 @@ def data_stats_command(
     )
 
 
+TRUST_CHECKPOINT_HELP = (
+    "Load a checkpoint whose shards hold pickled objects other than weights: loading them could run "
+    "any code. Only for checkpoints from someone you trust; without it such a checkpoint is refused."
+)
+
+
+def trust_checkpoint_option(command):
+    return click.option("--trust-checkpoint", is_flag=True, help=TRUST_CHECKPOINT_HELP)(command)
+
+
 def loading_options(command):
-    """How a model folder is loaded (mask token, remote code, precision, device); shared by every
-    command that runs a model."""
+    """How a model folder (or a checkpoint) is loaded (mask token, remote code, trust, precision,
+    device); shared by every command that runs a model."""
     options = [
         click.option(
             "--mask-token-id",
@@ -105,6 +115,7 @@ def loading_options(command):
             help="Run the model folder's own Python code (needed by LLaDA and Dream); only for folders "
             "you trust.",
         ),
+        trust_checkpoint_option,
         click.option(
             "--dtype",
             type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -222,14 +233,19 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_for_sampling(model_dir, device, *, mask_token_id, trust_remote_code, dtype):
+_LOADING_KNOBS = ("mask_token_id", "trust_remote_code", "trust_checkpoint", "dtype")
+
+
+def _load_for_sampling(model_dir, device, *, mask_token_id, trust_remote_code, trust_checkpoint, dtype):
     """Model (eval mode, on `device`), tokenizer and mask token id; the mask token is checked first."""
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     mask_id = resolve_mask_token_id(mask_token_id, config, tokenizer)
-    model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, trust_checkpoint=trust_checkpoint
+    )
     return model.to(device).eval(), tokenizer, mask_id
 
 
@@ -338,7 +354,7 @@ def _make_on_policy_pairs(
     if samples < 2:
         raise DsdpoError(f"--samples must be at least 2 (a right and a wrong answer), got {samples}")
     check_prompt_template(prompt_template)
-    model_knobs = {name: knobs.pop(name) for name in ("mask_token_id", "trust_remote_code", "dtype")}
+    model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(knobs.pop("device"))
     sampler = _sampler_settings(**knobs, seed=seed, device=device)
     check_diversity(samples, sampler)  # before any model is loaded
@@ -384,7 +400,7 @@ def generate_command(model_dir, device, prompts, data, out, **knobs):
         raise DsdpoError("give prompts with --prompt or a file with --data, not both and not neither")
     texts = list(prompts) if prompts else read_prompts_jsonl(data)
     batch_size, chat = knobs.pop("batch_size"), knobs.pop("chat")
-    model_knobs = {name: knobs.pop(name) for name in ("mask_token_id", "trust_remote_code", "dtype")}
+    model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(device)
     sampler = _sampler_settings(**knobs, device=device)
     model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
@@ -459,7 +475,7 @@ def eval_accuracy_command(
         raise DsdpoError("--reasoning-gym needs --n, the number of problems to generate")
     check_prompt_template(prompt_template)
     batch_size, chat = knobs.pop("batch_size"), knobs.pop("chat")
-    model_knobs = {name: knobs.pop(name) for name in ("mask_token_id", "trust_remote_code", "dtype")}
+    model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(device)
     sampler = _sampler_settings(**knobs, device=device)
     if gym_name:
@@ -493,7 +509,8 @@ def eval_accuracy_command(
     show_default=True,
     help="Largest safetensors file; bigger models are split with an index.",
 )
-def export_command(checkpoint, out_dir, dtype, max_shard_size):
+@trust_checkpoint_option
+def export_command(checkpoint, out_dir, dtype, max_shard_size, trust_checkpoint):
     """Turn a training checkpoint into a Hugging Face folder: config, tokenizer, safetensors.
 
     CHECKPOINT is a step_NNNNNN folder, or a run's output folder (its newest complete checkpoint).
@@ -502,7 +519,9 @@ def export_command(checkpoint, out_dir, dtype, max_shard_size):
     """
     from dsdpo.export import export_checkpoint
 
-    out = export_checkpoint(checkpoint, out_dir, dtype=dtype, max_shard_size=max_shard_size)
+    out = export_checkpoint(
+        checkpoint, out_dir, dtype=dtype, max_shard_size=max_shard_size, trust_checkpoint=trust_checkpoint
+    )
     click.echo(f"exported {checkpoint} to {out}")
 
 
@@ -621,7 +640,11 @@ def _load_scoring_inputs(model_dirs, knobs: dict):
     _report_data_changes(knobs["data"], {**skipped, **cuts})
     device = _resolve_device(knobs["device"])
     models = [
-        load_model(folder, dtype=knobs["dtype"], trust_remote_code=trust).to(device).eval()
+        load_model(
+            folder, dtype=knobs["dtype"], trust_remote_code=trust, trust_checkpoint=knobs["trust_checkpoint"]
+        )
+        .to(device)
+        .eval()
         for folder in model_dirs
     ]
     return pairs, models, dict(mask_token_id=mask_ids[0], pad_token_id=tokenizer.pad_token_id)
@@ -754,8 +777,11 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
 
     Writes every pair's per-draw reference terms for each epoch, keyed exactly as training keys its
     draws. Train with `--reference-scores OUT` and the same --budget, --estimator, --trajectory-steps,
-    --seed, --max-length and --max-prompt-length (training checks each and names any difference).
+    --seed, --max-length and --max-prompt-length, and give --dtype the training precision (bf16 for
+    ds_configs/rtx4080*.json). Training checks each, the tokenizer and every pair's tokens, and names
+    any difference.
     """
+    from dsdpo.models import load_tokenizer
     from dsdpo.reference import precompute_reference_scores
 
     settings = _score_settings(knobs)  # checks the draw options before any model is loaded
@@ -767,6 +793,8 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
         settings=settings,
         max_length=knobs["max_length"],
         max_prompt_length=knobs["max_prompt_length"],
+        dtype=knobs["dtype"],
+        tokenizer=load_tokenizer(ref_dir, trust_remote_code=knobs["trust_remote_code"]),
         epochs=epochs,
         source=str(ref_dir),
         **ids,
@@ -777,7 +805,8 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
 @main.command("convert-checkpoint")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
-def convert_checkpoint_command(checkpoint, out_dir):
+@trust_checkpoint_option
+def convert_checkpoint_command(checkpoint, out_dir, trust_checkpoint):
     """Make a checkpoint resumable on another number of ranks (DeepSpeed's universal format).
 
     CHECKPOINT is a step_NNNNNN folder (or a run folder: its newest). OUT_DIR defaults to
@@ -791,7 +820,7 @@ def convert_checkpoint_command(checkpoint, out_dir):
 
     folder = resolve_checkpoint(checkpoint)
     out = Path(out_dir) if out_dir else folder.with_name(folder.name + "_universal")
-    convert_to_universal(folder, out)
+    convert_to_universal(folder, out, trust_checkpoint=trust_checkpoint)
     click.echo(f"wrote a universal checkpoint to {out}; resume with --resume {out}")
 
 

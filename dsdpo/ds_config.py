@@ -60,6 +60,12 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def precision(config: dict[str, Any]) -> str:
+    """What the engines compute in: "bf16" when that section is enabled, else "fp32" (fp16 is
+    refused by resolve_ds_config)."""
+    return "bf16" if config.get("bf16", {}).get("enabled") else "fp32"
+
+
 def _positive_int(config: dict, name: str, source: str) -> int | None:
     value = config.get(name, AUTO)
     if value == AUTO:

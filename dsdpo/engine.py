@@ -19,7 +19,7 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from dsdpo.config import ModelConfig
-from dsdpo.ds_config import reference_ds_config
+from dsdpo.ds_config import precision, reference_ds_config
 from dsdpo.errors import DsdpoError
 from dsdpo.families import Family, family_of_model
 from dsdpo.freeze import FreezeReport, freeze
@@ -105,7 +105,7 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
             "`dsdpo export CHECKPOINT DIR`, or continue its run with --resume"
         )
     hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32
     model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
     return model, hf_config
 

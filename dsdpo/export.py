@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, check_checkpoint
 from dsdpo.errors import DsdpoError
 from dsdpo.models import DTYPES
+from dsdpo.safe_load import check_checkpoint_pickles
 
 # The engine wraps the model in MaskedTokenScorer, whose only child is `model`.
 WRAPPER_PREFIX = "model."
@@ -99,12 +100,18 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bf16", max_shard_size: str = "5GB"
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write a Hugging Face folder that transformers loads with the trained policy's weights."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     folder = resolve_checkpoint(checkpoint)
+    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
     hf_files = folder / "hf"
     if not (hf_files / "config.json").is_file():
         raise DsdpoError(f"{hf_files}/config.json is missing: the checkpoint has no model config to export")
@@ -137,12 +144,17 @@ def export_checkpoint(
 
 
 def load_checkpoint_model(
-    checkpoint: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    checkpoint: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    trust_checkpoint: bool = False,
 ) -> PreTrainedModel:
     """The trained policy of a checkpoint as a plain transformers model (for eval and scoring)."""
     from dsdpo.models import build_from_config, load_config
 
     folder = resolve_checkpoint(checkpoint)
+    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
     config = load_config(folder / "hf", trust_remote_code=trust_remote_code)
     model = build_from_config(config, trust_remote_code=trust_remote_code)
     weights = {

@@ -87,10 +87,15 @@ def model_class_for(config: PretrainedConfig, *, trust_remote_code: bool = False
 
 
 def load_model(
-    path: str | Path, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    trust_checkpoint: bool = False,
 ) -> PreTrainedModel:
     """Load the denoiser in `path` for scoring or training: a Hugging Face folder, or a dsdpo
-    checkpoint (a step_NNNNNN folder, or a run folder whose `latest` names one)."""
+    checkpoint (a step_NNNNNN folder, or a run folder whose `latest` names one), whose shards must
+    hold only weights unless `trust_checkpoint` (dsdpo.safe_load)."""
     config = load_config(path, trust_remote_code=trust_remote_code)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -99,7 +104,9 @@ def load_model(
     if not (Path(path) / "config.json").is_file():  # a checkpoint: weights from the ZeRO shards
         from dsdpo.export import load_checkpoint_model
 
-        return load_checkpoint_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_checkpoint_model(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, trust_checkpoint=trust_checkpoint
+        )
     cls = model_class_for(config, trust_remote_code=trust_remote_code)
     if family_of(config) is not None:
         return cls.from_pretrained(path, config=config, dtype=dtype)

@@ -20,6 +20,7 @@ import yaml
 
 from dsdpo.checkpoint import (
     TrainState,
+    check_checkpoint,
     config_differences,
     find_resume_checkpoint,
     is_universal,
@@ -29,9 +30,10 @@ from dsdpo.checkpoint import (
 )
 from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
+from dsdpo.data.rows import examples_digest
 from dsdpo.diffusion import ScoringBatch
 from dsdpo.draws import pair_draws
-from dsdpo.ds_config import read_ds_config, resolve_batch_sizes, resolve_ds_config
+from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import (
     all_reduce_max,
     all_reduce_mean,
@@ -116,6 +118,7 @@ class RunPlan:
     ds_config: dict[str, Any]
     reference_scores: PrecomputedReference | None
     checkpoint: Path | None
+    data_digest: str  # examples_digest of the data: a checkpoint records it, a resume checks it
     summary: str
     eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
 
@@ -161,8 +164,13 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         nvme_path=nvme_path,
         source=str(ds_config_path),
     )
-    reference_scores = _precomputed_reference(config, pairs, -(-total_steps // len(batcher)))
+    reference_scores = _precomputed_reference(
+        config, pairs, tokenizer, precision(ds_config), -(-total_steps // len(batcher))
+    )
+    data_digest = examples_digest(examples)
     checkpoint = find_resume_checkpoint(output, resume) if resume else None
+    if checkpoint is not None:
+        _check_resume_data(checkpoint, config.data.path, data_digest)
     if checkpoint is not None and is_universal(checkpoint):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     summary = (
@@ -182,6 +190,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         ds_config=ds_config,
         reference_scores=reference_scores,
         checkpoint=checkpoint,
+        data_digest=data_digest,
         summary=summary,
         eval_pairs=eval_pairs,
     )
@@ -212,10 +221,30 @@ def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list |
     return pairs
 
 
+def _check_resume_data(checkpoint: Path, data_path: str, digest: str) -> None:
+    """The data file a checkpoint was trained on, edited in place since, would resume silently on
+    other pairs (the same count keeps the batcher's position valid): refuse. A new data path is a
+    visible change of option, warned about on resume."""
+    meta = check_checkpoint(checkpoint)
+    saved = meta["state"].get("data_digest")
+    same_path = meta["config"].get("data", {}).get("path") == data_path
+    if saved and same_path and saved != digest:
+        raise DsdpoError(
+            f"{data_path} changed since {checkpoint} was written (its rows' content hash differs): "
+            "resuming would continue on other pairs. Restore the file, or start a fresh run"
+        )
+
+
 def train(
-    config: Config, ds_config_path: str | Path, *, nvme_path: str | None = None, resume: str | None = None
+    config: Config,
+    ds_config_path: str | Path,
+    *,
+    nvme_path: str | None = None,
+    resume: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[str, float]:
-    """Run (or resume) training; return the last step's metrics."""
+    """Run (or resume) training; return the last step's metrics. `trust_checkpoint` lets the
+    checkpoint resumed from hold pickled code (dsdpo.safe_load)."""
     plan = plan_run(config, ds_config_path, nvme_path=nvme_path, resume=resume)
     output, batcher, checkpoint, total_steps = plan.output, plan.batcher, plan.checkpoint, plan.total_steps
     is_rank0, ranks = plan.rank == 0, plan.world_size
@@ -240,10 +269,13 @@ def train(
     def save_reference_files(folder: Path) -> None:
         save_reference(engines.reference, folder, is_rank0=is_rank0)
 
-    state, saved_config = TrainState(), None
+    state, saved_config = TrainState(data_digest=plan.data_digest), None
     if checkpoint is not None:
-        state, saved_config = load_checkpoint(policy, checkpoint, world_size=ranks)
+        state, saved_config = load_checkpoint(
+            policy, checkpoint, world_size=ranks, trust_checkpoint=trust_checkpoint
+        )
         batcher.load_state_dict(state.batcher)
+        state.data_digest = plan.data_digest  # the data this run trains on (checked in plan_run)
     logger = RunLogger(output, total_steps=total_steps, initial_step=state.step, enabled=is_rank0)
     if checkpoint is not None:
         for difference in config_differences(saved_config, config.to_dict()):
@@ -382,8 +414,11 @@ def train(
     return metrics
 
 
-def _precomputed_reference(config: Config, pairs, epochs_needed: int) -> PrecomputedReference | None:
-    """The reference's precomputed terms, checked against this run's settings and data."""
+def _precomputed_reference(
+    config: Config, pairs, tokenizer, dtype: str, epochs_needed: int
+) -> PrecomputedReference | None:
+    """The reference's precomputed terms, checked against this run's settings, precision, tokenizer
+    and data."""
     if not config.model.reference_scores:
         return None
     reference = PrecomputedReference(config.model.reference_scores)
@@ -394,8 +429,9 @@ def _precomputed_reference(config: Config, pairs, epochs_needed: int) -> Precomp
         seed=config.train.seed,
         max_length=config.data.max_length,
         max_prompt_length=config.data.max_prompt_length,
+        dtype=dtype,
     )
-    reference.check(settings, [pair.example_id for pair in pairs], epochs_needed)
+    reference.check(settings, pairs, tokenizer, epochs_needed)
     return reference
 
 

@@ -97,6 +97,12 @@ def parser() -> argparse.ArgumentParser:
         help="auto: continue from the newest complete checkpoint in --output (fresh start if none); "
         "PATH: from that checkpoint folder",
     )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="let the --resume checkpoint hold pickled code, not only weights (it could run anything): "
+        "only for checkpoints from someone you trust",
+    )
     p.add_argument("--nvme-path", help='folder on a fast NVMe drive, for configs that offload to "nvme"')
     p.add_argument(
         "--demo",
@@ -281,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         from dsdpo.train import TrainingStopped, train
 
         try:
-            metrics = train(config, args.ds_config, nvme_path=args.nvme_path, resume=args.resume)
+            metrics = train(
+                config,
+                args.ds_config,
+                nvme_path=args.nvme_path,
+                resume=args.resume,
+                trust_checkpoint=args.trust_checkpoint,
+            )
         except TrainingStopped as stopped:
             print(str(stopped), file=sys.stderr)
             return 130  # the shell's code for "interrupted"

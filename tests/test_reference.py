@@ -2,17 +2,20 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import save_file
 
 from dsdpo.cli import main
 from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig
+from dsdpo.models import load_tokenizer
 from dsdpo.train import train
 from tests.ds_helpers import CPU_CONFIG
 from tests.run_helpers import metrics_by_step
@@ -50,7 +53,7 @@ def _precompute(model_dir, data, out, *options):
     return result
 
 
-def _train(model_dir, folder, data, output, *, reference_scores=None, budget=4):
+def _train(model_dir, folder, data, output, *, reference_scores=None, budget=4, ds_config=None):
     config = Config(
         model=ModelConfig(path=str(model_dir), reference_scores=reference_scores and str(reference_scores)),
         data=DataConfig(path=str(data)),
@@ -58,7 +61,7 @@ def _train(model_dir, folder, data, output, *, reference_scores=None, budget=4):
         loss=LossConfig(beta=0.5),
         train=TrainConfig(output=str(output), max_steps=STEPS, epochs=2, seed=3),
     )
-    return train(config, folder / "ds.json")
+    return train(config, ds_config or folder / "ds.json")
 
 
 def test_precomputed_reference_trains_like_the_reference_engine(tiny_gemma_dir, setup):
@@ -99,3 +102,76 @@ def test_a_file_that_is_not_a_scores_file_is_a_clear_error(tiny_gemma_dir, setup
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(DsdpoError, match="not a dsdpo reference-scores file"):
         _train(tiny_gemma_dir, folder, data, tmp_path / "run", reference_scores=tmp_path / "junk.safetensors")
+
+
+def test_fp32_scores_are_refused_for_a_bf16_run(tiny_gemma_dir, setup, tmp_path):
+    folder, data = setup
+    assert (
+        _precompute(
+            tiny_gemma_dir, data, tmp_path / "ref.safetensors", "--budget", "4", "--epochs", "2"
+        ).exit_code
+        == 0
+    )
+    bf16 = {**json.loads((folder / "ds.json").read_text()), "bf16": {"enabled": True}}
+    (tmp_path / "bf16.json").write_text(json.dumps(bf16))
+    with pytest.raises(DsdpoError, match=r"dtype 'fp32' \(training: 'bf16'\)"):
+        _train(
+            tiny_gemma_dir,
+            folder,
+            data,
+            tmp_path / "run",
+            reference_scores=tmp_path / "ref.safetensors",
+            ds_config=tmp_path / "bf16.json",
+        )
+
+
+def test_scores_of_another_chat_template_are_refused(tiny_gemma_dir, setup, tmp_path):
+    folder, data = setup
+    other = shutil.copytree(tiny_gemma_dir, tmp_path / "other-template")
+    tokenizer = load_tokenizer(other)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(other)
+    assert (
+        _precompute(other, data, tmp_path / "ref.safetensors", "--budget", "4", "--epochs", "2").exit_code
+        == 0
+    )
+    with pytest.raises(DsdpoError, match="another tokenizer or chat template"):
+        _train(tiny_gemma_dir, folder, data, tmp_path / "run", reference_scores=tmp_path / "ref.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("chosen", "message"),
+    [
+        ("{digit}", r"e\.g\. id 'add-3' \(its text changed\)"),  # same length, other token
+        ("{digit} ok", r"id 'add-3' \(its responses are now \d+ and \d+ tokens, scored at \d+ and \d+\)"),
+    ],
+    ids=["same-length", "longer"],
+)
+def test_scores_of_a_data_file_edited_since_are_refused(tiny_gemma_dir, setup, tmp_path, chosen, message):
+    folder, data = setup
+    assert (
+        _precompute(
+            tiny_gemma_dir, data, tmp_path / "ref.safetensors", "--budget", "4", "--epochs", "2"
+        ).exit_code
+        == 0
+    )
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    last = rows[3]["chosen"][-1]
+    rows[3]["chosen"] = rows[3]["chosen"][:-1] + chosen.format(digit="1" if last != "1" else "2")
+    edited = write_jsonl(rows, tmp_path / "pairs.jsonl")  # same ids, same count
+    with pytest.raises(DsdpoError, match=message):
+        _train(
+            tiny_gemma_dir, folder, edited, tmp_path / "run", reference_scores=tmp_path / "ref.safetensors"
+        )
+
+
+def test_a_scores_file_without_the_records_is_refused(tiny_gemma_dir, setup, tmp_path):
+    folder, data = setup
+    settings = dict(
+        estimator="l_over_L", budget=4, steps=None, seed=3, max_length=1024, max_prompt_length=None
+    )
+    meta = {"settings": settings, "ids": [], "epochs": 2, "dsdpo_version": "0.1.0"}  # an older file's
+    old = tmp_path / "old.safetensors"
+    save_file({"terms": torch.zeros(2, 0, 2, 4)}, str(old), {"dsdpo": json.dumps(meta)})
+    with pytest.raises(DsdpoError, match=r"dsdpo 0\.1\.0, which did not record the precision, tokenizer"):
+        _train(tiny_gemma_dir, folder, data, tmp_path / "run", reference_scores=old)

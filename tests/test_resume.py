@@ -1,5 +1,7 @@
 """Crash and resume: SIGKILL at exact points (dsdpo.faults), then --resume auto continues exactly."""
 
+import copy
+import json
 import signal
 import time
 
@@ -8,7 +10,11 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from dsdpo.checkpoint import LATEST_FILE, STATE_FILE
+from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
 from dsdpo.demo import addition_pairs, write_jsonl
+from dsdpo.errors import DsdpoError
+from dsdpo.train import train
+from tests.ds_helpers import CPU_CONFIG
 from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail, train_args
 
 STEPS = 12
@@ -150,3 +156,29 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_after_conversion(tiny_gemma_d
     got = metrics_by_step(output)
     for step in (4, 5, 6):
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-5), step
+
+
+def test_a_data_file_edited_in_place_is_refused_on_resume(tiny_gemma_dir, tmp_path):
+    rows = addition_pairs(8, seed=3)
+    data = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    ds = copy.deepcopy(CPU_CONFIG)
+    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+
+    def run(max_steps, resume=None):
+        config = Config(
+            model=ModelConfig(path=str(tiny_gemma_dir)),
+            data=DataConfig(path=str(data)),
+            score=ScoreConfig(budget=2),
+            train=TrainConfig(output=str(tmp_path / "run"), max_steps=max_steps),
+        )
+        return train(config, tmp_path / "ds.json", resume=resume)
+
+    run(1)
+    edited = copy.deepcopy(rows)
+    edited[5]["chosen"] = "99"  # same path, same number of rows: the batcher's position stays valid
+    write_jsonl(edited, data)
+    with pytest.raises(DsdpoError, match=r"pairs\.jsonl changed since .*step_000001 was written"):
+        run(2, resume="auto")
+    write_jsonl(rows, data)  # restored: resumes
+    assert run(2, resume="auto")["consumed_pairs"] == 4

@@ -132,6 +132,16 @@ def content_id(prompt: Text, chosen: Text, rejected: Text | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def examples_digest(examples: list[PreferenceExample]) -> str:
+    """A hash of the examples' content in order (ids, texts, soft labels): a data file edited in
+    place changes it, even with the same rows count."""
+    digest = hashlib.sha256()
+    for e in examples:
+        row = [e.id, e.prompt, e.chosen, e.rejected, e.preference_prob]
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
 def parse_row(row: Any, source: str) -> PreferenceExample:
     """A validated example from one raw row; raises RowError (without the source) when unusable."""
     if not isinstance(row, Mapping):

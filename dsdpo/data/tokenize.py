@@ -13,6 +13,8 @@ as TRL keeps a prompt's end; with refuse_long_prompts such a pair is an error (o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +35,23 @@ class TokenizedPair:
     def length(self) -> int:
         """The longer of the two sequences: what this pair costs in a padded batch."""
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def digest(self) -> str:
+        """A hash of the pair's token ids: it changes when the row's text or its tokenisation does."""
+        return _sha256([self.prompt_ids, self.chosen_ids, self.rejected_ids])[:16]
+
+
+def _sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what turns rows into token ids here: the vocabulary, the special tokens and the
+    chat template."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return _sha256([vocab, special, getattr(tokenizer, "chat_template", None)])[:16]
 
 
 def prompt_token_ids(prompt, tokenizer) -> list[int]:
