@@ -50,13 +50,13 @@ SAMPLER = dict(gen_length=4, block_length=4, steps=4, remasking="low_confidence"
 def word_problems(seed: int) -> list[dict]:
     """Every problem the templates make, shuffled: sums, differences and small products."""
     rows = []
-    for a in range(1, 21):
-        for b in range(1, 21):
+    for a in range(1, 31):
+        for b in range(1, 31):
             name, item = NAMES[(a + b) % len(NAMES)], ITEMS[(a * b) % len(ITEMS)]
             rows.append((f"{name} has {a} {item}s and gets {b} more. How many {item}s?", a + b))
             if a > b:
                 rows.append((f"{name} has {a} {item}s and gives {b} away. How many are left?", a - b))
-            if a <= 9 and b <= 9:
+            if a <= 12 and b <= 12:
                 rows.append((f"{name} buys {a} bags of {b} {item}s. How many {item}s?", a * b))
     random.Random(seed).shuffle(rows)
     return [{"question": question, "answer": answer} for question, answer in rows]
@@ -212,7 +212,7 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--sft-epochs", type=int, default=6)
+    p.add_argument("--sft-epochs", type=int, default=30)
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--pair-problems", type=int, default=600, help="training problems sampled for DPO pairs")
     p.add_argument("--samples", type=int, default=8)

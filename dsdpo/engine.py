@@ -48,46 +48,6 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def launcher_rank_and_world() -> tuple[int, int]:
-    """(rank, world size) as the launcher set them, readable before the process group exists, so
-    that bad input is reported before the slow distributed start-up. Plain python: (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_reduce_max(values: list[float]) -> list[float]:
-    """The largest of each value over all ranks, in one collective (every rank must call it)."""
-    if world_size() == 1:
-        return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    if world_size() == 1:
-        return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return dict(zip(values, (tensor / world_size()).tolist(), strict=True))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def device() -> torch.device:
-    return torch.device(deepspeed.get_accelerator().current_device_name())
-
-
 @dataclass
 class Engines:
     policy: Any  # deepspeed.DeepSpeedEngine around MaskedTokenScorer(policy model)

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks, row_weights, standard_error
+from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
-from dsdpo.engine import all_reduce_max
 from dsdpo.loss import LossConfig, LossOutput, preference_loss
 
 

@@ -20,8 +20,8 @@ from torch import Tensor
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import ScoringBatch, draw_terms, plan_chunks
+from dsdpo.dist import all_reduce_max, device
 from dsdpo.draws import pair_draws
-from dsdpo.engine import all_reduce_max, device
 from dsdpo.evaluate import PairScores, ScoreSettings, preference_report
 from dsdpo.gradient import no_grad_row_sums
 from dsdpo.loss import LossConfig

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
+from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
-from dsdpo.engine import all_reduce_max
 from dsdpo.gradient import MicroStep, padded_calls
 
 

@@ -32,17 +32,10 @@ from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
 from dsdpo.data.rows import examples_digest
 from dsdpo.diffusion import ScoringBatch
+from dsdpo.dist import all_reduce_max, all_reduce_mean, barrier, device, launcher_rank_and_world
 from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
-from dsdpo.engine import (
-    all_reduce_max,
-    all_reduce_mean,
-    barrier,
-    build_engines,
-    device,
-    init_distributed,
-    launcher_rank_and_world,
-)
+from dsdpo.engine import build_engines, init_distributed
 from dsdpo.errors import DsdpoError
 from dsdpo.evaluate import ScoreSettings
 from dsdpo.faults import crash_point

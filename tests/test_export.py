@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from dsdpo.checkpoint import STATE_FILE, TrainState, check_checkpoint, load_checkpoint, save_checkpoint
 from dsdpo.cli import main
 from dsdpo.diffusion import forward_rows
-from dsdpo.engine import barrier
+from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model, load_tokenizer

@@ -9,7 +9,7 @@ import torch
 
 from dsdpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.engine import barrier
+from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
 from dsdpo.models import load_config, load_tokenizer
 from dsdpo.safe_load import check_checkpoint_pickles
