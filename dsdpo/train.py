@@ -367,7 +367,6 @@ def train(
                 epoch=epoch,
                 consumed_pairs=state.consumed_pairs,
                 skipped_steps=state.skipped_steps,
-                lr=float(policy.get_lr()[0]),
                 seconds=elapsed,
                 pairs_per_s=plan.batch_sizes["train_batch_size"] / elapsed,
                 tokens_per_s=metrics.pop("tokens") * ranks / elapsed,
@@ -388,7 +387,8 @@ def train(
             if state.bad_steps_in_row >= config.train.max_bad_steps:
                 save()  # the skipped steps changed no weight: keep what the run had learned
                 raise DsdpoError(
-                    f"{state.bad_steps_in_row} steps in a row had a non-finite loss (step {state.step}); "
+                    f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
+                    f"(step {state.step}); "
                     "the weights were not updated by them. Lower the learning rate, or check the data"
                 )
             if (
@@ -431,7 +431,8 @@ def _precomputed_reference(
 def _optimizer_step(
     policy, reference, micro_batches, epoch, config, mask_token_id, accumulation, *, pad_token_id
 ):
-    """All micro-batches of one step, then the optimizer update (or nothing, if any loss was not finite)."""
+    """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the gradient
+    was not finite)."""
     results, tokens = [], 0
     supervised = config.loss.supervised
     for pairs in micro_batches:
@@ -495,8 +496,12 @@ def _optimizer_step(
             )
         )
     finite = all(result.finite for result in results)
+    lr = float(policy.get_lr()[0])  # the rate this step applies (step() moves the schedule on)
     if finite:
         policy.step()
+        # DeepSpeed skips an update whose global gradient norm (all ranks) is not finite: a finite
+        # loss can have an infinite gradient (a huge beta, a bf16 overflow in backward).
+        finite = policy.was_step_applied()
     else:
         # Throw the step's accumulated gradient away: the next backward overwrites instead of adding.
         policy.optimizer.zero_grad()
@@ -506,4 +511,7 @@ def _optimizer_step(
     averaged["tokens"] = float(tokens)
     merged = all_reduce_mean(averaged)
     merged["finite"] = 1.0 if finite else 0.0
+    merged["lr"] = lr
+    if finite:
+        merged["grad_norm"] = float(policy.get_global_grad_norm())
     return merged

@@ -33,6 +33,9 @@ def _assert_learned(output, steps):
     metrics = metrics_by_step(output)
     assert sorted(metrics) == list(range(1, steps + 1))
     assert metrics[1]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy = reference at the start
+    # The lr logged is the one applied; the shipped warmup starts above 0, so step 1 moves the policy.
+    assert metrics[1]["lr"] == pytest.approx(2e-4) and metrics[3]["lr"] == pytest.approx(2e-3)
+    assert abs(metrics[2]["loss"] - 0.693147) > 1e-4
     late = [metrics[s] for s in range(steps - 3, steps + 1)]
     assert min(m["rewards/accuracies"] for m in late) == 1.0
     assert min(m["rewards/margins"] for m in late) > 1.0

@@ -36,7 +36,7 @@ def nan_on_calls(monkeypatch):
     return install
 
 
-def _run(tmp_path, model_dir, steps, max_bad_steps):
+def _run(tmp_path, model_dir, steps, max_bad_steps, beta=0.5):
     ds = copy.deepcopy(CPU_CONFIG)
     ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
     ds.pop("scheduler")
@@ -46,7 +46,7 @@ def _run(tmp_path, model_dir, steps, max_bad_steps):
         model=ModelConfig(path=str(model_dir)),
         data=DataConfig(path=str(data)),
         score=ScoreConfig(budget=2),
-        loss=LossConfig(beta=0.5),
+        loss=LossConfig(beta=beta),
         train=TrainConfig(
             output=str(tmp_path / "run"),
             max_steps=steps,
@@ -76,6 +76,23 @@ def test_skipped_steps_leave_weights_untouched_and_training_goes_on(tiny_gemma_d
 
 def test_a_run_of_non_finite_steps_stops_training_after_saving(tiny_gemma_dir, tmp_path, nan_on_calls):
     nan_on_calls(set(range(2, 100)))
-    with pytest.raises(DsdpoError, match="2 steps in a row had a non-finite loss"):
+    with pytest.raises(DsdpoError, match="2 steps in a row had a non-finite loss or gradient"):
         _run(tmp_path, tiny_gemma_dir, steps=10, max_bad_steps=2)
     assert (tmp_path / "run" / "latest").read_text() == "step_000003"
+
+
+def test_a_finite_loss_with_an_infinite_gradient_is_a_skipped_step(tiny_gemma_dir, tmp_path):
+    """beta 1e30: the loss is log 2 at the start, its gradient overflows; DeepSpeed skips the update
+    (its global gradient norm is not finite) and dsdpo counts it like a non-finite loss."""
+    from dsdpo.models import load_model
+
+    with pytest.raises(DsdpoError, match="2 steps in a row had a non-finite loss or gradient"):
+        _run(tmp_path, tiny_gemma_dir, steps=10, max_bad_steps=2, beta=1e30)
+    run = tmp_path / "run"
+    metrics = metrics_by_step(run)
+    assert metrics[1]["loss"] == pytest.approx(0.693147, abs=1e-6)  # finite
+    assert [metrics[s]["skipped_steps"] for s in (1, 2)] == [1, 2] and "grad_norm" not in metrics[2]
+    start = load_model(tiny_gemma_dir).state_dict()
+    saved = {name.removeprefix("model."): tensor for name, tensor in _weights(run, 2).items()}
+    assert all(torch.equal(saved[name], start[name]) for name in saved if name in start)
+    assert len(set(saved) & set(start)) > 5
