@@ -204,3 +204,34 @@ def test_independent_reference_draws_add_noise_where_shared_draws_cancel_it(
     assert chunked.metrics["loss"] == pytest.approx(whole.metrics["loss"], abs=1e-6)
     assert max(float((after_whole[k] - before[k]).abs().max()) for k in before) > 1e-3
     _assert_same_weights(after_chunked, after_whole)
+
+
+def _sequence_step_with_reference_terms(model_dir, tokenizer, reference, max_tokens):
+    engines = engines_for(model_dir, cpu_ds_config(micro=4))
+    before = full_weights(engines.policy)
+    result, _, _ = micro_step(
+        replace(engines, reference=reference), tokenizer, [0, 1, 2, 3], max_tokens=max_tokens,
+        loss_config=LossConfig(beta=0.5),
+    )  # fmt: skip
+    engines.policy.step()
+    return before, full_weights(engines.policy), result
+
+
+def test_chunked_equals_unchunked_when_each_pair_has_its_own_coefficient(
+    tiny_gemma_dir, tokenizer, reference_terms
+):
+    """At step 1 an engine reference equals the policy and every pair's ∂ℓ/∂h is the same, so a
+    mix-up of pairs in the two-pass path would go unseen; random reference terms make them differ."""
+    before, after_whole, whole = _sequence_step_with_reference_terms(
+        tiny_gemma_dir, tokenizer, reference_terms, 1 << 20
+    )
+    _, after_chunked, chunked = _sequence_step_with_reference_terms(
+        tiny_gemma_dir, tokenizer, reference_terms, 1
+    )
+    reference_logits = reference_terms.mean(1)[:4] - reference_terms.mean(1)[4:]
+    assert float(reference_logits.std()) > 0.2  # measured 0.35: the pairs' h, hence their coefficients, differ
+    assert chunked.sweeps > whole.sweeps and chunked.metrics["loss"] == pytest.approx(
+        whole.metrics["loss"], abs=1e-6
+    )
+    assert max(float((after_whole[k] - before[k]).abs().max()) for k in before) > 1e-3
+    _assert_same_weights(after_chunked, after_whole)
