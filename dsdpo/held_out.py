@@ -25,6 +25,7 @@ from dsdpo.draws import pair_draws
 from dsdpo.evaluate import PairScores, ScoreSettings, preference_report
 from dsdpo.gradient import no_grad_row_sums
 from dsdpo.loss import LossConfig
+from dsdpo.sft import pad_completions_with_eos
 
 EVAL_BATCH = 8  # held-out pairs scored together
 
@@ -41,8 +42,15 @@ class HeldOutEvaluation:
         max_tokens_no_grad: int,
         mask_token_id: int,
         pad_token_id: int,
+        eos_token_id: int | None = None,
     ):
         self.pairs = list(pairs)
+        if loss.supervised:  # completions padded with EOS per batch, as SFT trains on them (dsdpo.sft)
+            self.pairs = [
+                padded
+                for start in range(0, len(pairs), EVAL_BATCH)
+                for padded in pad_completions_with_eos(self.pairs[start : start + EVAL_BATCH], eos_token_id)
+            ]
         self.loss = loss
         self.settings = replace(settings, epoch=0)  # the same draws at every evaluation
         self.max_tokens = max_tokens_no_grad
@@ -88,7 +96,7 @@ class HeldOutEvaluation:
         lengths = torch.tensor([len(pair.chosen_ids) for pair in self.pairs])
         if self.loss.supervised:
             elbos = chosen.mean(1)
-            return {"eval/loss": float((-elbos / lengths).mean()), "eval/logps/chosen": float(elbos.mean())}
+            return {"eval/logps/chosen": float(elbos.mean()), "eval/loss": float((-elbos / lengths).mean())}
         policy_scores = PairScores.of(self.pairs, chosen, rejected)
         reference_scores = (
             None

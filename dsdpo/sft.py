@@ -9,16 +9,35 @@ with B̂ the Monte Carlo ELBO of dsdpo.diffusion (w_k = 1/t for one_over_t, L/l 
 lower-variance form of the same bound). The loss is linear in the rows' log-probability sums, so
 each chunk of draws backprops its own part and the sum of the chunks' gradients is exact: no first
 pass, no reference. The same value is the `sft` term of dsdpo.loss on a pair's chosen side.
+
+As in LLaDA's SFT (Nie et al. 2025, appendix B), the completions of a micro-batch are padded with EOS
+to the longest of them and the EOS tokens are response tokens like any other (masked, predicted,
+counted in |y|): the model learns to fill the rest of its answer canvas with EOS, which the sampler
+needs (it denoises a fixed number of positions and cuts the answer at the first EOS).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
 from dsdpo.gradient import MicroStep, padded_calls
+
+
+def pad_completions_with_eos(pairs: list[TokenizedPair], eos_token_id: int | None) -> list[TokenizedPair]:
+    """The completions (chosen sides) padded with EOS to the longest of the micro-batch."""
+    if eos_token_id is None:
+        return pairs
+    longest = max(len(pair.chosen_ids) for pair in pairs)
+    return [
+        replace(pair, chosen_ids=[*pair.chosen_ids, *[eos_token_id] * (longest - len(pair.chosen_ids))])
+        for pair in pairs
+    ]
 
 
 def sft_micro_step(

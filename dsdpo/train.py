@@ -45,7 +45,7 @@ from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
-from dsdpo.sft import sft_micro_step
+from dsdpo.sft import pad_completions_with_eos, sft_micro_step
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ def train(
             max_tokens_no_grad=config.score.no_grad_tokens,
             mask_token_id=plan.mask_token_id,
             pad_token_id=plan.tokenizer.pad_token_id or 0,
+            eos_token_id=plan.tokenizer.eos_token_id,
         )
         if checkpoint is None:  # the starting point of the curve
             logger.log(0, evaluation.run(policy, engines.reference))
@@ -351,6 +352,7 @@ def train(
                 plan.mask_token_id,
                 accumulation,
                 pad_token_id=plan.tokenizer.pad_token_id or 0,
+                eos_token_id=plan.tokenizer.eos_token_id,
             )
             state.step += 1
             state.consumed_pairs += plan.batch_sizes["train_batch_size"]
@@ -429,13 +431,24 @@ def _precomputed_reference(
 
 
 def _optimizer_step(
-    policy, reference, micro_batches, epoch, config, mask_token_id, accumulation, *, pad_token_id
+    policy,
+    reference,
+    micro_batches,
+    epoch,
+    config,
+    mask_token_id,
+    accumulation,
+    *,
+    pad_token_id,
+    eos_token_id,
 ):
     """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the gradient
     was not finite)."""
     results, tokens = [], 0
     supervised = config.loss.supervised
     for pairs in micro_batches:
+        if supervised:
+            pairs = pad_completions_with_eos(pairs, eos_token_id)
         batch = collate_pairs(pairs, pad_token_id=pad_token_id, chosen_only=supervised)
         scoring = ScoringBatch.build(
             batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())

@@ -229,7 +229,9 @@ def test_chunked_equals_unchunked_when_each_pair_has_its_own_coefficient(
         tiny_gemma_dir, tokenizer, reference_terms, 1
     )
     reference_logits = reference_terms.mean(1)[:4] - reference_terms.mean(1)[4:]
-    assert float(reference_logits.std()) > 0.2  # measured 0.35: the pairs' h, hence their coefficients, differ
+    assert (
+        float(reference_logits.std()) > 0.2
+    )  # measured 0.35: the pairs' h, hence their coefficients, differ
     assert chunked.sweeps > whole.sweeps and chunked.metrics["loss"] == pytest.approx(
         whole.metrics["loss"], abs=1e-6
     )

@@ -87,3 +87,14 @@ def test_sft_run_on_completions_lowers_the_held_in_nll(tiny_gemma_dir, tmp_path)
     first, last = metrics[1]["loss"], metrics[max(metrics)]["loss"]
     assert last < 0.8 * first, (first, last)  # measured: 4.75 -> 3.49 nats per token
     assert metrics[max(metrics)]["eval/loss"] < metrics[0]["eval/loss"]  # held-out NLL per token
+
+
+def test_completions_are_padded_with_eos_to_the_longest_of_the_micro_batch():
+    from dsdpo.data.tokenize import TokenizedPair
+    from dsdpo.sft import pad_completions_with_eos
+
+    pairs = [TokenizedPair("a", [1], [7, 2], [], None), TokenizedPair("b", [1, 1], [7, 7, 7, 2], [], None)]
+    padded = pad_completions_with_eos(pairs, eos_token_id=2)
+    assert [p.chosen_ids for p in padded] == [[7, 2, 2, 2], [7, 7, 7, 2]]
+    assert [p.prompt_ids for p in padded] == [[1], [1, 1]]
+    assert pad_completions_with_eos(pairs, eos_token_id=None) == pairs
