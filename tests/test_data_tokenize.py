@@ -46,8 +46,10 @@ def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
     assert pairs[0].rejected_ids == [*char_ids(tokenizer, "lm"), eos]
     assert counts["prompt_truncated"] == 1 and counts["response_truncated"] == 1
 
-    pairs, counts = tokenize_pairs([example("p", "abcX", "abcY")], tokenizer, max_length=4)
-    assert pairs[0].chosen_ids == pairs[0].rejected_ids == char_ids(tokenizer, "abc")
+    # Cut to "abc" both, the pair says nothing: it is dropped and counted.
+    rows = [example("p", "abcX", "abcY", id="same"), example("p", "abX", "abcY", id="kept")]
+    pairs, counts = tokenize_pairs(rows, tokenizer, max_length=4)
+    assert [pair.example_id for pair in pairs] == ["kept"]
     assert counts["identical_after_truncation"] == 1
 
 

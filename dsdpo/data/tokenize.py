@@ -139,8 +139,8 @@ def tokenize_pairs(
     """Token ids of each example, cut so prompt + response <= max_length, and the counts of cuts.
 
     Counts: prompt_truncated (pairs, by max_prompt_length), prompt_cut_to_fit (pairs whose prompt
-    alone filled max_length), response_truncated (responses), identical_after_truncation (pairs whose
-    two responses became equal) and prompt_too_long (pairs skipped: refuse_long_prompts with
+    alone filled max_length), response_truncated (responses), identical_after_truncation (pairs dropped:
+    their two responses became equal) and prompt_too_long (pairs skipped: refuse_long_prompts with
     skip_invalid). With refuse_long_prompts and not skip_invalid, such a prompt raises DsdpoError
     naming the example's source.
     """
@@ -158,15 +158,16 @@ def tokenize_pairs(
     for example in examples:
         try:
             pair = encode_example(example, tokenizer)
-            pairs.append(
-                truncate_pair(
-                    pair,
-                    max_length=max_length,
-                    max_prompt_length=max_prompt_length,
-                    counts=counts,
-                    refuse_long_prompts=refuse_long_prompts,
-                )
+            cut = truncate_pair(
+                pair,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                counts=counts,
+                refuse_long_prompts=refuse_long_prompts,
             )
+            if cut.rejected_ids and cut.chosen_ids == cut.rejected_ids:
+                continue  # no preference left to learn, only noise (counted by truncate_pair)
+            pairs.append(cut)
         except PromptTooLong as err:
             if not skip_invalid:
                 raise DsdpoError(
