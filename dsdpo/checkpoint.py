@@ -5,11 +5,16 @@ Layout under the run's output folder:
     step_000123/            DeepSpeed's sharded ZeRO-3 files (every rank writes its own shard)
     step_000123/hf/         the model's config and tokenizer (what `dsdpo export` needs beside weights)
     step_000123/dsdpo_state.json   written last, by rank 0, after every rank finished: "complete"
+    step_000123.partial/    a checkpoint being written; renamed to step_000123 once complete
     latest                  the name of the newest complete checkpoint, replaced atomically
 
 `latest` moves only after the state file exists, so a process killed while writing leaves the
-previous checkpoint as the one that resumes. Data order and Monte Carlo draws are pure functions of
-(seed, epoch, position, example id), so restoring the batcher's position restores them exactly.
+previous checkpoint as the one that resumes. `latest` is trusted only when it names a complete
+checkpoint inside the folder (it could hold anything: random bytes, a path to another run);
+otherwise the newest complete checkpoint is used, and the caller says so.
+
+Data order and Monte Carlo draws are pure functions of (seed, epoch, position, example id), so
+restoring the batcher's position restores them exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dsdpo.safe_load import check_checkpoint_pickles
 STATE_FILE = "dsdpo_state.json"
 LATEST_FILE = "latest"
 STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written
 
 
 @dataclass
@@ -64,7 +70,10 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
 
 
@@ -83,32 +92,69 @@ def save_checkpoint(
 ) -> Path:
     """Write step_NNNNNN (all ranks call this), then mark it complete and move `latest` (rank 0).
 
-    `save_extra(folder)`, called on every rank before the checkpoint is marked complete, writes what
-    else a resume needs (a refreshed reference, dsdpo.reference_sync).
+    Everything is written into step_NNNNNN.partial, made durable (fsync), marked complete, and only
+    then renamed to step_NNNNNN: a crash leaves a .partial folder that nothing reads (the next save
+    of that step removes it), and an existing step_NNNNNN (a re-save of a step) is replaced whole,
+    never mixed with new shards. `save_extra(folder)`, called on every rank before the checkpoint is
+    marked complete, writes what else a resume needs (a refreshed reference, dsdpo.reference_sync).
+    A write that fails (a full disk) is an error saying so; `latest` still names the last good one.
     """
     tag = step_tag(state.step)
-    folder = output / tag
+    folder, partial = output / tag, output / f"{tag}{PARTIAL_SUFFIX}"
+    if is_rank0 and partial.exists():
+        shutil.rmtree(partial)  # left by a crash: DeepSpeed must not write beside old shards
+    barrier()
     client_state = {"dsdpo": asdict(state), "rng": _rng_state()}
-    engine.save_checkpoint(str(output), tag=tag, client_state=client_state, save_latest=False)
-    if save_extra is not None:
-        save_extra(folder)
-    if is_rank0:
-        save_hf_files(folder / "hf")
-    barrier()  # every rank's shard is on disk
-    crash_point("in_save", state.step)
-    if is_rank0:
-        meta = {
-            "dsdpo_version": __version__,
-            "world_size": world_size,
-            "state": asdict(state),
-            "config": config,
-        }
-        _atomic_write(folder / STATE_FILE, json.dumps(meta, indent=1))
-        _atomic_write(output / LATEST_FILE, tag)
-        _prune(output, keep=keep_last, protect=tag)
+    try:
+        engine.save_checkpoint(str(output), tag=partial.name, client_state=client_state, save_latest=False)
+        if save_extra is not None:
+            save_extra(partial)
+        if is_rank0:
+            save_hf_files(partial / "hf")
+        barrier()  # every rank's shard is on disk
+        crash_point("in_save", state.step)
+        if is_rank0:
+            meta = {
+                "dsdpo_version": __version__,
+                "world_size": world_size,
+                "state": asdict(state),
+                "config": config,
+            }
+            _atomic_write(partial / STATE_FILE, json.dumps(meta, indent=1))
+            _fsync_tree(partial)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(partial, folder)
+            _fsync_dir(output)
+            _atomic_write(output / LATEST_FILE, tag)
+            _prune(output, keep=keep_last, protect=tag)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        latest, _ = latest_checkpoint(output)
+        kept = f"the last complete checkpoint, {latest.name}, is kept" if latest else "no checkpoint was kept"
+        reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise DsdpoError(f"saving checkpoint {tag} failed ({reason}; is the disk full?); {kept}") from err
     barrier()
     crash_point("after_save", state.step)
     return folder
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder` on disk, so that the rename publishes whole files."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(folder)
 
 
 def _prune(output: Path, *, keep: int, protect: str) -> None:
@@ -126,20 +172,33 @@ def complete_checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
-def find_resume_checkpoint(output: Path, resume: str) -> Path | None:
-    """`--resume auto`: the newest complete checkpoint in the output folder (None for a fresh run).
-    `--resume PATH`: that checkpoint folder, which must be complete."""
+def latest_checkpoint(output: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint `latest` names when it is a complete one inside `output`, else the newest
+    complete checkpoint; and a note saying why `latest` was passed over (None when it was used)."""
+    complete = complete_checkpoints(output)
+    newest = complete[-1] if complete else None
+    latest = output / LATEST_FILE
+    if not latest.is_file():
+        return newest, None
+    try:
+        name = latest.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is not None and STEP_PATTERN.match(name) and (output / name / STATE_FILE).is_file():
+        return output / name, None
+    fallback = f"using the newest complete checkpoint, {newest.name}" if newest else "no checkpoint to use"
+    return newest, f"{latest} does not name a complete checkpoint of this folder ({name!r:.60}); {fallback}"
+
+
+def find_resume_checkpoint(output: Path, resume: str) -> tuple[Path | None, str | None]:
+    """`--resume auto`: the newest complete checkpoint in the output folder (None for a fresh run),
+    with a note when `latest` was passed over. `--resume PATH`: that checkpoint folder, which must
+    be complete."""
     if resume == "auto":
-        latest = output / LATEST_FILE
-        if latest.is_file():
-            named = output / latest.read_text().strip()
-            if (named / STATE_FILE).is_file():
-                return named
-        complete = complete_checkpoints(output)
-        return complete[-1] if complete else None
+        return latest_checkpoint(output)
     folder = Path(resume)
     check_checkpoint(folder)
-    return folder
+    return folder, None
 
 
 def check_checkpoint(folder: Path) -> dict[str, Any]:

@@ -108,6 +108,7 @@ class ScoreConfig:
 @dataclass
 class TrainConfig:
     output: str = "runs/dsdpo"  # everything the run writes goes here
+    overwrite: bool = False  # a fresh run may clear an earlier run's checkpoints and metrics in `output`
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
     seed: int = 0  # data order and Monte Carlo draws

@@ -8,6 +8,7 @@ holds the fp32 partitions DeepSpeed maps plus one output shard, never a second c
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, check_checkpoint
+from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, check_checkpoint, latest_checkpoint
 from dsdpo.errors import DsdpoError
 from dsdpo.models import DTYPES
 from dsdpo.safe_load import check_checkpoint_pickles
@@ -28,7 +29,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder (step_NNNNNN), or a run folder whose `latest` names one."""
     folder = Path(path)
     if (folder / LATEST_FILE).is_file() and not folder.name.startswith("step_"):
-        folder = folder / (folder / LATEST_FILE).read_text().strip()
+        newest, note = latest_checkpoint(folder)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+        folder = newest or folder
     check_checkpoint(folder)
     return folder
 

@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,15 @@ from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
+from dsdpo.run_folder import (
+    ABANDONED,
+    METRICS_FILE,
+    check_fresh_output,
+    check_writable,
+    clear_run,
+    cut_metrics_to,
+    set_aside_later_checkpoints,
+)
 from dsdpo.sft import pad_completions_with_eos, sft_micro_step
 
 log = logging.getLogger(__name__)
@@ -90,6 +99,24 @@ def step_batches(batcher: PairBatcher, micro_batch: int) -> Iterator[tuple[int, 
             yield epoch, [pairs[start : start + micro_batch] for start in range(0, len(pairs), micro_batch)]
 
 
+def _prepare_output(output: Path, checkpoint: Path | None, *, resuming: bool, overwrite: bool) -> list[str]:
+    """Rank 0, before the run writes: clear an overwritten run, or on a resume set aside the
+    checkpoints of an abandoned branch and cut the metrics back to the resumed step."""
+    if not resuming:
+        if overwrite:
+            clear_run(output)
+        return []
+    step = check_checkpoint(checkpoint)["state"]["step"] if checkpoint is not None else 0
+    notes = []
+    if moved := set_aside_later_checkpoints(output, step):
+        notes.append(f"checkpoints after step {step} moved to {output / ABANDONED}: {', '.join(moved)}")
+    if dropped := cut_metrics_to(output, step):
+        notes.append(
+            f"{METRICS_FILE}: {dropped} lines after step {step} (or cut short) removed; they are logged again"
+        )
+    return notes
+
+
 def _write_run_files(output: Path, config: Config, ds_config: dict[str, Any]) -> None:
     (output / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     (output / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -114,6 +141,7 @@ class RunPlan:
     data_digest: str  # examples_digest of the data: a checkpoint records it, a resume checks it
     summary: str
     eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
+    notes: list[str] = field(default_factory=list)  # said once the run's log is open
 
 
 def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: str | None) -> RunPlan:
@@ -161,7 +189,10 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         config, pairs, tokenizer, precision(ds_config), -(-total_steps // len(batcher))
     )
     data_digest = examples_digest(examples)
-    checkpoint = find_resume_checkpoint(output, resume) if resume else None
+    check_writable(output)
+    checkpoint, resume_note = find_resume_checkpoint(output, resume) if resume else (None, None)
+    if not resume:
+        check_fresh_output(output, overwrite=config.train.overwrite)
     if checkpoint is not None:
         _check_resume_data(checkpoint, config.data.path, data_digest)
     if checkpoint is not None and is_universal(checkpoint):
@@ -185,6 +216,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         checkpoint=checkpoint,
         data_digest=data_digest,
         summary=summary,
+        notes=[resume_note] if resume_note else [],
         eval_pairs=eval_pairs,
     )
 
@@ -253,7 +285,9 @@ def train(
     policy = engines.policy
     reference = plan.reference_scores or engines.reference
     if is_rank0:
-        output.mkdir(parents=True, exist_ok=True)
+        plan.notes += _prepare_output(
+            output, checkpoint, resuming=resume is not None, overwrite=config.train.overwrite
+        )
         _write_run_files(output, config, plan.ds_config)
 
     def reference_refreshed(step: int) -> bool:
@@ -270,6 +304,8 @@ def train(
         batcher.load_state_dict(state.batcher)
         state.data_digest = plan.data_digest  # the data this run trains on (checked in plan_run)
     logger = RunLogger(output, total_steps=total_steps, initial_step=state.step, enabled=is_rank0)
+    for note in plan.notes:
+        logger.message(f"note: {note}")
     if checkpoint is not None:
         for difference in config_differences(saved_config, config.to_dict()):
             # Stated rule: the current options win; a change of data, seed or score breaks exactness.

@@ -55,6 +55,7 @@ FLAG_FIELDS = {
     "chosen_floor_per_token": "loss.chosen_floor_per_token",
     "objective": "loss.objective",
     "output": "train.output",
+    "overwrite": "train.overwrite",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
     "seed": "train.seed",
@@ -237,6 +238,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("run")
     g.add_argument("--output", help="folder for metrics, configs, TensorBoard and checkpoints")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start afresh in an --output folder that holds a run: its checkpoints and metrics are removed",
+    )
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=int, help="data order and Monte Carlo draws")
@@ -263,6 +270,7 @@ def build_config(args):
             "model.path": str(model_dir),
             "data.path": str(data_file),
             "train.output": str(output),
+            "train.overwrite": True,  # the demo starts afresh each time
             "train.epochs": 3,
             "loss.beta": 0.5,
             "score.budget": 4,

@@ -48,6 +48,8 @@ def straight(tiny_gemma_dir, data_file, tmp_path_factory):
 def _assert_same_run(output, straight):
     expected, got = metrics_by_step(straight), metrics_by_step(output)
     assert sorted(got) == list(range(1, STEPS + 1))
+    logged = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))  # a resume cut the log back: no step twice
     for step in expected:
         assert got[step]["loss"] == expected[step]["loss"], step  # exactly: fp32 on the CPU
     a, b = _final_weights(straight), _final_weights(output)
@@ -72,8 +74,9 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     args = _args(tiny_gemma_dir, data_file, tmp_path)
     killed = run_train(args, env={"DSDPO_FAULT": "in_save:9"})
     assert killed.returncode == -9, tail(killed)
-    partial = tmp_path / "step_000009"
+    partial = tmp_path / "step_000009.partial"
     assert any(partial.glob("*model_states.pt")) and not (partial / STATE_FILE).exists()
+    assert not (tmp_path / "step_000009").exists()  # only complete checkpoints carry a step's name
     assert (tmp_path / LATEST_FILE).read_text() == "step_000006"  # never names the partial one
     resumed = run_train([*args, "--resume", "auto"])
     assert resumed.returncode == 0, tail(resumed)
@@ -86,7 +89,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
 def test_resume_from_a_named_partial_checkpoint_is_a_clear_error(tiny_gemma_dir, data_file, tmp_path):
     args = _args(tiny_gemma_dir, data_file, tmp_path)
     run_train(args, env={"DSDPO_FAULT": "in_save:3"})
-    result = run_train([*args, "--resume", tmp_path / "step_000003"])
+    result = run_train([*args, "--resume", tmp_path / "step_000003.partial"])
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "dsdpo_state.json is missing" in last
