@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from dsdpo.build_locks import clear_stale_build_locks
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import precision, reference_ds_config
 from dsdpo.errors import DsdpoError
@@ -40,6 +41,7 @@ def init_distributed() -> None:
     """
     if dist.is_initialized():
         return
+    clear_stale_build_locks()  # DeepSpeed loads its communication op below
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())

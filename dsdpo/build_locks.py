@@ -1,0 +1,53 @@
+"""Stale locks of torch's extension builds, which would make every later run wait forever.
+
+DeepSpeed compiles its C++ ops on first use (torch.utils.cpp_extension): the building process
+creates `<extensions dir>/<op>/lock`, holds it open while it builds, and removes it when done. A
+process killed meanwhile leaves the file, and every later load of that op waits for it to go away,
+with no output. A lock that no process on this machine holds open is such a leftover: it is removed
+(said on stderr) before DeepSpeed starts. Linux only (it reads /proc); elsewhere nothing is done.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def extension_locks() -> list[Path]:
+    """The build lock files under torch's extensions folder (TORCH_EXTENSIONS_DIR or its default)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return sorted(Path(root).glob("*/lock"))
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return sorted(Path(get_default_build_root()).glob("*/*/lock"))  # <root>/py311_cpu/<op>/lock
+
+
+def open_files() -> set[Path] | None:
+    """Every file some process on this machine holds open (None without /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    held = set()
+    for fd_folder in proc.glob("[0-9]*/fd"):
+        try:
+            held.update(Path(os.readlink(fd)) for fd in fd_folder.iterdir())
+        except OSError:  # a process that ended, or one we may not look into
+            continue
+    return held
+
+
+def clear_stale_build_locks() -> list[Path]:
+    """Remove the build locks no process holds open; return them."""
+    locks = extension_locks()
+    if not locks:
+        return []
+    held = open_files()
+    if held is None:
+        return []
+    stale = [lock for lock in locks if lock.resolve() not in held]
+    for lock in stale:
+        lock.unlink(missing_ok=True)
+        print(f"note: removed {lock}, left by a build of a DeepSpeed op that was killed", file=sys.stderr)
+    return stale

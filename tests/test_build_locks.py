@@ -1,0 +1,35 @@
+"""A build lock left by a killed DeepSpeed op build no longer makes every later run hang."""
+
+import os
+from pathlib import Path
+
+from dsdpo.build_locks import clear_stale_build_locks
+from tests.run_helpers import run_train, tail
+
+
+def test_only_locks_no_process_holds_open_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, building = tmp_path / "cpu_adam" / "lock", tmp_path / "async_io" / "lock"
+    for lock in (stale, building):
+        lock.parent.mkdir()
+    stale.write_text("")
+    held = os.open(building, os.O_CREAT | os.O_EXCL)  # what torch's FileBaton does while it builds
+    try:
+        assert clear_stale_build_locks() == [stale]
+        assert not stale.exists() and building.exists()
+    finally:
+        os.close(held)
+
+
+def test_a_run_goes_on_past_a_stale_lock_of_the_op_it_loads(tmp_path):
+    # The CPU accelerator's communication op is loaded at every start; a lock left in its build
+    # folder made runs wait forever with no output.
+    lock = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    try:
+        result = run_train(["--demo", "--output", tmp_path / "demo", "--max-steps", "1"], timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert result.returncode == 0, tail(result)
+    assert f"note: removed {lock}, left by a build of a DeepSpeed op that was killed" in result.stderr
