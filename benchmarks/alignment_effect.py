@@ -220,6 +220,8 @@ def main() -> None:
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--dpo-lr", type=float, default=2e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
+    p.add_argument("--sft-weight", type=float, default=0.0, help="RPO's NLL term on the chosen answer")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sys.path.insert(0, str(REPO))
@@ -280,19 +282,41 @@ def main() -> None:
     print(f"SFT: held-out {sft_report.summary()} ({time.time() - started:.0f} s)", flush=True)
 
     train_pairs, eval_pairs = out / "dpo_pairs.jsonl", out / "held_out_pairs.jsonl"
-    counts = on_policy(
-        sft_model, pair_problems, train_pairs, samples=args.samples, temperature=args.temperature, seed=1
-    )
-    eval_counts = on_policy(
-        sft_model, held_out_file, eval_pairs, samples=args.samples, temperature=args.temperature, seed=2
-    )
+    if not train_pairs.is_file():
+        on_policy_counts = (
+            on_policy(
+                sft_model,
+                pair_problems,
+                train_pairs,
+                samples=args.samples,
+                temperature=args.temperature,
+                seed=1,
+            ),
+            on_policy(
+                sft_model,
+                held_out_file,
+                eval_pairs,
+                samples=args.samples,
+                temperature=args.temperature,
+                seed=2,
+            ),
+        )
+        (out / "pair_counts.json").write_text(json.dumps(on_policy_counts))
+    counts, eval_counts = json.loads((out / "pair_counts.json").read_text())
     print(f"on-policy pairs: {counts}; held-out: {eval_counts} ({time.time() - started:.0f} s)", flush=True)
 
-    dpo_config = ds_config(out / "dpo_ds.json", lr=args.dpo_lr, micro=8, accumulation=1)
+    dpo_config = ds_config(
+        out / f"dpo_ds-{args.dpo_lr:g}-{args.dpo_batch}.json",
+        lr=args.dpo_lr,
+        micro=args.dpo_batch,
+        accumulation=1,
+    )
+    settings = f"lr{args.dpo_lr:g}-beta{args.beta:g}-batch{args.dpo_batch}-sft{args.sft_weight:g}"
+    settings += f"-steps{args.dpo_steps}"
     rows = []
     for seed in range(args.seeds):
         for name, options in ARMS.items():
-            run = out / f"dpo-{name[0]}-seed{seed}"
+            run = out / f"dpo-{settings}-{name[0]}-seed{seed}"
             if not (run / "latest").is_file():
                 train(
                     [
@@ -312,6 +336,8 @@ def main() -> None:
                         args.dpo_steps,
                         "--epochs",
                         "100",
+                        "--sft-weight",
+                        args.sft_weight,
                         "--eval-data",
                         eval_pairs,
                         "--max-length",
