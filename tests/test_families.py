@@ -88,9 +88,14 @@ def test_logits_equal_the_published_code(name):
     bf16 = load_model(FIXTURES / name, dtype="bf16").eval()
     with torch.no_grad(), torch_linear():
         logits = bf16(input_ids=ids).logits.float()
-    # bf16 rounding differs from fp32 by ~0.25 here; the published bf16 path is matched to ~0.
-    assert (tensors["logits_bf16"] - tensors["logits_fp32"]).abs().max() > 0.1
-    assert torch.allclose(logits, tensors["logits_bf16"], atol=0.02)
+    # bf16 rounding moves the published logits from fp32 by ~0.25 at most, ~0.03 on average. How bf16
+    # GEMMs accumulate depends on the CPU's kernels (AVX-512 or AMX), so the published bf16 numbers are
+    # matched to within that kernel noise, not bit for bit: on an AMX Xeon, max 0.0625 and mean 0.006
+    # (LLaDA) / 0.008 (Dream); DeepSpeed's twice-rounding linear gives max 0.2, mean 0.026 on Dream.
+    gap = (tensors["logits_bf16"] - tensors["logits_fp32"]).abs()
+    assert gap.max() > 0.1
+    ours = (logits - tensors["logits_bf16"]).abs()
+    assert ours.max() <= 0.1 and ours.mean() <= 0.4 * gap.mean(), (ours.max(), ours.mean(), gap.mean())
 
 
 def test_the_pre_2025_10_llada_code_ignored_padding():

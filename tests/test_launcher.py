@@ -63,6 +63,7 @@ def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
         test_config["zero_optimization"][block]["pin_memory"] = False  # no CUDA to pin for
     test_config["zero_optimization"]["offload_param"]["buffer_size"] = 1e6
     (tmp_path / "nvme.json").write_text(json.dumps(test_config))
+    (tmp_path / "swap").mkdir()  # --nvme-path must name an existing folder (a mounted drive), not make one
     # The first use compiles DeepSpeed's async_io op (3-5 minutes on 2 cores).
     _learn(
         tmp_path / "nvme.json",

@@ -2,8 +2,6 @@
 sets an abandoned branch aside and cuts the log back, and a failing disk is one line."""
 
 import json
-import resource
-import signal
 
 import pytest
 
@@ -84,9 +82,18 @@ def test_a_fresh_run_into_a_run_folder_is_refused_unless_overwrite(tiny_gemma_di
     assert logged == [1, 2] and (output / LATEST_FILE).read_text() == "step_000002"
 
 
-def _limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+# Runs launch/train.py with every file capped at 64 KiB: a write past the cap fails with EFBIG (SIGXFSZ
+# ignored), as on a full disk. The cap is set by the child itself, not by a preexec_fn, so that a failure
+# to set it shows in the child's stderr instead of as an exception inside subprocess.
+_WITH_SMALL_FILES = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+cap = 64 * 1024 if hard == resource.RLIM_INFINITY else min(64 * 1024, hard)
+resource.setrlimit(resource.RLIMIT_FSIZE, (cap, hard))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def test_a_disk_that_fills_while_saving_is_one_line_and_no_partial_checkpoint_counts(
@@ -100,12 +107,12 @@ def test_a_disk_that_fills_while_saving_is_one_line_and_no_partial_checkpoint_co
     output = tmp_path / "run"
     command = [
         sys.executable,
+        "-c",
+        _WITH_SMALL_FILES,
         str(REPO / "launch" / "train.py"),
         *map(str, _args(tiny_gemma_dir, data_file, output)),
     ]
-    result = subprocess.run(
-        command, env=_environment(None), capture_output=True, text=True, cwd=REPO, preexec_fn=_limit_file_size
-    )
+    result = subprocess.run(command, env=_environment(None), capture_output=True, text=True, cwd=REPO)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error: saving checkpoint step_000002 failed"), tail(
         result
