@@ -148,7 +148,9 @@ def model_state_plan(
     prefetch = _number(zero.get("stage3_prefetch_bucket_size"), 5e7)
     live = _number(zero.get("stage3_max_live_parameters"), 1e9)
     reduce_bucket = _number(zero.get("reduce_bucket_size"), 5e8)
-    in_flight = max(shape.largest_module, min(live, shape.block_parameters + prefetch))
+    # Nothing ZeRO-3 gathers or buckets is larger than the model itself (a small model's buckets).
+    in_flight = min(p, max(shape.largest_module, min(live, shape.block_parameters + prefetch)))
+    reduce_bucket = min(reduce_bucket, p)
     plan.gpu += [
         Item("persistent small parameters", b * shape.persistent(threshold)),
         Item("parameters in flight (largest module, or a block + prefetch)", b * in_flight),
