@@ -171,8 +171,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--trajectory-steps", type=int, help="unmasking steps T of the trajectory estimator")
     g.add_argument(
         "--max-tokens-per-forward",
-        type=int,
-        help="rows x tokens per forward with gradients: the activation-memory knob (default 4096)",
+        type=lambda value: value if value == "auto" else int(value),
+        help='rows x tokens per forward with gradients: the activation-memory knob, or "auto": the largest '
+        "chunks the planner fits in the free device memory (default: auto on CUDA, 4096 elsewhere)",
     )
     g.add_argument("--max-tokens-no-grad", type=int, help="rows x tokens per forward without gradients")
     g.add_argument(

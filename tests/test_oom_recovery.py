@@ -150,3 +150,79 @@ def test_auto_on_the_cpu_resolves_from_the_planner_and_says_so(tiny_gemma_dir):
     assert resolve_chunk_sizes(unset, **options) is None and unset.max_tokens_per_forward == 4096
     given = ScoreConfig(max_tokens_per_forward=333)
     assert resolve_chunk_sizes(given, **options) is None and given.no_grad_tokens == 4 * 333
+
+
+def _train(tmp_path, model_dir, name, monkeypatch, *, tokens, inject=None, steps=2):
+    import copy
+    import json
+
+    import dsdpo.train
+    from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
+    from dsdpo.demo import addition_pairs, write_jsonl
+    from tests.ds_helpers import CPU_CONFIG
+
+    if inject is not None:
+        real = dsdpo.train.build_engines
+
+        def build_engines(*args, **kwargs):
+            engines = real(*args, **kwargs)
+            inject(engines.policy)
+            return engines
+
+        monkeypatch.setattr(dsdpo.train, "build_engines", build_engines)
+    ds = copy.deepcopy(CPU_CONFIG)
+    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    ds.pop("scheduler")
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
+    config = Config(
+        model=ModelConfig(path=str(model_dir)),
+        data=DataConfig(path=str(data)),
+        score=ScoreConfig(budget=2, max_tokens_per_forward=tokens),
+        loss=LossConfig(beta=0.5),
+        train=TrainConfig(output=str(tmp_path / name), max_steps=steps, save_every=1, keep_last=10),
+    )
+    dsdpo.train.train(config, tmp_path / "ds.json")
+    return tmp_path / name
+
+
+def test_the_training_loop_recovers_from_an_out_of_memory_chunk_exactly(
+    tiny_gemma_dir, tmp_path, monkeypatch
+):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from tests.run_helpers import metrics_by_step
+
+    halved = _train(tmp_path, tiny_gemma_dir, "halved", monkeypatch, tokens=32, steps=2)
+    # Chunks of up to 64 tokens run out of memory (once: the retry's are at most 32).
+    hooks = []
+    run = _train(
+        tmp_path,
+        tiny_gemma_dir,
+        "recovered",
+        monkeypatch,
+        tokens=64,
+        inject=lambda engine: hooks.append(OutOfMemoryAbove(engine, tokens=32)),
+    )
+    assert hooks[0].raised == 1
+    metrics = metrics_by_step(run)
+    assert metrics[1]["oom_retries"] == 1.0 and "oom_retries" not in metrics[2]
+    assert metrics[1]["sweeps"] == metrics_by_step(halved)[1]["sweeps"]
+    assert {"cpu_memory_mb", "cpu_peak_memory_mb"} <= metrics[1].keys()
+    assert metrics[1]["loss"] == pytest.approx(metrics_by_step(halved)[1]["loss"], abs=1e-6)
+    for step in (1, 2):
+        a = get_fp32_state_dict_from_zero_checkpoint(str(run), tag=f"step_{step:06d}")
+        b = get_fp32_state_dict_from_zero_checkpoint(str(halved), tag=f"step_{step:06d}")
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), (step, name)
+
+
+def test_training_with_auto_chunks_on_the_cpu_says_what_it_chose(
+    tiny_gemma_dir, tmp_path, monkeypatch, capsys
+):
+    import yaml
+
+    run = _train(tmp_path, tiny_gemma_dir, "auto", monkeypatch, tokens="auto", steps=1)
+    assert "--max-tokens-per-forward auto:" in capsys.readouterr().out
+    saved = yaml.safe_load((run / "train_config.yaml").read_text())["score"]
+    assert isinstance(saved["max_tokens_per_forward"], int)  # the resolved number is recorded
