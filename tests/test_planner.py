@@ -154,3 +154,24 @@ def test_plan_command_prints_llada_8b_on_a_16_gb_card():
     assert "8.016 B parameters" in result.output
     assert "DOES NOT FIT in 64 GiB" in result.output  # 16-bit policy and reference + 14 bytes a parameter
     assert "sweeps per optimizer step: 160" in result.output
+
+
+def test_the_resource_monitor_reports_memory_and_drive_traffic(tmp_path):
+    import os
+
+    from dsdpo.planner.monitor import ResourceMonitor
+
+    monitor = ResourceMonitor({"zero_optimization": {"offload_param": {"device": "nvme"}}})
+    before = monitor.sample()
+    held = torch.ones(50 * 2**20)  # 200 MiB, touched
+    with (tmp_path / "swap.bin").open("wb") as file:
+        file.write(os.urandom(16 * 2**20))
+        file.flush()
+        os.fsync(file.fileno())
+    after = monitor.sample()
+    assert after["cpu_memory_mb"] - before["cpu_memory_mb"] > 150
+    assert after["cpu_peak_memory_mb"] >= after["cpu_memory_mb"] - 1
+    assert after["nvme_written_mb"] >= 15  # the 16 MiB written and synced since the last sample
+    assert "nvme_read_mb" in after
+    del held
+    assert "nvme_read_mb" not in ResourceMonitor({}).sample()  # only when offloading to NVMe
