@@ -163,7 +163,8 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
     estimate = result["deepspeed_estimate"]
     lines += [
         f"  [DS] model states: GPU {_gib(estimate['gpu_bytes'])}, CPU {_gib(estimate['cpu_bytes'])} "
-        "(policy only; its CPU figure includes a 1.5 buffer factor)",
+        "(policy only; its CPU figure includes a 1.5 buffer factor"
+        + ("; it has no NVMe case: its CPU figure is the states swapped here)" if result["nvme"] else ")"),
         "",
         f"chunk with gradients: {chunk['rows']} rows, {chunk['tokens']} tokens, {chunk['masked']:.0f} masked "
         f"positions: activations {_gib(chunk['activations'])} ({other} "
