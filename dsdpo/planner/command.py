@@ -37,9 +37,12 @@ from dsdpo.planner.cards import CARDS
     show_default=True,
     help="A second ZeRO-3 engine, precomputed scores, or none (reference-free, SFT, LoRA's adapters off).",
 )
+@click.option(
+    "--gpus", type=int, default=1, show_default=True, help="Ranks ZeRO-3 partitions the states over."
+)
 @click.option("--ram-gib", type=float, default=None, help="CPU RAM of the machine, to say whether it fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, **options):
+def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, gpus, **options):
     """Will it fit, and how fast: GPU, CPU RAM and NVMe bytes, parameter sweeps per step and the time per
     pair of a training run, from config.json alone (the model is built on the meta device)."""
     from dsdpo.planner.report import plan_command
@@ -51,6 +54,7 @@ def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, **
             card_name=card_name,
             as_json=as_json,
             ram_gib=ram_gib,
+            world_size=gpus,
             gradient_checkpointing=not no_checkpointing,
             **options,
         )

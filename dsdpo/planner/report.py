@@ -7,6 +7,8 @@ positions) floating-point operations for a forward of T tokens, a backward twice
 forward of the blocks with gradient checkpointing, at MATMUL_EFFICIENCY of the bf16 rate. Transfer
 and compute overlap (prefetch) or not: the plan gives both ends. The optimizer step runs on the CPU
 (offloaded) at `cpu_adam_params_per_s`, with fp32 states read and written on NVMe when swapped there.
+Not modelled: ZeRO-3's gathers between GPUs (several ranks without offload: the transfer shows 0),
+the data loader, and the start-up.
 """
 
 from __future__ import annotations
@@ -191,14 +193,14 @@ def run_shape_from(ds_config: dict, **options) -> RunShape:
     return RunShape(micro_batch=micro, accumulation=accumulation, **options)
 
 
-def plan_command(model, ds_config_path, *, card_name, as_json, ram_gib, **options) -> str:
+def plan_command(model, ds_config_path, *, card_name, as_json, ram_gib, world_size=1, **options) -> str:
     """`dsdpo plan`'s body: the text (or JSON) to print."""
     from dsdpo.ds_config import read_ds_config
     from dsdpo.planner.cards import card
 
     ds_config = read_ds_config(ds_config_path)
     run = run_shape_from(ds_config, **{k: v for k, v in options.items() if v is not None})
-    result = plan(model, ds_config, run, card(card_name))
+    result = plan(model, ds_config, run, card(card_name), world_size=world_size)
     if as_json:
         return json.dumps(result, indent=2)
     return format_plan(result, ram_bytes=ram_gib * GIB if ram_gib else None)
