@@ -226,3 +226,19 @@ def test_training_with_auto_chunks_on_the_cpu_says_what_it_chose(
     assert "--max-tokens-per-forward auto:" in capsys.readouterr().out
     saved = yaml.safe_load((run / "train_config.yaml").read_text())["score"]
     assert isinstance(saved["max_tokens_per_forward"], int)  # the resolved number is recorded
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("512", 512), ("none", None)])
+def test_max_tokens_per_forward_takes_a_number_auto_or_nothing(value, parsed):
+    from dsdpo.config import apply_overrides, config_from_dict, parse_assignments
+
+    data = apply_overrides({"model": {"path": "m"}, "data": {"path": "d.jsonl"}}, {})
+    data = apply_overrides(data, parse_assignments([f"score.max_tokens_per_forward={value}"]))
+    assert config_from_dict(data).validate().score.max_tokens_per_forward == parsed
+
+
+def test_max_tokens_per_forward_refuses_other_words():
+    with pytest.raises(DsdpoError, match=r'score\.max_tokens_per_forward: a positive number or "auto"'):
+        ScoreConfig(max_tokens_per_forward="big").validate()
+    with pytest.raises(DsdpoError, match="must be positive"):
+        ScoreConfig(max_tokens_per_forward=0).validate()
