@@ -113,6 +113,35 @@ def test_a_step_out_of_memory_in_a_chunk_is_redone_with_halved_chunks_and_the_sa
         assert torch.allclose(weights[name], whole[name], atol=1e-6, rtol=0), name
 
 
+class OutOfMemoryInBackward:
+    """A backward hook on the first block (the last one backward reaches): the backward of the
+    chunk with gradients after `after` such backwards runs out of memory, once."""
+
+    def __init__(self, engine, after: int):
+        self.after, self.raised = after, 0
+        engine.module.model.model.layers[0].register_full_backward_hook(self)
+
+    def __call__(self, module, grad_input, grad_output):
+        if self.after:
+            self.after -= 1
+        elif not self.raised:
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected in a backward)")
+
+
+def test_out_of_memory_in_a_backward_leaves_nothing_behind(tiny_gemma_dir, tokenizer):
+    """Gradients half reduced when a backward stops (ZeRO-3's buckets) are thrown away too."""
+    width = _widest(tokenizer)
+    whole, *_ = _one_step(tiny_gemma_dir, tokenizer, ScoreConfig(max_tokens_per_forward=1 << 20))
+    score = ScoreConfig(max_tokens_per_forward=4 * width, max_tokens_no_grad=16 * width)
+    weights, _, retries, _, hook = _one_step(
+        tiny_gemma_dir, tokenizer, score, inject=lambda engine: OutOfMemoryInBackward(engine, after=5)
+    )
+    assert (hook.raised, retries) == (1, 1)
+    for name in whole:
+        assert torch.allclose(weights[name], whole[name], atol=1e-6, rtol=0), name
+
+
 def test_a_row_that_does_not_fit_alone_stops_with_one_line(tiny_gemma_dir, tokenizer):
     width = _widest(tokenizer)
     score = ScoreConfig(max_tokens_per_forward=2 * width, max_tokens_no_grad=2 * width)

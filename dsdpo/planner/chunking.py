@@ -10,7 +10,8 @@ elsewhere, as before.
 Out of memory: chunking is exact (docs/design.md, "Exact gradients when the score is chunked"), so a
 step whose chunk ran out of memory can be redone with smaller chunks and give the same gradient.
 The gradient the step's earlier backward calls had accumulated is thrown away (the optimizer's
-zero_grad, as for a non-finite step), ZeRO-3's gathered parameters are released, and the step's
+zero_grad, as for a non-finite step, and the gradients a backward cut short left in ZeRO-3's reduce
+buckets), ZeRO-3's gathered parameters are released, and the step's
 micro-batches run again with both chunk budgets halved. When every chunk already holds one row, a
 row does not fit: the run stops with one line saying so.
 
@@ -122,7 +123,17 @@ def release_memory(*engines) -> None:
         if hasattr(engine, "empty_partition_cache"):
             engine.empty_partition_cache()  # DeepSpeed: release and reset every gathered parameter
     policy = engines[0]
-    policy.optimizer.zero_grad()  # the next backward overwrites instead of adding
+    for param in policy.module.parameters():
+        param.grad = None  # a backward cut short leaves some (zero_grad's record_stream fails on the CPU)
+    optimizer = policy.optimizer
+    # A backward cut short leaves gradients waiting in ZeRO-3's reduce buckets and marked as reduced;
+    # DeepSpeed 0.19 clears them only at step(). (Its internals: guarded, absent in other versions.)
+    for bucket in getattr(optimizer, "ipg_buckets", {}).values():
+        bucket.clear_params()
+    reduced = getattr(optimizer, "params_already_reduced", {})
+    for key in reduced:
+        reduced[key] = False
+    optimizer.zero_grad()  # the next backward overwrites instead of adding
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
