@@ -51,14 +51,14 @@ class OutOfMemoryAbove:
     width) runs out of memory (after `after` chunks with gradients went through), as a CUDA allocator
     would."""
 
-    def __init__(self, engine, tokens: int, after: int = 0):
-        self.tokens, self.after, self.raised = tokens, after, 0
+    def __init__(self, engine, tokens: int, after: int = 0, grad: bool = True):
+        self.tokens, self.after, self.raised, self.grad = tokens, after, 0, grad
         blocks = engine.module.model.model.layers
         self.handle = blocks[-1].register_forward_hook(self)
 
     def __call__(self, module, args, output):
         hidden = args[0]
-        if not torch.is_grad_enabled():
+        if torch.is_grad_enabled() != self.grad:
             return
         if self.after:
             self.after -= 1
@@ -68,9 +68,9 @@ class OutOfMemoryAbove:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {hidden.shape[0]} rows)")
 
 
-def _one_step(model_dir, tokenizer, score, inject=None):
+def _one_step(model_dir, tokenizer, score, inject=None, on="policy"):
     engines = engines_for(model_dir, cpu_ds_config(micro=2, accumulation=2))
-    hook = inject(engines.policy) if inject else None
+    hook = inject(getattr(engines, on)) if inject else None
     messages = []
     results, retries = retry_on_out_of_memory(
         lambda: _step(engines, tokenizer, score),
@@ -136,6 +136,22 @@ def test_out_of_memory_in_a_backward_leaves_nothing_behind(tiny_gemma_dir, token
     score = ScoreConfig(max_tokens_per_forward=4 * width, max_tokens_no_grad=16 * width)
     weights, _, retries, _, hook = _one_step(
         tiny_gemma_dir, tokenizer, score, inject=lambda engine: OutOfMemoryInBackward(engine, after=5)
+    )
+    assert (hook.raised, retries) == (1, 1)
+    for name in whole:
+        assert torch.allclose(weights[name], whole[name], atol=1e-6, rtol=0), name
+
+
+def test_out_of_memory_in_the_reference_engine_is_redone_too(tiny_gemma_dir, tokenizer):
+    width = _widest(tokenizer)
+    whole, *_ = _one_step(tiny_gemma_dir, tokenizer, ScoreConfig(max_tokens_per_forward=1 << 20))
+    score = ScoreConfig(max_tokens_per_forward=4 * width, max_tokens_no_grad=8 * width)
+    weights, _, retries, _, hook = _one_step(
+        tiny_gemma_dir,
+        tokenizer,
+        score,
+        inject=lambda engine: OutOfMemoryAbove(engine, tokens=4 * width, after=3, grad=False),
+        on="reference",
     )
     assert (hook.raised, retries) == (1, 1)
     for name in whole:
