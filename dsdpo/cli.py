@@ -845,3 +845,8 @@ def plot_command(runs, out, metrics):
 
     plot_runs([Path(run) for run in runs], Path(out), metrics)
     click.echo(f"wrote {out}")
+
+
+from dsdpo.planner.command import plan_cli  # noqa: E402 (`dsdpo plan`, dsdpo/planner)
+
+main.add_command(plan_cli)

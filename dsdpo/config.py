@@ -78,7 +78,9 @@ class ScoreConfig:
     budget: int = 8  # Monte Carlo draws per response (VRPO's n)
     steps: int | None = None  # unmasking steps T of the trajectory estimator (default L)
     # Tokens (rows × sequence length) in one forward with gradients: the activation-memory knob.
-    max_tokens_per_forward: int = 4096
+    # "auto": the largest chunks the planner fits in the free device memory (dsdpo/planner/chunking.py);
+    # unset: auto on CUDA, 4096 elsewhere. Resolved to a number when training starts.
+    max_tokens_per_forward: int | str | None = None
     # Tokens in one forward without gradients (reference and the first pass): no activations are
     # kept for backward, so this can be several times larger. Default: 4 × max_tokens_per_forward.
     max_tokens_no_grad: int | None = None
@@ -93,9 +95,12 @@ class ScoreConfig:
             )
         if self.budget < 1:
             raise DsdpoError(f"score.budget must be at least 1, got {self.budget}")
+        tokens = self.max_tokens_per_forward
+        if isinstance(tokens, str) and tokens != "auto":
+            raise DsdpoError(f'score.max_tokens_per_forward: a positive number or "auto", got {tokens!r}')
         for name in ("max_tokens_per_forward", "max_tokens_no_grad"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if isinstance(value, int) and value < 1:
                 raise DsdpoError(f"score.{name} must be positive, got {value}")
 
     @property

@@ -34,6 +34,9 @@ class RunLogger:
         "pairs_per_s": "pairs/s",
         "tokens_per_s": "tok/s",
         "peak_memory_mb": "mem_mb",
+        "sweeps": "sweeps",  # and the resource monitor's (dsdpo/planner/monitor.py):
+        "cpu_memory_mb": "cpu_mb",
+        "nvme_read_mb": "nvme_r_mb",
     }
 
     def __init__(self, output: Path, *, total_steps: int, initial_step: int = 0, enabled: bool = True):

@@ -43,6 +43,8 @@ from dsdpo.gradient import preference_micro_step
 from dsdpo.held_out import HeldOutEvaluation
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
+from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
+from dsdpo.planner.monitor import ResourceMonitor
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
@@ -284,6 +286,18 @@ def train(
     )
     policy = engines.policy
     reference = plan.reference_scores or engines.reference
+    if note := resolve_chunk_sizes(  # --max-tokens-per-forward auto (default on CUDA), dsdpo/planner
+        config.score,
+        model=config.model.path,
+        ds_config=plan.ds_config,
+        max_length=config.data.max_length,
+        budget=config.score.budget,
+        micro_batch=micro,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        reference="engine" if hasattr(engines.reference, "empty_partition_cache") else "none",
+        device=device(),
+    ):
+        plan.notes.append(note)
     if is_rank0:
         plan.notes += _prepare_output(
             output, checkpoint, resuming=resume is not None, overwrite=config.train.overwrite
@@ -370,6 +384,7 @@ def train(
 
     stop = StopRequest()
     displacement = DisplacementMonitor()
+    resources = ResourceMonitor(plan.ds_config)
     steps = step_batches(batcher, micro)
     metrics: dict[str, float] = {}
     try:
@@ -409,6 +424,7 @@ def train(
                 pairs_per_s=plan.batch_sizes["train_batch_size"] / elapsed,
                 tokens_per_s=metrics.pop("tokens") * ranks / elapsed,
                 peak_memory_mb=peak_memory_mb(),
+                **resources.sample(),
             )
             if evaluation_due(state.step):
                 metrics.update(evaluation.run(policy, engines.reference))
@@ -479,7 +495,31 @@ def _optimizer_step(
     eos_token_id,
 ):
     """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the gradient
-    was not finite)."""
+    was not finite). A chunk out of device memory redoes the micro-batches with halved chunks."""
+    arguments = (policy, reference, micro_batches, epoch, config, mask_token_id, accumulation)
+    (results, tokens), retries = retry_on_out_of_memory(
+        lambda: _accumulate(*arguments, pad_token_id=pad_token_id, eos_token_id=eos_token_id),
+        config.score,
+        widest_row=max(pair.length for pairs in micro_batches for pair in pairs),
+        engines=(policy, reference),
+        say=log.warning,
+    )
+    return _apply(policy, results, tokens, retries)
+
+
+def _accumulate(
+    policy,
+    reference,
+    micro_batches,
+    epoch,
+    config,
+    mask_token_id,
+    accumulation,
+    *,
+    pad_token_id,
+    eos_token_id,
+):
+    """The forward and backward calls of the step's micro-batches: (their results, tokens)."""
     results, tokens = [], 0
     supervised = config.loss.supervised
     for pairs in micro_batches:
@@ -544,6 +584,11 @@ def _optimizer_step(
                 reference_draws=reference_draws,
             )
         )
+    return results, tokens
+
+
+def _apply(policy, results, tokens, retries):
+    """The optimizer update of the accumulated gradient, and the step's metrics."""
     finite = all(result.finite for result in results)
     lr = float(policy.get_lr()[0])  # the rate this step applies (step() moves the schedule on)
     if finite:
@@ -561,6 +606,8 @@ def _optimizer_step(
     merged = all_reduce_mean(averaged)
     merged["finite"] = 1.0 if finite else 0.0
     merged["lr"] = lr
+    if retries:
+        merged["oom_retries"] = float(retries)
     if finite:
         merged["grad_norm"] = float(policy.get_global_grad_norm())
     return merged

@@ -70,6 +70,15 @@ FLAG_FIELDS = {
 }
 
 
+def _tokens_or_auto(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'a number of tokens or "auto", got {value!r}') from None
+
+
 def parser() -> argparse.ArgumentParser:
     from dsdpo.loss import F_DIVERGENCES, LOSS_TYPES, OBJECTIVES, SMOOTHED_LOSSES
 
@@ -171,8 +180,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--trajectory-steps", type=int, help="unmasking steps T of the trajectory estimator")
     g.add_argument(
         "--max-tokens-per-forward",
-        type=int,
-        help="rows x tokens per forward with gradients: the activation-memory knob (default 4096)",
+        type=_tokens_or_auto,
+        help='rows x tokens per forward with gradients: the activation-memory knob, or "auto": the largest '
+        "chunks the planner fits in the free device memory (default: auto on CUDA, 4096 elsewhere)",
     )
     g.add_argument("--max-tokens-no-grad", type=int, help="rows x tokens per forward without gradients")
     g.add_argument(
