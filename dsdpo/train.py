@@ -37,13 +37,12 @@ from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import build_engines, init_distributed
 from dsdpo.errors import DsdpoError
-from dsdpo.evaluate import ScoreSettings
 from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
 from dsdpo.held_out import HeldOutEvaluation
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
-from dsdpo.reference import PrecomputedReference, ReferenceSettings
+from dsdpo.reference import PrecomputedReference, Reference, ReferenceSettings, as_reference
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
     ABANDONED,
@@ -54,6 +53,7 @@ from dsdpo.run_folder import (
     cut_metrics_to,
     set_aside_later_checkpoints,
 )
+from dsdpo.scoring import ScoreSettings
 from dsdpo.sft import pad_completions_with_eos, sft_micro_step
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def train(
         config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
     )
     policy = engines.policy
-    reference = plan.reference_scores or engines.reference
+    reference: Reference = plan.reference_scores or as_reference(engines.reference)
     if is_rank0:
         plan.notes += _prepare_output(
             output, checkpoint, resuming=resume is not None, overwrite=config.train.overwrite
@@ -362,7 +362,7 @@ def train(
             eos_token_id=plan.tokenizer.eos_token_id,
         )
         if checkpoint is None:  # the starting point of the curve
-            logger.log(0, evaluation.run(policy, engines.reference))
+            logger.log(0, evaluation.run(policy, reference.model))
 
     def evaluation_due(step: int) -> bool:
         every = config.train.eval_every
@@ -411,7 +411,7 @@ def train(
                 peak_memory_mb=peak_memory_mb(),
             )
             if evaluation_due(state.step):
-                metrics.update(evaluation.run(policy, engines.reference))
+                metrics.update(evaluation.run(policy, reference.model))
             if (
                 state.step % config.train.log_every == 0
                 or state.step == total_steps
@@ -525,14 +525,10 @@ def _optimizer_step(
                 steps=config.score.steps,
                 role="reference",
             )
-        if isinstance(reference, PrecomputedReference):
-            reference_input = reference.lookup(batch.example_ids, epoch).to(device())
-        else:
-            reference_input = reference
         results.append(
             preference_micro_step(
                 policy,
-                reference_input,
+                reference,
                 scoring,
                 draws,
                 mask_token_id=mask_token_id,
@@ -542,6 +538,8 @@ def _optimizer_step(
                 loss_scale=1.0 / accumulation,
                 preference_prob=prob,
                 reference_draws=reference_draws,
+                example_ids=batch.example_ids,
+                epoch=epoch,
             )
         )
     finite = all(result.finite for result in results)
