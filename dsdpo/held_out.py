@@ -71,7 +71,7 @@ class HeldOutEvaluation:
             self.settings.estimator,
             seed=self.settings.seed,
             epoch=self.settings.epoch,
-            steps=self.settings.trajectory_steps,
+            steps=self.settings.steps,
             chosen_only=supervised,
         )
         terms, _ = engine_terms(

@@ -158,7 +158,7 @@ def precompute_reference_scores(
     reference_settings = ReferenceSettings(
         estimator=settings.estimator,
         budget=settings.budget,
-        steps=settings.trajectory_steps,
+        steps=settings.steps,
         seed=settings.seed,
         max_length=max_length,
         max_prompt_length=max_prompt_length,

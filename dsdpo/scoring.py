@@ -62,7 +62,7 @@ class ScoreSettings:
 
     budget: int = 8
     estimator: str = "l_over_L"
-    trajectory_steps: int | None = None
+    steps: int | None = None  # unmasking steps T of the trajectory estimator (score.steps)
     seed: int = 0
     epoch: int = 0
     batch_size: int = 8  # pairs per batch
@@ -74,8 +74,8 @@ class ScoreSettings:
             raise DsdpoError(f"budget must be at least 1, got {self.budget}")
         if self.estimator not in ESTIMATORS:
             raise DsdpoError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.trajectory_steps is not None and self.trajectory_steps < 1:
-            raise DsdpoError(f"trajectory steps must be at least 1, got {self.trajectory_steps}")
+        if self.steps is not None and self.steps < 1:
+            raise DsdpoError(f"trajectory steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise DsdpoError(f"batch size must be at least 1, got {self.batch_size}")
         if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 1:
@@ -173,7 +173,7 @@ def score_pairs(
                     settings.estimator,
                     seed=settings.seed,
                     epoch=settings.epoch,
-                    steps=settings.trajectory_steps,
+                    steps=settings.steps,
                 )
                 terms = elbo_terms(
                     model,

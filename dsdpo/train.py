@@ -356,7 +356,7 @@ class Trainer:
             settings=ScoreSettings(
                 budget=config.score.budget,
                 estimator=config.score.estimator,
-                trajectory_steps=config.score.steps,
+                steps=config.score.steps,
                 seed=config.train.seed,
             ),
             max_tokens_no_grad=config.score.no_grad_tokens,
