@@ -8,12 +8,13 @@ import subprocess
 import sys
 import typing
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from dsdpo.cli import main
-from dsdpo.cli.train import SCHEMA_OPTIONS, build_config
-from dsdpo.config import Config
+from dsdpo.cli.train import SCHEMA_OPTIONS, build_config, schema_option
+from dsdpo.config import Config, config_from_dict, setting
 from dsdpo.draws import ESTIMATORS
 from dsdpo.loss import F_DIVERGENCES, OBJECTIVES
 from tests.run_helpers import REPO
@@ -134,3 +135,17 @@ def test_a_bad_value_is_one_error_line_with_code_2(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: command line: unknown field score.budgt")
+
+
+def test_a_union_field_is_text_that_the_config_converts_naming_the_field():
+    """A new option such as `max_tokens_per_forward: int | str | None` (a number or "auto") needs
+    nothing but its field: the option passes the text on, dsdpo.config converts it."""
+
+    @dataclasses.dataclass
+    class Section:
+        tokens: int | str | None = setting(None, "a number or auto")
+
+    (spec,) = dataclasses.fields(Section)
+    option = schema_option("score", spec, int | str | None, None)
+    assert option.opts == ["--tokens"] and option.type is click.STRING
+    assert config_from_dict({"score": {"budget": "5"}}).score.budget == 5  # text converted per field

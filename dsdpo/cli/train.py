@@ -24,6 +24,27 @@ REPO = Path(__file__).resolve().parents[2]
 TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
+def schema_option(section: str, spec: dataclasses.Field, hint, default) -> click.Option:
+    """The option of one config field: --field-name (or its metadata's flag), its help and choices;
+    a bool is a flag that sets the other value than its default. A union such as `int | str` is taken
+    as text that dsdpo.config converts (naming the field when it cannot). Not given: None, which
+    leaves the config file's value alone."""
+    meta = spec.metadata
+    kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+    dashed = spec.name.replace("_", "-")
+    name = f"{section}__{spec.name}"
+    help_text = meta.get("help", "")
+    if kinds == [bool]:
+        flag = meta.get("flag") or (f"--no-{dashed}" if default else f"--{dashed}")
+        return click.Option([flag, name], is_flag=True, flag_value=not default, default=None, help=help_text)
+    choices = meta.get("choices")
+    kind = click.Choice(choices) if choices else TYPES[kinds[0]] if len(kinds) == 1 else click.STRING
+    shown = "" if default in (None, "") else f" (default {default})"
+    return click.Option(
+        [meta.get("flag") or f"--{dashed}", name], type=kind, default=None, help=help_text + shown
+    )
+
+
 def schema_options() -> list[tuple[str, str, click.Option]]:
     """(section.field, parameter name, click option) for every field of every config section."""
     defaults = Config()
@@ -31,30 +52,9 @@ def schema_options() -> list[tuple[str, str, click.Option]]:
     for section, cls in typing.get_type_hints(Config).items():
         hints = typing.get_type_hints(cls)
         for spec in dataclasses.fields(cls):
-            meta = spec.metadata
             default = getattr(getattr(defaults, section), spec.name)
-            kind = next(
-                k for k in typing.get_args(hints[spec.name]) or (hints[spec.name],) if k is not type(None)
-            )
-            dashed = spec.name.replace("_", "-")
-            name = f"{section}__{spec.name}"
-            help_text = meta.get("help", "")
-            if kind is bool:
-                flag = meta.get("flag") or (f"--no-{dashed}" if default else f"--{dashed}")
-                option = click.Option(
-                    [flag, name], is_flag=True, flag_value=not default, default=None, help=help_text
-                )
-            else:
-                flag = meta.get("flag") or f"--{dashed}"
-                choices = meta.get("choices")
-                shown = "" if default in (None, "") else f" (default {default})"
-                option = click.Option(
-                    [flag, name],
-                    type=click.Choice(choices) if choices else TYPES[kind],
-                    default=None,
-                    help=help_text + shown,
-                )
-            options.append((f"{section}.{spec.name}", name, option))
+            option = schema_option(section, spec, hints[spec.name], default)
+            options.append((f"{section}.{spec.name}", option.name, option))
     return options
 
 
