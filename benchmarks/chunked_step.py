@@ -60,6 +60,7 @@ from dsdpo.engine import build_engines, init_distributed
 from dsdpo.gradient import preference_micro_step
 from dsdpo.loss import LossConfig
 from dsdpo.models import load_tokenizer
+from dsdpo.reference import as_reference
 from dsdpo.tiny import init_tiny
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
@@ -151,7 +152,7 @@ def one_step(engines, batch, draws, mask, grad_tokens, no_grad_tokens, loss_conf
         prof.start()
     result = preference_micro_step(
         engines.policy,
-        engines.reference,
+        as_reference(engines.reference),
         batch,
         draws,
         mask_token_id=mask,

@@ -23,24 +23,47 @@ from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig
 
 
+def setting(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, **kwargs):
+    """A config field with its command-line help beside it (dsdpo.cli.train builds the options):
+    `flag` when it is not --field-name (--no-field-name for a bool that defaults to True), `choices`
+    read from the code that implements them. The one place a setting's default is written."""
+    metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None}
+    if "default_factory" in kwargs:
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class ModelConfig:
-    path: str = ""  # local Hugging Face folder of the policy (and, by default, the reference)
-    reference_path: str | None = None  # a different reference model; default: the policy's start
-    # Reference terms precomputed by `dsdpo precompute-reference`: no reference model is loaded.
-    reference_scores: str | None = None
-    trust_remote_code: bool = False  # LLaDA and Dream ship their own modelling code
-    mask_token_id: int | None = None  # default: the config's mask_token_id, else the tokenizer's
-    gradient_checkpointing: bool = True  # activation checkpointing of the policy
-    # LoRA: train low-rank adapters instead of every weight (None: full fine-tuning). The reference is
-    # then the same engine with its adapters switched off: no second copy of the model.
-    lora_rank: int | None = None
-    lora_alpha: float = 16.0
-    # "auto": every linear layer of the blocks for LLaDA and Dream (dsdpo.families), else "all-linear";
-    # or comma-separated module names, or "all-linear"
-    lora_target_modules: str = "auto"
-    # Parameters that do not train (dsdpo.freeze): "embeddings", "head", "layers:K", name regexes
-    freeze: str = ""
+    path: str = setting("", "local Hugging Face folder of the model to train", flag="--model")
+    reference_path: str | None = setting(
+        None, "reference model folder (default: the starting policy)", flag="--ref-model"
+    )
+    reference_scores: str | None = setting(
+        None, "reference terms from `dsdpo precompute-reference`: no reference model in memory"
+    )
+    trust_remote_code: bool = setting(False, "allow the model's own code (LLaDA)")
+    mask_token_id: int | None = setting(None, "mask token id (default: from config or tokenizer)")
+    gradient_checkpointing: bool = setting(
+        True,
+        "keep activations instead of recomputing them (faster, more memory)",
+    )
+    lora_rank: int | None = setting(
+        None,
+        "train LoRA adapters of this rank instead of every weight; the reference is then the same model "
+        "with the adapters off",
+    )
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / rank)")
+    lora_target_modules: str = setting(
+        "auto",
+        'comma-separated module names, "all-linear", or "auto" (every linear layer of the blocks for '
+        "LLaDA and Dream, all-linear for other models)",
+    )
+    freeze: str = setting(
+        "",
+        'parameters that do not train, comma-separated: "embeddings", "head", "layers:K" (the first K '
+        "blocks) or name regexes; they get no optimizer state (the saving is printed at start)",
+    )
 
     def validate(self):
         if not self.path:
@@ -58,12 +81,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # preference pairs: JSONL, JSON, Parquet or a datasets folder
-    max_length: int = 1024  # prompt + response tokens
-    max_prompt_length: int | None = None
-    skip_invalid: bool = False  # skip malformed rows (counted by reason) instead of stopping
-    # A prompt that alone fills max_length: by default its start is cut so a response fits (counted).
-    refuse_long_prompts: bool = False
+    path: str = setting(
+        "", "preference pairs (prompt/chosen/rejected): JSONL, JSON, Parquet, datasets folder", flag="--data"
+    )
+    max_length: int = setting(1024, "prompt + response tokens")
+    max_prompt_length: int | None = setting(None, "prompt tokens kept (its end)")
+    skip_invalid: bool = setting(False, "skip bad rows (counted by reason) instead of stopping")
+    refuse_long_prompts: bool = setting(
+        False,
+        "a prompt that fills --max-length is an error (skipped with --skip-invalid); default: its start "
+        "is cut so the response fits, and counted",
+    )
 
     def validate(self):
         if not self.path:
@@ -74,19 +102,27 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
-    estimator: str = "l_over_L"
-    budget: int = 8  # Monte Carlo draws per response (VRPO's n)
-    steps: int | None = None  # unmasking steps T of the trajectory estimator (default L)
-    # Tokens (rows × sequence length) in one forward with gradients: the activation-memory knob.
-    # "auto": the largest chunks the planner fits in the free device memory (dsdpo/planner/chunking.py);
-    # unset: auto on CUDA, 4096 elsewhere. Resolved to a number when training starts.
-    max_tokens_per_forward: int | str | None = None
-    # Tokens in one forward without gradients (reference and the first pass): no activations are
-    # kept for backward, so this can be several times larger. Default: 4 × max_tokens_per_forward.
-    max_tokens_no_grad: int | None = None
-    # The reference scores the policy's draws (VRPO's antithetic sampling: the shared noise cancels
-    # in B̂_θ − B̂_ref). False gives it independent draws: an ablation, for measuring what sharing buys.
-    antithetic: bool = True
+    estimator: str = setting("l_over_L", "ELBO estimator (dsdpo/draws.py)", choices=ESTIMATORS)
+    budget: int = setting(8, "Monte Carlo draws per response (VRPO's n)")
+    steps: int | None = setting(
+        None, "unmasking steps T of the trajectory estimator (default L)", flag="--trajectory-steps"
+    )
+    # "auto": the largest chunks the planner fits in the free device memory (dsdpo/planner/chunking.py).
+    # Resolved to a number when training starts.
+    max_tokens_per_forward: int | str | None = setting(
+        None,
+        'rows x tokens per forward with gradients: the activation-memory knob, or "auto": the largest '
+        "chunks the planner fits in the free device memory (default: auto on CUDA, 4096 elsewhere)",
+    )
+    # No activations are kept for backward without gradients, so this can be several times larger.
+    max_tokens_no_grad: int | None = setting(
+        None, "rows x tokens per forward without gradients (default 4 x --max-tokens-per-forward)"
+    )
+    # VRPO's antithetic sampling: the shared noise cancels in B̂_θ − B̂_ref.
+    antithetic: bool = setting(
+        True,
+        "give the reference its own draws instead of the policy's (an ablation of VRPO)",
+    )
 
     def validate(self):
         if self.estimator not in ESTIMATORS:
@@ -112,21 +148,33 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    output: str = "runs/dsdpo"  # everything the run writes goes here
-    overwrite: bool = False  # a fresh run may clear an earlier run's checkpoints and metrics in `output`
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (default: all epochs)
-    seed: int = 0  # data order and Monte Carlo draws
-    log_every: int = 1  # optimizer steps between metrics lines
-    save_every: int | None = None  # optimizer steps between checkpoints (and always at the end)
-    keep_last: int = 2  # checkpoints kept
-    max_bad_steps: int = 3  # consecutive steps with a non-finite loss before training stops
-    # TR-DPO (dsdpo.reference_sync): every ref_sync_steps steps θ_ref ← α·θ + (1 − α)·θ_ref; 0: never
-    ref_sync_steps: int = 0
-    ref_sync_alpha: float = 0.6  # α (TRL's ref_model_mixup_alpha); 1.0 is a hard update
-    # Held-out pairs (or completions, for SFT) scored with the same draws at every evaluation
-    eval_data: str | None = None
-    eval_every: int = 0  # optimizer steps between evaluations; 0: before the first step and at the end only
+    output: str = setting(
+        "runs/dsdpo", "folder for metrics, configs, TensorBoard and checkpoints", flag="--output"
+    )
+    overwrite: bool = setting(
+        False, "start afresh in an --output folder that holds a run: its checkpoints and metrics are removed"
+    )
+    epochs: int = setting(1, "passes over the data")
+    max_steps: int | None = setting(None, "stop after this many optimizer steps (default: all epochs)")
+    seed: int = setting(0, "data order and Monte Carlo draws")
+    log_every: int = setting(1, "optimizer steps between metrics lines")
+    save_every: int | None = setting(None, "optimizer steps between checkpoints (always at the end)")
+    keep_last: int = setting(2, "checkpoints to keep")
+    max_bad_steps: int = setting(3, "consecutive non-finite steps before stopping")
+    # TR-DPO (dsdpo.reference_sync): every ref_sync_steps steps θ_ref ← α·θ + (1 − α)·θ_ref
+    ref_sync_steps: int = setting(
+        0, "TR-DPO: every this many steps move the reference engine towards the policy (0: never)"
+    )
+    ref_sync_alpha: float = setting(
+        0.6,
+        "TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (TRL's ref_model_mixup_alpha; 1 is a hard update)",
+    )
+    eval_data: str | None = setting(
+        None,
+        "held-out pairs (completions with --loss sft), scored with the same draws at every evaluation; "
+        "eval/* metrics in metrics.jsonl and TensorBoard",
+    )
+    eval_every: int = setting(0, "steps between evaluations (0: before the first step and at the end)")
 
     def validate(self):
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):

@@ -22,156 +22,32 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import elbo_terms, standard_error
-from dsdpo.draws import ESTIMATORS, pair_draws
+from dsdpo.diffusion import standard_error
 from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig, preference_loss
+from dsdpo.scoring import PairScores, ScoreSettings, score_pairs
+
+# Re-exported: the scores evaluation reads are computed by dsdpo.scoring, shared with training.
+__all__ = [
+    "PairScores",
+    "PreferenceComparison",
+    "PreferenceReport",
+    "ScoreSettings",
+    "compare_preference",
+    "compare_scores",
+    "evaluate_preference",
+    "preference_report",
+    "score_pairs",
+]
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How responses are scored: the draws (budget, estimator, keys) and the batching."""
-
-    budget: int = 8
-    estimator: str = "l_over_L"
-    trajectory_steps: int | None = None
-    seed: int = 0
-    epoch: int = 0
-    batch_size: int = 8  # pairs per batch
-    max_tokens_per_forward: int | None = None  # rows × sequence length per forward call
-    progress: bool = False
-
-    def __post_init__(self):
-        if self.budget < 1:
-            raise DsdpoError(f"budget must be at least 1, got {self.budget}")
-        if self.estimator not in ESTIMATORS:
-            raise DsdpoError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.trajectory_steps is not None and self.trajectory_steps < 1:
-            raise DsdpoError(f"trajectory steps must be at least 1, got {self.trajectory_steps}")
-        if self.batch_size < 1:
-            raise DsdpoError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 1:
-            raise DsdpoError(f"max tokens per forward must be positive, got {self.max_tokens_per_forward}")
-
-
-@dataclass
-class PairScores:
-    """Per-draw ELBO terms of each pair's chosen and rejected response (float64, on the CPU)."""
-
-    example_ids: list[str]
-    chosen_terms: Tensor  # [P, n]
-    rejected_terms: Tensor  # [P, n]
-    preference_prob: Tensor | None  # [P] soft labels, or None
-    chosen_lengths: Tensor | None = None  # [P] response tokens, for the per-token losses
-    rejected_lengths: Tensor | None = None
-
-    @classmethod
-    def of(cls, pairs: Sequence[TokenizedPair], chosen_terms: Tensor, rejected_terms: Tensor) -> PairScores:
-        """The scores of `pairs` from their per-draw terms, with their soft labels and lengths."""
-        probs = [pair.preference_prob for pair in pairs]
-        return cls(
-            example_ids=[pair.example_id for pair in pairs],
-            chosen_terms=chosen_terms,
-            rejected_terms=rejected_terms,
-            preference_prob=None
-            if all(p is None for p in probs)
-            else torch.tensor([1.0 if p is None else p for p in probs], dtype=torch.float64),
-            chosen_lengths=torch.tensor([len(pair.chosen_ids) for pair in pairs]),
-            rejected_lengths=torch.tensor([len(pair.rejected_ids) for pair in pairs]),
-        )
-
-    @property
-    def chosen(self) -> Tensor:
-        return self.chosen_terms.mean(-1)
-
-    @property
-    def rejected(self) -> Tensor:
-        return self.rejected_terms.mean(-1)
-
-    @property
-    def chosen_std_error(self) -> Tensor:
-        return standard_error(self.chosen_terms)
-
-    @property
-    def rejected_std_error(self) -> Tensor:
-        return standard_error(self.rejected_terms)
-
-    def records(self) -> list[dict]:
-        """One JSON-ready row per pair: the ELBO estimate and standard error of each response."""
-        rows = zip(
-            self.example_ids,
-            self.chosen.tolist(),
-            _floats(self.chosen_std_error),
-            self.rejected.tolist(),
-            _floats(self.rejected_std_error),
-            strict=True,
-        )
-        return [
-            {"id": i, "chosen_elbo": c, "chosen_std_error": ce, "rejected_elbo": r, "rejected_std_error": re}
-            for i, c, ce, r, re in rows
-        ]
-
-
-def _floats(values: Tensor) -> list[float | None]:
-    """JSON has no NaN: an undefined value becomes None (null)."""
-    return [None if math.isnan(v) else v for v in values.tolist()]
+DEFAULT_SETTINGS = ScoreSettings()
 
 
 def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
-
-
-@torch.no_grad()
-def score_pairs(
-    model: nn.Module,
-    pairs: Sequence[TokenizedPair],
-    *,
-    mask_token_id: int,
-    pad_token_id: int,
-    settings: ScoreSettings = ScoreSettings(),
-    desc: str = "score",
-) -> PairScores:
-    """The per-draw ELBO terms of every pair, `settings.batch_size` pairs at a time, in eval mode."""
-    if not pairs:
-        raise DsdpoError("there are no pairs to score")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    try:
-        with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not settings.progress) as bar:
-            for start in range(0, len(pairs), settings.batch_size):
-                batch = collate_pairs(list(pairs[start : start + settings.batch_size]), pad_token_id)
-                draws = pair_draws(
-                    batch.example_ids,
-                    batch.response_mask.sum(1),
-                    settings.budget,
-                    settings.estimator,
-                    seed=settings.seed,
-                    epoch=settings.epoch,
-                    steps=settings.trajectory_steps,
-                )
-                terms = elbo_terms(
-                    model,
-                    batch.input_ids.to(device),
-                    batch.response_mask.to(device),
-                    mask_token_id=mask_token_id,
-                    draws=draws,
-                    attention_mask=batch.attention_mask.to(device),
-                    max_tokens_per_forward=settings.max_tokens_per_forward,
-                ).to("cpu", torch.float64)
-                chosen.append(terms[: batch.num_pairs])
-                rejected.append(terms[batch.num_pairs :])
-                bar.update(batch.num_pairs)
-    finally:
-        model.train(was_training)
-    return PairScores.of(pairs, torch.cat(chosen), torch.cat(rejected))
 
 
 @dataclass(frozen=True)
@@ -300,7 +176,7 @@ def evaluate_preference(
     mask_token_id: int,
     pad_token_id: int,
     loss: LossConfig | None = None,
-    settings: ScoreSettings = ScoreSettings(),
+    settings: ScoreSettings = DEFAULT_SETTINGS,
 ) -> PreferenceReport:
     """Reward accuracy, margins, rewards, loss and standard errors of `policy` against `reference`.
 
@@ -403,7 +279,7 @@ def compare_preference(
     *,
     mask_token_id: int,
     pad_token_id: int,
-    settings: ScoreSettings = ScoreSettings(),
+    settings: ScoreSettings = DEFAULT_SETTINGS,
     beta: float = 0.1,
 ) -> PreferenceComparison:
     """Score both models on the same draws and compare them pair by pair."""

@@ -23,6 +23,7 @@ forward and backward calls: a rank with fewer chunks repeats its first one with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,8 @@ from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks,
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
 from dsdpo.loss import LossConfig, LossOutput, preference_loss
+from dsdpo.reference import Reference
+from dsdpo.scoring import no_grad_row_sums, padded_calls
 
 
 @dataclass
@@ -41,29 +44,6 @@ class MicroStep:
     finite: bool
     metrics: dict[str, float] = field(default_factory=dict)
     sweeps: int = 0  # parameter sweeps: forward and backward calls of the policy and the reference
-
-
-def padded_calls(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
-    """(rows, is_real) for `count` calls: the real chunks, then repeats of the first as fillers."""
-    return [(rows, True) for rows in chunks] + [(chunks[0], False)] * (count - len(chunks))
-
-
-@torch.no_grad()
-def no_grad_row_sums(engine, batch: ScoringBatch, draws: Draws, mask_token_id: int, chunks, count) -> Tensor:
-    sums = []
-    for rows, real in padded_calls(chunks, count):
-        result = engine(**forward_rows(batch, draws, rows, mask_token_id))
-        if real:
-            sums.append(result)
-    return torch.cat(sums)
-
-
-def _reference_terms(reference, batch, draws, mask_token_id, chunks, calls) -> tuple[Tensor | None, int]:
-    """[2P, n] per-draw reference terms (from the engine, or precomputed, or None) and the sweeps spent."""
-    if reference is None or isinstance(reference, Tensor):
-        return reference, 0
-    sums = no_grad_row_sums(reference, batch, draws, mask_token_id, chunks, calls)
-    return draw_terms(sums, draws), calls
 
 
 def plan_unit_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int) -> list[Tensor]:
@@ -87,7 +67,7 @@ def plan_unit_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: 
 
 def _per_draw_micro_step(
     policy,
-    reference,
+    reference: Reference,
     batch: ScoringBatch,
     draws: Draws,
     *,
@@ -97,16 +77,18 @@ def _per_draw_micro_step(
     max_tokens_no_grad: int,
     loss_scale: float,
     preference_prob: Tensor | None,
+    example_ids: Sequence[str],
+    epoch: int,
 ) -> MicroStep:
     """The per-draw objective in one pass (module docstring): each chunk of whole (pair, draw) units
     backprops Σ_units ℓ(f_k) / (P n), so the step's gradient is that of the mean per-draw loss."""
     pairs, budget = draws.batch_size // 2, draws.budget
     grad_chunks = plan_unit_chunks(batch, draws, max_tokens_per_forward)
-    no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
-    grad_calls, no_grad_calls = (int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks)]))
-    reference_terms, sweeps = _reference_terms(
-        reference, batch, draws, mask_token_id, no_grad_chunks, no_grad_calls
-    )
+    (grad_calls,) = (int(n) for n in all_reduce_max([len(grad_chunks)]))
+    reference_terms, sweeps = reference.terms(
+        batch, draws, mask_token_id=mask_token_id, max_tokens=max_tokens_no_grad, example_ids=example_ids,
+        epoch=epoch,
+    )  # fmt: skip
     device = batch.input_ids.device
     lengths = batch.response_lengths.to(device)
     unit = ((draws.example % pairs) * budget + draws.draw).to(device)
@@ -179,7 +161,7 @@ def _diagnostics(policy_terms: Tensor, reference_terms: Tensor | None) -> dict[s
 
 def preference_micro_step(
     policy,
-    reference,
+    reference: Reference,
     batch: ScoringBatch,
     draws: Draws,
     *,
@@ -190,12 +172,14 @@ def preference_micro_step(
     loss_scale: float,
     preference_prob: Tensor | None = None,
     reference_draws: Draws | None = None,
+    example_ids: Sequence[str] = (),
+    epoch: int = 0,
 ) -> MicroStep:
     """Score a micro-batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected) and backprop its loss.
 
-    `reference` is the reference engine, or its precomputed per-draw terms [2P, n] (dsdpo.reference),
-    or None for a reference-free loss. The reference engine scores `draws` too (antithetic, the
-    default), or its own `reference_draws` (an ablation of VRPO: no shared noise to cancel).
+    `reference` gives the per-draw reference terms (dsdpo.reference: an engine, the adapter-off
+    policy, precomputed terms of `example_ids` at `epoch`, or none). It scores `draws` too
+    (antithetic, the default), or its own `reference_draws` (an ablation of VRPO: no shared noise).
 
     `loss_scale` multiplies the micro-batch's mean loss (1 / gradient accumulation steps), so that the
     step's gradient is that of the mean loss over every pair of the step.
@@ -212,21 +196,21 @@ def preference_micro_step(
             max_tokens_no_grad=max_tokens_no_grad,
             loss_scale=loss_scale,
             preference_prob=preference_prob,
+            example_ids=example_ids,
+            epoch=epoch,
         )
     pairs = batch.input_ids.shape[0] // 2
     reference_draws = reference_draws or draws
     grad_chunks = plan_chunks(batch, draws, max_tokens_per_forward)
     no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
-    reference_chunks = plan_chunks(batch, reference_draws, max_tokens_no_grad)
-    grad_calls, no_grad_calls, reference_calls = (
-        int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks), len(reference_chunks)])
-    )
+    grad_calls, no_grad_calls = (int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks)]))
     single_pass = grad_calls == 1
     coefficients = row_weights(draws).to(batch.input_ids.device)
 
-    reference_terms, sweeps = _reference_terms(
-        reference, batch, reference_draws, mask_token_id, reference_chunks, reference_calls
-    )
+    reference_terms, sweeps = reference.terms(
+        batch, reference_draws, mask_token_id=mask_token_id, max_tokens=max_tokens_no_grad,
+        example_ids=example_ids, epoch=epoch,
+    )  # fmt: skip
     if single_pass:
         policy_sums = policy(**forward_rows(batch, draws, grad_chunks[0], mask_token_id))
     else:

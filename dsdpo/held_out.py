@@ -19,12 +19,12 @@ from torch import Tensor
 
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import ScoringBatch, draw_terms, plan_chunks
-from dsdpo.dist import all_reduce_max, device
+from dsdpo.diffusion import ScoringBatch
+from dsdpo.dist import device
 from dsdpo.draws import pair_draws
-from dsdpo.evaluate import PairScores, ScoreSettings, preference_report
-from dsdpo.gradient import no_grad_row_sums
+from dsdpo.evaluate import preference_report
 from dsdpo.loss import LossConfig
+from dsdpo.scoring import PairScores, ScoreSettings, engine_terms
 from dsdpo.sft import pad_completions_with_eos
 
 EVAL_BATCH = 8  # held-out pairs scored together
@@ -71,13 +71,13 @@ class HeldOutEvaluation:
             self.settings.estimator,
             seed=self.settings.seed,
             epoch=self.settings.epoch,
-            steps=self.settings.trajectory_steps,
+            steps=self.settings.steps,
             chosen_only=supervised,
         )
-        chunks = plan_chunks(scoring, draws, self.max_tokens)
-        (calls,) = (int(n) for n in all_reduce_max([len(chunks)]))
-        sums = no_grad_row_sums(engine, scoring, draws, self.mask_token_id, chunks, calls)
-        return draw_terms(sums, draws).to("cpu", torch.float64)
+        terms, _ = engine_terms(
+            engine, scoring, draws, mask_token_id=self.mask_token_id, max_tokens=self.max_tokens
+        )
+        return terms.to("cpu", torch.float64)
 
     @torch.no_grad()
     def _chosen_and_rejected_terms(self, engine) -> tuple[Tensor, Tensor | None]:
@@ -90,8 +90,9 @@ class HeldOutEvaluation:
         return torch.cat(chosen), None if self.loss.supervised else torch.cat(rejected)
 
     def run(self, policy, reference) -> dict[str, float]:
-        """`reference`: an engine (or the adapter-off policy), or None (precomputed or reference-free
-        training: held-out rewards are then reference-free)."""
+        """`reference`: the training run's reference model (an engine, or the adapter-off policy:
+        dsdpo.reference.Reference.model), or None (precomputed or reference-free training: held-out
+        rewards are then reference-free)."""
         chosen, rejected = self._chosen_and_rejected_terms(policy)
         lengths = torch.tensor([len(pair.chosen_ids) for pair in self.pairs])
         if self.loss.supervised:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -218,25 +218,43 @@ BATCH_LEVEL_LOSSES = ("aot", "aot_unpaired", "bco_pair")
 OBJECTIVES = ("sequence", "per_draw")
 
 
+def _setting(default, help: str, *, flag: str | None = None, choices=None):
+    """A field with its command-line help (as dsdpo.config.setting; dsdpo.config imports this module)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Which preference loss, and its parameters. Validates itself; errors name the field."""
 
-    type: str = "sigmoid"  # one of LOSS_TYPES, or several comma-separated (MPO) with `weights`
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # ε of cdpo, robust, exo_pair, aot, aot_unpaired
-    reference_free: bool = False
-    weights: str = ""  # comma-separated weight of each type in `type` (default: 1 each)
-    f_divergence: str = "reverse_kl"  # reverse_kl (DPO), forward_kl, js, alpha
-    f_alpha: float = 1.0  # α of the alpha divergence
-    discopop_tau: float = 0.05  # τ of discopop
-    wpo: bool = False  # weight each pair by WPO's policy probability weight
-    sft_weight: float = 0.0  # RPO: + weight · NLL per token of the chosen response
-    chosen_floor: float = 0.0  # + λ · max(0, B̂_ref(y_w) − B̂_θ(y_w))
-    chosen_floor_per_token: bool = False  # the floor's gap divided by |y_w|
-    # sequence: the loss of the Monte Carlo scores B̂ = mean_k f_k (two passes when chunked);
+    type: str = _setting(
+        "sigmoid",
+        f"one of {', '.join(LOSS_TYPES)}, or several comma-separated (with --loss-weights); sigmoid is "
+        "DPO; formulas in dsdpo/loss.py",
+        flag="--loss",
+    )
+    beta: float = _setting(0.1, "DPO beta")
+    label_smoothing: float = _setting(0.0, f"epsilon of {', '.join(SMOOTHED_LOSSES)}")
+    reference_free: bool = _setting(False, "no reference model")
+    weights: str = _setting(
+        "", "comma-separated weight of each --loss type (default 1 each)", flag="--loss-weights"
+    )
+    f_divergence: str = _setting("reverse_kl", "divergence of f-DPO (reverse_kl: DPO)", choices=F_DIVERGENCES)
+    f_alpha: float = _setting(1.0, "alpha of --f-divergence alpha")
+    discopop_tau: float = _setting(0.05, "tau of the discopop loss")
+    wpo: bool = _setting(False, "weight pairs by WPO's policy-probability weight")
+    sft_weight: float = _setting(0.0, "RPO: add this times the chosen NLL per token")
+    chosen_floor: float = _setting(
+        0.0, "add lambda * max(0, B_ref(chosen) - B_policy(chosen)): keeps the chosen likelihood up"
+    )
+    chosen_floor_per_token: bool = _setting(False, "the floor's gap per token")
     # per_draw: Diffusion-DPO's mean over draws k of the loss of the draw-k terms (dsdpo.gradient).
-    objective: str = "sequence"
+    objective: str = _setting(
+        "sequence",
+        "sequence: the loss of the Monte Carlo scores; per_draw: Diffusion-DPO's mean of the per-draw "
+        "losses (an upper bound, one pass with gradients)",
+        choices=OBJECTIVES,
+    )
 
     @property
     def types(self) -> tuple[str, ...]:

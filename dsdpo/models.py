@@ -24,8 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dsdpo.checkpoint import cast_weight, is_checkpoint, resolve_checkpoint, weight_sources
 from dsdpo.errors import DsdpoError
 from dsdpo.families import family_of, family_of_folder
+from dsdpo.safe_load import check_checkpoint_pickles
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_model_folder(path: str | Path) -> Path:
     """The folder holding config.json (and the tokenizer): the model folder, or a checkpoint's hf/."""
     folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        from dsdpo.export import is_checkpoint, resolve_checkpoint
-
-        if is_checkpoint(folder):
-            folder = resolve_checkpoint(folder) / "hf"
+    if folder.is_dir() and not (folder / "config.json").is_file() and is_checkpoint(folder):
+        folder = resolve_checkpoint(folder) / "hf"
     if not folder.is_dir():
         raise DsdpoError(f"{folder}: no such model folder")
     if not (folder / "config.json").is_file():
@@ -102,8 +101,6 @@ def load_model(
             raise DsdpoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     if not (Path(path) / "config.json").is_file():  # a checkpoint: weights from the ZeRO shards
-        from dsdpo.export import load_checkpoint_model
-
         return load_checkpoint_model(
             path, dtype=dtype, trust_remote_code=trust_remote_code, trust_checkpoint=trust_checkpoint
         )
@@ -182,4 +179,40 @@ def resolve_mask_token_id(
     raise DsdpoError(
         "no mask token id: the model config has no mask_token_id and the tokenizer no mask token; "
         "give it with --mask-token-id (LLaDA uses 126336)"
+    )
+
+
+def load_checkpoint_model(
+    checkpoint: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    trust_checkpoint: bool = False,
+) -> PreTrainedModel:
+    """The trained policy of a checkpoint as a plain transformers model (for eval and scoring)."""
+    folder = resolve_checkpoint(checkpoint)
+    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
+    config = load_config(folder / "hf", trust_remote_code=trust_remote_code)
+    model = build_from_config(config, trust_remote_code=trust_remote_code)
+    weights = {
+        name: cast_weight(make(), dtype or torch.float32)
+        for name, (_, make) in weight_sources(folder).items()
+    }
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    model.tie_weights()
+    tied = {name for name in missing if _is_tied(model, name)}
+    if unexpected or set(missing) - tied:
+        raise DsdpoError(
+            f"{folder}: the weights do not fit the model config (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+    return model.to(dtype) if dtype is not None else model
+
+
+def _is_tied(model: PreTrainedModel, name: str) -> bool:
+    """Whether parameter `name` shares storage with another parameter (a tied weight)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and any(
+        p.data_ptr() == target.data_ptr() for other, p in params.items() if other != name
     )

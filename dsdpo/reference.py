@@ -1,6 +1,14 @@
-"""Precomputed reference scores: train with no reference model in memory.
+"""The reference model, four ways, behind one interface; and its precomputed scores file.
 
-docs/design.md, "Reference model: four ways".
+docs/design.md, "Reference model: four ways". Training asks a `Reference` for the per-draw terms
+of a batch's responses on given draws, and never asks what kind it is:
+
+    ModelReference(engine)          a frozen ZeRO-3 engine, or the policy with its LoRA adapters off
+    PrecomputedReference(path)      terms read from `dsdpo precompute-reference`'s file
+    NoReference()                   reference-free losses and SFT: no terms
+    FixedTerms(terms)               given terms (tests, experiments)
+
+Precomputed scores: train with no reference model in memory.
 
 The reference is frozen and the draws are keyed on (seed, example id, epoch, draw index), so its
 per-draw ELBO terms for every response and epoch can be computed once, before training, and read back
@@ -19,6 +27,7 @@ difference, instead of training silently against a stale reference.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,8 +38,72 @@ from torch import Tensor, nn
 
 from dsdpo import __version__
 from dsdpo.data.tokenize import TokenizedPair, tokenizer_fingerprint
+from dsdpo.diffusion import ScoringBatch
+from dsdpo.draws import Draws
 from dsdpo.errors import DsdpoError
-from dsdpo.evaluate import ScoreSettings, score_pairs
+from dsdpo.scoring import ScoreSettings, engine_terms, score_pairs
+
+
+class Reference:
+    """Per-draw reference terms of a batch of responses (rows 0..P-1 chosen, P..2P-1 rejected).
+
+    `terms` returns ([2P, n] terms on the batch's device, or None for no reference; the forwards it
+    ran). Every rank calls it for every micro-batch (an engine's forwards are collective).
+    `model` scores other pairs (held-out evaluation) when the reference is a model, else None.
+    """
+
+    model = None
+
+    def terms(
+        self,
+        batch: ScoringBatch,
+        draws: Draws,
+        *,
+        mask_token_id: int,
+        max_tokens: int,
+        example_ids: Sequence[str] = (),
+        epoch: int = 0,
+    ) -> tuple[Tensor | None, int]:
+        raise NotImplementedError
+
+
+class NoReference(Reference):
+    """Reference-free losses (B̂_ref := 0) and SFT."""
+
+    def terms(self, batch, draws, **_) -> tuple[None, int]:
+        return None, 0
+
+
+class ModelReference(Reference):
+    """A model called like an engine (the reference engine, or dsdpo.engine.AdapterDisabledReference):
+    it scores the draws it is given, without gradients, in chunks of at most `max_tokens`."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def terms(self, batch, draws, *, mask_token_id, max_tokens, **_) -> tuple[Tensor, int]:
+        return engine_terms(self.model, batch, draws, mask_token_id=mask_token_id, max_tokens=max_tokens)
+
+
+class FixedTerms(Reference):
+    """The same given [2P, n] terms for every batch (for a single micro-batch: tests, experiments)."""
+
+    def __init__(self, terms: Tensor):
+        self.fixed = terms
+
+    def terms(self, batch, draws, **_) -> tuple[Tensor, int]:
+        return self.fixed.to(batch.input_ids.device), 0
+
+
+def as_reference(reference) -> Reference:
+    """A Reference from what a caller holds: a Reference, a model or engine, terms, or None."""
+    if isinstance(reference, Reference):
+        return reference
+    if reference is None:
+        return NoReference()
+    if isinstance(reference, Tensor):
+        return FixedTerms(reference)
+    return ModelReference(reference)
 
 
 @dataclass(frozen=True)
@@ -85,7 +158,7 @@ def precompute_reference_scores(
     reference_settings = ReferenceSettings(
         estimator=settings.estimator,
         budget=settings.budget,
-        steps=settings.trajectory_steps,
+        steps=settings.steps,
         seed=settings.seed,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
@@ -107,14 +180,14 @@ def precompute_reference_scores(
     return path
 
 
-class PrecomputedReference:
+class PrecomputedReference(Reference):
     """The reference's per-draw terms, looked up by example id and epoch."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
             with safe_open(str(self.path), framework="pt") as handle:
-                self.terms = handle.get_tensor("terms")
+                self.table = handle.get_tensor("terms")  # [epochs, pairs, 2, budget]
                 meta = json.loads((handle.metadata() or {})["dsdpo"])
         except (OSError, SafetensorError, KeyError, ValueError) as err:
             raise DsdpoError(f"{self.path}: not a dsdpo reference-scores file ({err})") from err
@@ -181,5 +254,8 @@ class PrecomputedReference:
     def lookup(self, example_ids: list[str], epoch: int) -> Tensor:
         """[2P, n] terms in PairBatch order: the P chosen responses, then the P rejected ones."""
         rows = torch.tensor([self.row_of[example_id] for example_id in example_ids])
-        pair_terms = self.terms[epoch, rows]  # [P, 2, n]
+        pair_terms = self.table[epoch, rows]  # [P, 2, n]
         return torch.cat([pair_terms[:, 0], pair_terms[:, 1]])
+
+    def terms(self, batch, draws, *, example_ids, epoch, **_) -> tuple[Tensor, int]:
+        return self.lookup(example_ids, epoch).to(batch.input_ids.device), 0

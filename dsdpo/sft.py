@@ -26,7 +26,8 @@ from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
-from dsdpo.gradient import MicroStep, padded_calls
+from dsdpo.gradient import MicroStep
+from dsdpo.scoring import padded_calls
 
 
 def pad_completions_with_eos(pairs: list[TokenizedPair], eos_token_id: int | None) -> list[TokenizedPair]:

@@ -37,15 +37,14 @@ from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import build_engines, init_distributed
 from dsdpo.errors import DsdpoError
-from dsdpo.evaluate import ScoreSettings
 from dsdpo.faults import crash_point
-from dsdpo.gradient import preference_micro_step
+from dsdpo.gradient import MicroStep, preference_micro_step
 from dsdpo.held_out import HeldOutEvaluation
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.monitor import ResourceMonitor
-from dsdpo.reference import PrecomputedReference, ReferenceSettings
+from dsdpo.reference import PrecomputedReference, Reference, ReferenceSettings, as_reference
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
     ABANDONED,
@@ -56,6 +55,7 @@ from dsdpo.run_folder import (
     cut_metrics_to,
     set_aside_later_checkpoints,
 )
+from dsdpo.scoring import ScoreSettings
 from dsdpo.sft import pad_completions_with_eos, sft_micro_step
 
 log = logging.getLogger(__name__)
@@ -273,101 +273,105 @@ def train(
     """Run (or resume) training; return the last step's metrics. `trust_checkpoint` lets the
     checkpoint resumed from hold pickled code (dsdpo.safe_load)."""
     plan = plan_run(config, ds_config_path, nvme_path=nvme_path, resume=resume)
-    output, batcher, checkpoint, total_steps = plan.output, plan.batcher, plan.checkpoint, plan.total_steps
-    is_rank0, ranks = plan.rank == 0, plan.world_size
-    micro = plan.batch_sizes["train_micro_batch_size_per_gpu"]
-    accumulation = plan.batch_sizes["gradient_accumulation_steps"]
-    init_distributed()
-    with_reference = plan.reference_scores is None and not (
-        config.loss.reference_free or config.loss.supervised
-    )
-    engines = build_engines(
-        config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
-    )
-    policy = engines.policy
-    reference = plan.reference_scores or engines.reference
-    if note := resolve_chunk_sizes(  # --max-tokens-per-forward auto (default on CUDA), dsdpo/planner
-        config.score,
-        model=config.model.path,
-        ds_config=plan.ds_config,
-        max_length=config.data.max_length,
-        budget=config.score.budget,
-        micro_batch=micro,
-        gradient_checkpointing=config.model.gradient_checkpointing,
-        reference="engine" if hasattr(engines.reference, "empty_partition_cache") else "none",
-        device=device(),
-    ):
-        plan.notes.append(note)
-    if is_rank0:
-        plan.notes += _prepare_output(
-            output, checkpoint, resuming=resume is not None, overwrite=config.train.overwrite
+    return Trainer(config, plan, resuming=resume is not None, trust_checkpoint=trust_checkpoint).run()
+
+
+class Trainer:
+    """One training run, read top to bottom: setup, then step after step (log, evaluate, save),
+    then the last save. The plan (plan_run) is checked before any of it starts."""
+
+    def __init__(self, config: Config, plan: RunPlan, *, resuming: bool, trust_checkpoint: bool = False):
+        self.config, self.plan = config, plan
+        self.resuming, self.trust_checkpoint = resuming, trust_checkpoint
+        self.is_rank0 = plan.rank == 0
+        self.state = TrainState(data_digest=plan.data_digest)
+        self.last_saved_step = -1
+
+    # --- setup: engines, the reference, the output folder, the checkpoint resumed from, the log ---
+
+    def setup(self) -> None:
+        config, plan = self.config, self.plan
+        init_distributed()
+        with_reference = plan.reference_scores is None and not (
+            config.loss.reference_free or config.loss.supervised
         )
-        _write_run_files(output, config, plan.ds_config)
-
-    def reference_refreshed(step: int) -> bool:
-        return bool(config.train.ref_sync_steps) and step >= config.train.ref_sync_steps
-
-    def save_reference_files(folder: Path) -> None:
-        save_reference(engines.reference, folder, is_rank0=is_rank0)
-
-    state, saved_config = TrainState(data_digest=plan.data_digest), None
-    if checkpoint is not None:
-        state, saved_config = load_checkpoint(
-            policy, checkpoint, world_size=ranks, trust_checkpoint=trust_checkpoint
+        self.engines = build_engines(
+            config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
         )
-        batcher.load_state_dict(state.batcher)
-        state.data_digest = plan.data_digest  # the data this run trains on (checked in plan_run)
-    logger = RunLogger(output, total_steps=total_steps, initial_step=state.step, enabled=is_rank0)
-    for note in plan.notes:
-        logger.message(f"note: {note}")
-    if checkpoint is not None:
-        for difference in config_differences(saved_config, config.to_dict()):
+        self.policy = self.engines.policy
+        # The one place that says which of the four references this run has (docs/design.md,
+        # "Reference model: four ways"); the steps only ask it for terms.
+        self.reference: Reference = plan.reference_scores or as_reference(self.engines.reference)
+        if note := resolve_chunk_sizes(  # --max-tokens-per-forward auto (default on CUDA), dsdpo/planner
+            config.score,
+            model=config.model.path,
+            ds_config=plan.ds_config,
+            max_length=config.data.max_length,
+            budget=config.score.budget,
+            micro_batch=plan.batch_sizes["train_micro_batch_size_per_gpu"],
+            gradient_checkpointing=config.model.gradient_checkpointing,
+            reference="engine" if hasattr(self.engines.reference, "empty_partition_cache") else "none",
+            device=device(),
+        ):
+            plan.notes.append(note)
+        self.resources = ResourceMonitor(plan.ds_config)
+        if self.is_rank0:
+            plan.notes += _prepare_output(
+                plan.output, plan.checkpoint, resuming=self.resuming, overwrite=config.train.overwrite
+            )
+            _write_run_files(plan.output, config, plan.ds_config)
+        saved_config = self._load_checkpoint()
+        self.logger = RunLogger(
+            plan.output, total_steps=plan.total_steps, initial_step=self.state.step, enabled=self.is_rank0
+        )
+        for note in plan.notes:
+            self.logger.message(f"note: {note}")
+        if plan.checkpoint is not None:
+            self._resume_reference(saved_config)
+        else:
+            self.logger.message(plan.summary)
+        if self.engines.freeze_report is not None:
+            self.logger.message(self.engines.freeze_report.summary())
+        self.evaluation = self._held_out_evaluation()
+        if self.evaluation is not None and plan.checkpoint is None:  # the starting point of the curve
+            self.logger.log(0, self.evaluation.run(self.policy, self.reference.model))
+
+    def _load_checkpoint(self) -> dict | None:
+        """The state (and saved config) of the checkpoint resumed from, if any."""
+        checkpoint = self.plan.checkpoint
+        if checkpoint is None:
+            return None
+        self.state, saved_config = load_checkpoint(
+            self.policy, checkpoint, world_size=self.plan.world_size, trust_checkpoint=self.trust_checkpoint
+        )
+        self.plan.batcher.load_state_dict(self.state.batcher)
+        self.state.data_digest = self.plan.data_digest  # the data this run trains on (checked in plan_run)
+        self.last_saved_step = self.state.step
+        return saved_config
+
+    def _resume_reference(self, saved_config: dict | None) -> None:
+        """Say what changed since the checkpoint, and bring back a refreshed (TR-DPO) reference."""
+        checkpoint = self.plan.checkpoint
+        for difference in config_differences(saved_config, self.config.to_dict()):
             # Stated rule: the current options win; a change of data, seed or score breaks exactness.
-            logger.message(
+            self.logger.message(
                 f"warning: option differs from {checkpoint.name}, using the new value: {difference}"
             )
-        if reference_refreshed(state.step):
-            load_reference(engines.reference, checkpoint, is_rank0=is_rank0)
-        logger.message(f"resumed from {checkpoint} at step {state.step}")
-    else:
-        logger.message(plan.summary)
-    if engines.freeze_report is not None:
-        logger.message(engines.freeze_report.summary())
+        if self._reference_refreshed(self.state.step):
+            load_reference(self.engines.reference, checkpoint, is_rank0=self.is_rank0)
+        self.logger.message(f"resumed from {checkpoint} at step {self.state.step}")
 
-    last_saved_step = state.step if checkpoint is not None else -1
-
-    def save_model_files(folder: Path) -> None:
-        plan.hf_config.save_pretrained(folder)
-        plan.tokenizer.save_pretrained(folder)
-        copy_code_files(config.model.path, folder)
-        if config.model.lora_rank:  # `dsdpo export` merges the adapters with these settings
-            policy.module.model.peft_config["default"].save_pretrained(folder)
-
-    def save() -> Path:
-        nonlocal last_saved_step
-        last_saved_step = state.step
-        return save_checkpoint(
-            policy,
-            output,
-            state,
-            config=config.to_dict(),
-            world_size=ranks,
-            is_rank0=is_rank0,
-            save_hf_files=save_model_files,
-            keep_last=config.train.keep_last,
-            barrier=barrier,
-            save_extra=save_reference_files if reference_refreshed(state.step) else None,
-        )
-
-    evaluation = None
-    if plan.eval_pairs is not None:
-        evaluation = HeldOutEvaluation(
+    def _held_out_evaluation(self) -> HeldOutEvaluation | None:
+        config, plan = self.config, self.plan
+        if plan.eval_pairs is None:
+            return None
+        return HeldOutEvaluation(
             plan.eval_pairs,
             loss=config.loss,
             settings=ScoreSettings(
                 budget=config.score.budget,
                 estimator=config.score.estimator,
-                trajectory_steps=config.score.steps,
+                steps=config.score.steps,
                 seed=config.train.seed,
             ),
             max_tokens_no_grad=config.score.no_grad_tokens,
@@ -375,90 +379,212 @@ def train(
             pad_token_id=plan.tokenizer.pad_token_id or 0,
             eos_token_id=plan.tokenizer.eos_token_id,
         )
-        if checkpoint is None:  # the starting point of the curve
-            logger.log(0, evaluation.run(policy, engines.reference))
 
-    def evaluation_due(step: int) -> bool:
-        every = config.train.eval_every
-        return evaluation is not None and (step == total_steps or (bool(every) and step % every == 0))
+    def _reference_refreshed(self, step: int) -> bool:
+        """Whether the reference engine has moved from its start (TR-DPO) by `step`."""
+        every = self.config.train.ref_sync_steps
+        return bool(every) and step >= every
 
-    stop = StopRequest()
-    displacement = DisplacementMonitor()
-    resources = ResourceMonitor(plan.ds_config)
-    steps = step_batches(batcher, micro)
-    metrics: dict[str, float] = {}
-    try:
-        while state.step < total_steps:
-            if all_reduce_max([1.0 if stop.requested else 0.0]) == [1.0]:
-                logger.message(f"stopping at step {state.step}: saving a checkpoint")
-                break
-            started = time.perf_counter()
-            epoch, micro_batches = next(steps)
-            metrics = _optimizer_step(
-                policy,
-                reference,
-                micro_batches,
-                epoch,
-                config,
-                plan.mask_token_id,
-                accumulation,
-                pad_token_id=plan.tokenizer.pad_token_id or 0,
-                eos_token_id=plan.tokenizer.eos_token_id,
+    # --- one optimizer step: every micro-batch's exact gradient, then the update ---
+
+    def micro_step(self, pairs: list, epoch: int) -> tuple[MicroStep, int]:
+        """Forward and backward of one micro-batch (no update); and the tokens it holds."""
+        config, plan = self.config, self.plan
+        score, supervised = config.score, config.loss.supervised
+        if supervised:
+            pairs = pad_completions_with_eos(pairs, plan.tokenizer.eos_token_id)
+        batch = collate_pairs(pairs, pad_token_id=plan.tokenizer.pad_token_id or 0, chosen_only=supervised)
+        scoring = ScoringBatch.build(
+            batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
+        )
+
+        def draws_for(role: str = "", chosen_only: bool = False):
+            return pair_draws(
+                batch.example_ids, scoring.response_lengths, score.budget, score.estimator,
+                seed=config.train.seed, epoch=epoch, steps=score.steps, chosen_only=chosen_only, role=role,
+            )  # fmt: skip
+
+        draws = draws_for(chosen_only=supervised)
+        tokens = int(batch.attention_mask.sum())
+        loss_scale = 1.0 / plan.batch_sizes["gradient_accumulation_steps"]
+        if supervised:
+            result = sft_micro_step(
+                self.policy, scoring, draws, mask_token_id=plan.mask_token_id,
+                max_tokens_per_forward=score.max_tokens_per_forward, loss_scale=loss_scale,
+            )  # fmt: skip
+            return result, tokens
+        result = preference_micro_step(
+            self.policy,
+            self.reference,
+            scoring,
+            draws,
+            mask_token_id=plan.mask_token_id,
+            loss_config=config.loss,
+            max_tokens_per_forward=score.max_tokens_per_forward,
+            max_tokens_no_grad=score.no_grad_tokens,
+            loss_scale=loss_scale,
+            preference_prob=batch.preference_prob.to(device()) if batch.preference_prob is not None else None,
+            reference_draws=None if score.antithetic else draws_for(role="reference"),
+            example_ids=batch.example_ids,
+            epoch=epoch,
+        )
+        return result, tokens
+
+    def step(self, epoch: int, micro_batches: list[list]) -> dict[str, float]:
+        """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the
+        gradient was not finite); the step's metrics, averaged over micro-batches and ranks. A chunk out
+        of device memory redoes the step's micro-batches with halved chunks (dsdpo/planner/chunking.py)."""
+        policy = self.policy
+
+        def accumulate() -> tuple[list[MicroStep], int]:
+            results, tokens = [], 0
+            for pairs in micro_batches:
+                result, count = self.micro_step(pairs, epoch)
+                results.append(result)
+                tokens += count
+            return results, tokens
+
+        (results, tokens), retries = retry_on_out_of_memory(
+            accumulate,
+            self.config.score,
+            widest_row=max(pair.length for pairs in micro_batches for pair in pairs),
+            engines=(policy, self.engines.reference),
+            say=log.warning,
+        )
+        finite = all(result.finite for result in results)
+        lr = float(policy.get_lr()[0])  # the rate this step applies (step() moves the schedule on)
+        if finite:
+            policy.step()
+            # DeepSpeed skips an update whose global gradient norm (all ranks) is not finite: a finite
+            # loss can have an infinite gradient (a huge beta, a bf16 overflow in backward).
+            finite = policy.was_step_applied()
+        else:
+            # Throw the step's accumulated gradient away: the next backward overwrites instead of adding.
+            policy.optimizer.zero_grad()
+        names = results[0].metrics.keys()
+        averaged = {name: sum(r.metrics[name] for r in results) / len(results) for name in names}
+        averaged["sweeps"] = float(sum(r.sweeps for r in results))
+        averaged["tokens"] = float(tokens)
+        merged = all_reduce_mean(averaged)
+        merged["finite"] = 1.0 if finite else 0.0
+        merged["lr"] = lr
+        if retries:
+            merged["oom_retries"] = float(retries)
+        if finite:
+            merged["grad_norm"] = float(policy.get_global_grad_norm())
+        return merged
+
+    def _after_step(self, epoch: int, metrics: dict[str, float], started: float) -> dict[str, float]:
+        """Count the step, refresh the reference (TR-DPO), and add the run's counters to the metrics."""
+        config, plan, state = self.config, self.plan, self.state
+        state.step += 1
+        state.consumed_pairs += plan.batch_sizes["train_batch_size"]
+        if config.train.ref_sync_steps and state.step % config.train.ref_sync_steps == 0:
+            mix_reference(
+                self.policy, self.engines.reference, config.train.ref_sync_alpha, is_rank0=self.is_rank0
             )
-            state.step += 1
-            state.consumed_pairs += plan.batch_sizes["train_batch_size"]
-            if config.train.ref_sync_steps and state.step % config.train.ref_sync_steps == 0:
-                mix_reference(policy, engines.reference, config.train.ref_sync_alpha, is_rank0=is_rank0)
-            if metrics.pop("finite") == 1.0:
-                state.bad_steps_in_row = 0
-            else:
-                state.skipped_steps += 1
-                state.bad_steps_in_row += 1
-            state.batcher = batcher.state_dict()
-            elapsed = time.perf_counter() - started
-            metrics.update(
-                epoch=epoch,
-                consumed_pairs=state.consumed_pairs,
-                skipped_steps=state.skipped_steps,
-                seconds=elapsed,
-                pairs_per_s=plan.batch_sizes["train_batch_size"] / elapsed,
-                tokens_per_s=metrics.pop("tokens") * ranks / elapsed,
-                peak_memory_mb=peak_memory_mb(),
-                **resources.sample(),
-            )
-            if evaluation_due(state.step):
-                metrics.update(evaluation.run(policy, engines.reference))
+        if metrics.pop("finite") == 1.0:
+            state.bad_steps_in_row = 0
+        else:
+            state.skipped_steps += 1
+            state.bad_steps_in_row += 1
+        state.batcher = plan.batcher.state_dict()
+        elapsed = time.perf_counter() - started
+        metrics.update(
+            epoch=epoch,
+            consumed_pairs=state.consumed_pairs,
+            skipped_steps=state.skipped_steps,
+            seconds=elapsed,
+            pairs_per_s=plan.batch_sizes["train_batch_size"] / elapsed,
+            tokens_per_s=metrics.pop("tokens") * plan.world_size / elapsed,
+            peak_memory_mb=peak_memory_mb(),
+            **self.resources.sample(),
+        )
+        return metrics
+
+    def _evaluation_due(self, step: int) -> bool:
+        every = self.config.train.eval_every
+        return self.evaluation is not None and (
+            step == self.plan.total_steps or (bool(every) and step % every == 0)
+        )
+
+    # --- saving ---
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (docs/design.md, "Checkpoint layout")."""
+        state = self.state
+        self.last_saved_step = state.step
+        return save_checkpoint(
+            self.policy,
+            self.plan.output,
+            state,
+            config=self.config.to_dict(),
+            world_size=self.plan.world_size,
+            is_rank0=self.is_rank0,
+            save_hf_files=self._save_model_files,
+            keep_last=self.config.train.keep_last,
+            barrier=barrier,
+            save_extra=self._save_reference_files if self._reference_refreshed(state.step) else None,
+        )
+
+    def _save_model_files(self, folder: Path) -> None:
+        self.plan.hf_config.save_pretrained(folder)
+        self.plan.tokenizer.save_pretrained(folder)
+        copy_code_files(self.config.model.path, folder)
+        if self.config.model.lora_rank:  # `dsdpo export` merges the adapters with these settings
+            self.policy.module.model.peft_config["default"].save_pretrained(folder)
+
+    def _save_reference_files(self, folder: Path) -> None:
+        save_reference(self.engines.reference, folder, is_rank0=self.is_rank0)
+
+    # --- the loop ---
+
+    def run(self) -> dict[str, float]:
+        """Set up, train to the last step (or a stop request), save; the last step's metrics."""
+        self.setup()
+        config, plan, state, logger = self.config, self.plan, self.state, self.logger
+        total_steps = plan.total_steps
+        stop = StopRequest()
+        displacement = DisplacementMonitor()
+        steps = step_batches(plan.batcher, plan.batch_sizes["train_micro_batch_size_per_gpu"])
+        metrics: dict[str, float] = {}
+        try:
+            while state.step < total_steps:
+                if all_reduce_max([1.0 if stop.requested else 0.0]) == [1.0]:
+                    logger.message(f"stopping at step {state.step}: saving a checkpoint")
+                    break
+                started = time.perf_counter()
+                epoch, micro_batches = next(steps)
+                metrics = self._after_step(epoch, self.step(epoch, micro_batches), started)
+                evaluate = self._evaluation_due(state.step)
+                if evaluate:
+                    metrics.update(self.evaluation.run(self.policy, self.reference.model))
+                if state.step % config.train.log_every == 0 or state.step == total_steps or evaluate:
+                    logger.log(state.step, metrics)
+                    if warning := displacement.update(state.step, metrics):
+                        logger.message(warning)
+                logger.advance()
+                crash_point("after_step", state.step)
+                if state.bad_steps_in_row >= config.train.max_bad_steps:
+                    self.save()  # the skipped steps changed no weight: keep what the run had learned
+                    raise DsdpoError(
+                        f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
+                        f"(step {state.step}); "
+                        "the weights were not updated by them. Lower the learning rate, or check the data"
+                    )
+                every = config.train.save_every
+                if every and state.step % every == 0 and state.step < total_steps:
+                    self.save()
             if (
-                state.step % config.train.log_every == 0
-                or state.step == total_steps
-                or evaluation_due(state.step)
-            ):
-                logger.log(state.step, metrics)
-                if warning := displacement.update(state.step, metrics):
-                    logger.message(warning)
-            logger.advance()
-            crash_point("after_step", state.step)
-            if state.bad_steps_in_row >= config.train.max_bad_steps:
-                save()  # the skipped steps changed no weight: keep what the run had learned
-                raise DsdpoError(
-                    f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
-                    f"(step {state.step}); "
-                    "the weights were not updated by them. Lower the learning rate, or check the data"
-                )
-            if (
-                config.train.save_every
-                and state.step % config.train.save_every == 0
-                and state.step < total_steps
-            ):
-                save()
-        if state.step != last_saved_step:  # never rewrite a complete checkpoint (a kill could spoil it)
-            save()
-        if stop.requested:
-            raise TrainingStopped(output / step_tag(state.step))
-    finally:
-        stop.restore()
-        logger.close()
-    return metrics
+                state.step != self.last_saved_step
+            ):  # never rewrite a complete checkpoint (a kill could spoil it)
+                self.save()
+            if stop.requested:
+                raise TrainingStopped(plan.output / step_tag(state.step))
+        finally:
+            stop.restore()
+            logger.close()
+        return metrics
 
 
 def _precomputed_reference(
@@ -480,134 +606,3 @@ def _precomputed_reference(
     )
     reference.check(settings, pairs, tokenizer, epochs_needed)
     return reference
-
-
-def _optimizer_step(
-    policy,
-    reference,
-    micro_batches,
-    epoch,
-    config,
-    mask_token_id,
-    accumulation,
-    *,
-    pad_token_id,
-    eos_token_id,
-):
-    """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the gradient
-    was not finite). A chunk out of device memory redoes the micro-batches with halved chunks."""
-    arguments = (policy, reference, micro_batches, epoch, config, mask_token_id, accumulation)
-    (results, tokens), retries = retry_on_out_of_memory(
-        lambda: _accumulate(*arguments, pad_token_id=pad_token_id, eos_token_id=eos_token_id),
-        config.score,
-        widest_row=max(pair.length for pairs in micro_batches for pair in pairs),
-        engines=(policy, reference),
-        say=log.warning,
-    )
-    return _apply(policy, results, tokens, retries)
-
-
-def _accumulate(
-    policy,
-    reference,
-    micro_batches,
-    epoch,
-    config,
-    mask_token_id,
-    accumulation,
-    *,
-    pad_token_id,
-    eos_token_id,
-):
-    """The forward and backward calls of the step's micro-batches: (their results, tokens)."""
-    results, tokens = [], 0
-    supervised = config.loss.supervised
-    for pairs in micro_batches:
-        if supervised:
-            pairs = pad_completions_with_eos(pairs, eos_token_id)
-        batch = collate_pairs(pairs, pad_token_id=pad_token_id, chosen_only=supervised)
-        scoring = ScoringBatch.build(
-            batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
-        )
-        draws = pair_draws(
-            batch.example_ids,
-            scoring.response_lengths,
-            config.score.budget,
-            config.score.estimator,
-            seed=config.train.seed,
-            epoch=epoch,
-            steps=config.score.steps,
-            chosen_only=supervised,
-        )
-        tokens += int(batch.attention_mask.sum())
-        if supervised:
-            results.append(
-                sft_micro_step(
-                    policy,
-                    scoring,
-                    draws,
-                    mask_token_id=mask_token_id,
-                    max_tokens_per_forward=config.score.max_tokens_per_forward,
-                    loss_scale=1.0 / accumulation,
-                )
-            )
-            continue
-        prob = batch.preference_prob.to(device()) if batch.preference_prob is not None else None
-        reference_draws = None
-        if not config.score.antithetic:
-            reference_draws = pair_draws(
-                batch.example_ids,
-                scoring.response_lengths,
-                config.score.budget,
-                config.score.estimator,
-                seed=config.train.seed,
-                epoch=epoch,
-                steps=config.score.steps,
-                role="reference",
-            )
-        if isinstance(reference, PrecomputedReference):
-            reference_input = reference.lookup(batch.example_ids, epoch).to(device())
-        else:
-            reference_input = reference
-        results.append(
-            preference_micro_step(
-                policy,
-                reference_input,
-                scoring,
-                draws,
-                mask_token_id=mask_token_id,
-                loss_config=config.loss,
-                max_tokens_per_forward=config.score.max_tokens_per_forward,
-                max_tokens_no_grad=config.score.no_grad_tokens,
-                loss_scale=1.0 / accumulation,
-                preference_prob=prob,
-                reference_draws=reference_draws,
-            )
-        )
-    return results, tokens
-
-
-def _apply(policy, results, tokens, retries):
-    """The optimizer update of the accumulated gradient, and the step's metrics."""
-    finite = all(result.finite for result in results)
-    lr = float(policy.get_lr()[0])  # the rate this step applies (step() moves the schedule on)
-    if finite:
-        policy.step()
-        # DeepSpeed skips an update whose global gradient norm (all ranks) is not finite: a finite
-        # loss can have an infinite gradient (a huge beta, a bf16 overflow in backward).
-        finite = policy.was_step_applied()
-    else:
-        # Throw the step's accumulated gradient away: the next backward overwrites instead of adding.
-        policy.optimizer.zero_grad()
-    names = results[0].metrics.keys()
-    averaged = {name: sum(r.metrics[name] for r in results) / len(results) for name in names}
-    averaged["sweeps"] = float(sum(r.sweeps for r in results))
-    averaged["tokens"] = float(tokens)
-    merged = all_reduce_mean(averaged)
-    merged["finite"] = 1.0 if finite else 0.0
-    merged["lr"] = lr
-    if retries:
-        merged["oom_retries"] = float(retries)
-    if finite:
-        merged["grad_norm"] = float(policy.get_global_grad_norm())
-    return merged

@@ -14,6 +14,7 @@ from dsdpo.ds_config import resolve_ds_config
 from dsdpo.engine import build_engines, init_distributed
 from dsdpo.gradient import preference_micro_step
 from dsdpo.loss import LossConfig
+from dsdpo.reference import as_reference
 
 CPU_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json").read_text())
 
@@ -90,7 +91,7 @@ def micro_step(
     draws = sample_draws(len(keys), batch.response_lengths, budget, estimator, keys=keys)
     result = preference_micro_step(
         engines.policy,
-        engines.reference,
+        as_reference(engines.reference),
         batch,
         draws,
         mask_token_id=MASK,

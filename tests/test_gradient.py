@@ -173,6 +173,7 @@ def _independent_reference_step(model_dir, tokenizer, max_tokens):
     """One step where the reference engine scores its own draws (score.antithetic false)."""
     from dsdpo.draws import DrawKey, sample_draws
     from dsdpo.gradient import preference_micro_step
+    from dsdpo.reference import as_reference
     from tests.ds_helpers import pair_batch
 
     engines = engines_for(model_dir, cpu_ds_config(micro=4))
@@ -182,7 +183,8 @@ def _independent_reference_step(model_dir, tokenizer, max_tokens):
     own_keys = [DrawKey(key.seed, f"{key.example_id}:reference") for key in keys]
     reference_draws = sample_draws(len(keys), batch.response_lengths, 4, "l_over_L", keys=own_keys)
     result = preference_micro_step(
-        engines.policy, engines.reference, batch, draws, mask_token_id=MASK, loss_config=LossConfig(beta=0.5),
+        engines.policy, as_reference(engines.reference), batch, draws, mask_token_id=MASK,
+        loss_config=LossConfig(beta=0.5),
         max_tokens_per_forward=max_tokens, max_tokens_no_grad=max_tokens, loss_scale=1.0,
         reference_draws=reference_draws,
     )  # fmt: skip

@@ -14,6 +14,7 @@ from dsdpo.gradient import preference_micro_step
 from dsdpo.loss import LossConfig
 from dsdpo.planner.chunking import auto_chunk_tokens, resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.memory import RunShape, activation_bytes
+from dsdpo.reference import as_reference
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, pair_batch
 
 MICRO_BATCHES = [[0, 1], [2, 3]]
@@ -29,7 +30,7 @@ def _step(engines, tokenizer, score):
         results.append(
             preference_micro_step(
                 engines.policy,
-                engines.reference,
+                as_reference(engines.reference),
                 batch,
                 draws,
                 mask_token_id=MASK,
