@@ -122,6 +122,19 @@ class TrainConfig:
     # Held-out pairs (or completions, for SFT) scored with the same draws at every evaluation
     eval_data: str | None = None
     eval_every: int = 0  # optimizer steps between evaluations; 0: before the first step and at the end only
+    # --- issue 12: generation accuracy at every evaluation, and the best checkpoint kept ---
+    # Held-out problems (question/answer rows, as `dsdpo eval accuracy --data` reads) answered with
+    # LLaDA's sampler at every evaluation (dsdpo.held_out.HeldOutAccuracy): eval/accuracy
+    eval_problems: str | None = None
+    eval_num_problems: int | None = 64  # the first N problems of the file; None: all
+    eval_samples: int = 1  # answers per problem (> 1 needs eval_temperature > 0)
+    eval_gen_length: int = 64  # answer tokens
+    eval_block_length: int | None = None  # default: eval_gen_length (one block)
+    eval_gen_steps: int | None = None  # denoising steps; default: eval_gen_length
+    eval_temperature: float = 0.0  # 0: greedy, as `dsdpo eval accuracy` by default
+    # Keep the checkpoint of the best evaluation after step 0 by this metric (KEEP_BEST_METRICS), named
+    # by the file `best` in the output folder; never pruned by keep_last. None: off
+    keep_best: str | None = None
 
     def validate(self):
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
@@ -137,10 +150,61 @@ class TrainConfig:
             raise DsdpoError(
                 f"train.eval_every must be 0 (start and end only) or positive, got {self.eval_every}"
             )
-        if self.eval_every and not self.eval_data:
-            raise DsdpoError("train.eval_every needs held-out data: give --eval-data FILE")
+        if self.eval_every and not (self.eval_data or self.eval_problems):
+            raise DsdpoError(
+                "train.eval_every needs held-out data: give --eval-data FILE or --eval-problems FILE"
+            )
+        self._validate_eval_problems()
+        self._validate_keep_best()
         if not 0 < self.ref_sync_alpha <= 1:
             raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
+
+    def _validate_eval_problems(self):
+        from dsdpo.generate import check_schedule
+
+        for name in ("eval_num_problems", "eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DsdpoError(f"train.{name} must be at least 1, got {value}")
+        if self.eval_temperature < 0:
+            raise DsdpoError(f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise DsdpoError(
+                f"train.eval_samples {self.eval_samples} with eval_temperature 0 gives copies of one "
+                "answer: set --eval-temperature > 0"
+            )
+        try:
+            check_schedule(*self.eval_sampler_schedule)
+        except DsdpoError as err:
+            raise DsdpoError(f"train.eval_gen_length/eval_block_length/eval_gen_steps: {err}") from None
+
+    @property
+    def eval_sampler_schedule(self) -> tuple[int, int, int]:
+        """(gen_length, block_length, steps) of the held-out accuracy's sampler."""
+        length = self.eval_gen_length
+        return length, self.eval_block_length or length, self.eval_gen_steps or length
+
+    def _validate_keep_best(self):
+        if self.keep_best is None:
+            return
+        if self.keep_best not in KEEP_BEST_METRICS:
+            raise DsdpoError(
+                f"train.keep_best: unknown metric {self.keep_best!r}; "
+                f"choose one of {', '.join(KEEP_BEST_METRICS)}"
+            )
+        needs = "eval_problems" if self.keep_best == "eval/accuracy" else "eval_data"
+        if not getattr(self, needs):
+            option = "--eval-problems" if needs == "eval_problems" else "--eval-data"
+            raise DsdpoError(f"train.keep_best {self.keep_best} is measured on {option} FILE: give it")
+
+
+# --keep-best METRIC: whether a higher value of the metric is better
+KEEP_BEST_METRICS = {
+    "eval/loss": False,
+    "eval/accuracy": True,
+    "eval/rewards/accuracies": True,
+    "eval/rewards/margins": True,
+}
 
 
 @dataclass
@@ -158,6 +222,11 @@ class Config:
             raise DsdpoError(
                 "score.antithetic false gives the reference its own draws: not with --reference-scores "
                 "(scored on the policy's draws) or --objective per_draw (a loss per shared draw)"
+            )
+        if self.loss.supervised and (self.train.keep_best or "").startswith("eval/rewards/"):
+            raise DsdpoError(
+                f"train.keep_best {self.train.keep_best}: an SFT run has no rewards; "
+                "use eval/loss or eval/accuracy"
             )
         if self.train.ref_sync_steps:
             # TR-DPO moves a reference engine towards the policy: there must be one to move.

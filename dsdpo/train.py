@@ -27,6 +27,7 @@ from dsdpo.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     step_tag,
+    write_best,
 )
 from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
@@ -40,13 +41,14 @@ from dsdpo.errors import DsdpoError
 from dsdpo.evaluate import ScoreSettings
 from dsdpo.faults import crash_point
 from dsdpo.gradient import preference_micro_step
-from dsdpo.held_out import HeldOutEvaluation
+from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.reference import PrecomputedReference, ReferenceSettings
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
     ABANDONED,
+    BEST_FILE,
     METRICS_FILE,
     check_fresh_output,
     check_writable,
@@ -141,6 +143,7 @@ class RunPlan:
     data_digest: str  # examples_digest of the data: a checkpoint records it, a resume checks it
     summary: str
     eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
+    eval_problems: list | None = None  # --eval-problems: held-out problems (dsdpo.answers.Problem)
     notes: list[str] = field(default_factory=list)  # said once the run's log is open
 
 
@@ -165,6 +168,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     )
 
     eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
+    eval_problems = _held_out_problems(config)
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
     if len(pairs) < batch_sizes["train_batch_size"]:
@@ -218,6 +222,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         summary=summary,
         notes=[resume_note] if resume_note else [],
         eval_pairs=eval_pairs,
+        eval_problems=eval_problems,
     )
 
 
@@ -244,6 +249,52 @@ def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list |
             f"in {config.data.path}); held-out data must be other rows"
         )
     return pairs
+
+
+def _held_out_problems(config: Config) -> list | None:
+    """The first eval_num_problems rows of --eval-problems (issue 12), read before start-up."""
+    if not config.train.eval_problems:
+        return None
+    from dsdpo.answers import load_problems_jsonl
+
+    return load_problems_jsonl(config.train.eval_problems, config.train.eval_num_problems)
+
+
+def _held_out_accuracy(config: Config, plan: RunPlan) -> HeldOutAccuracy | None:
+    """--eval-problems: generation accuracy at every evaluation (issue 12); None without it."""
+    if plan.eval_problems is None:
+        return None
+    gen_length, block_length, steps = config.train.eval_sampler_schedule
+    sampler = dict(
+        gen_length=gen_length,
+        block_length=block_length,
+        steps=steps,
+        temperature=config.train.eval_temperature,
+        remasking="low_confidence",
+        cfg_scale=0.0,
+    )
+    return HeldOutAccuracy(
+        plan.eval_problems,
+        tokenizer=plan.tokenizer,
+        mask_token_id=plan.mask_token_id,
+        sampler=sampler,
+        samples=config.train.eval_samples,
+        seed=config.train.seed,
+    )
+
+
+def _best_improved(config: Config, metrics: dict[str, float], state: TrainState) -> bool:
+    """--keep-best: whether this evaluation's metric beats the best so far (strictly)."""
+    from dsdpo.config import KEEP_BEST_METRICS
+
+    name = config.train.keep_best
+    if name not in metrics:
+        raise DsdpoError(f"--keep-best {name}: this run's evaluation does not measure it")
+    if state.best_value is None:
+        return True
+    higher_is_better = KEEP_BEST_METRICS[name]
+    value = metrics[name]
+    return value > state.best_value if higher_is_better else value < state.best_value
 
 
 def _check_resume_data(checkpoint: Path, data_path: str, digest: str) -> None:
@@ -315,6 +366,11 @@ def train(
         if reference_refreshed(state.step):
             load_reference(engines.reference, checkpoint, is_rank0=is_rank0)
         logger.message(f"resumed from {checkpoint} at step {state.step}")
+        if config.train.keep_best and is_rank0:  # --keep-best: the best up to the resumed step
+            if state.best_step is not None:
+                write_best(output, step_tag(state.best_step))
+            else:
+                (output / BEST_FILE).unlink(missing_ok=True)
     else:
         logger.message(plan.summary)
     if engines.freeze_report is not None:
@@ -329,7 +385,7 @@ def train(
         if config.model.lora_rank:  # `dsdpo export` merges the adapters with these settings
             policy.module.model.peft_config["default"].save_pretrained(folder)
 
-    def save() -> Path:
+    def save(best: bool = False) -> Path:
         nonlocal last_saved_step
         last_saved_step = state.step
         return save_checkpoint(
@@ -343,6 +399,7 @@ def train(
             keep_last=config.train.keep_last,
             barrier=barrier,
             save_extra=save_reference_files if reference_refreshed(state.step) else None,
+            best=best,
         )
 
     evaluation = None
@@ -361,12 +418,24 @@ def train(
             pad_token_id=plan.tokenizer.pad_token_id or 0,
             eos_token_id=plan.tokenizer.eos_token_id,
         )
-        if checkpoint is None:  # the starting point of the curve
-            logger.log(0, evaluation.run(policy, engines.reference))
+    accuracy_evaluation = _held_out_accuracy(config, plan)  # issue 12: --eval-problems
+
+    def run_evaluations(step: int) -> dict[str, float]:
+        results = evaluation.run(policy, engines.reference) if evaluation is not None else {}
+        if accuracy_evaluation is not None:
+            accuracy, records = accuracy_evaluation.run(policy)
+            results.update(accuracy)
+            if is_rank0:
+                write_generations(output, step_tag(step), records)
+        return results
+
+    if checkpoint is None and (evaluation is not None or accuracy_evaluation is not None):
+        logger.log(0, run_evaluations(0))  # the starting point of the curve
 
     def evaluation_due(step: int) -> bool:
         every = config.train.eval_every
-        return evaluation is not None and (step == total_steps or (bool(every) and step % every == 0))
+        evaluated = evaluation is not None or accuracy_evaluation is not None
+        return evaluated and (step == total_steps or (bool(every) and step % every == 0))
 
     stop = StopRequest()
     displacement = DisplacementMonitor()
@@ -411,7 +480,7 @@ def train(
                 peak_memory_mb=peak_memory_mb(),
             )
             if evaluation_due(state.step):
-                metrics.update(evaluation.run(policy, engines.reference))
+                metrics.update(run_evaluations(state.step))
             if (
                 state.step % config.train.log_every == 0
                 or state.step == total_steps
@@ -429,10 +498,16 @@ def train(
                     f"(step {state.step}); "
                     "the weights were not updated by them. Lower the learning rate, or check the data"
                 )
+            if config.train.keep_best and evaluation_due(state.step):  # issue 12: --keep-best
+                better = is_rank0 and _best_improved(config, metrics, state)
+                if all_reduce_max([1.0 if better else 0.0]) == [1.0]:  # rank 0 decides for all
+                    state.best_step, state.best_value = state.step, float(metrics[config.train.keep_best])
+                    save(best=True)
             if (
                 config.train.save_every
                 and state.step % config.train.save_every == 0
                 and state.step < total_steps
+                and state.step != last_saved_step
             ):
                 save()
         if state.step != last_saved_step:  # never rewrite a complete checkpoint (a kill could spoil it)

@@ -67,6 +67,15 @@ FLAG_FIELDS = {
     "ref_sync_alpha": "train.ref_sync_alpha",
     "eval_data": "train.eval_data",
     "eval_every": "train.eval_every",
+    # issue 12: held-out generation accuracy and the best checkpoint
+    "eval_problems": "train.eval_problems",
+    "eval_num_problems": "train.eval_num_problems",
+    "eval_samples": "train.eval_samples",
+    "eval_gen_length": "train.eval_gen_length",
+    "eval_block_length": "train.eval_block_length",
+    "eval_gen_steps": "train.eval_gen_steps",
+    "eval_temperature": "train.eval_temperature",
+    "keep_best": "train.keep_best",
 }
 
 
@@ -235,6 +244,32 @@ def parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=int,
         help="steps between evaluations (default 0: before the first step and at the end)",
+    )
+    # issue 12: held-out generation accuracy (dsdpo.held_out.HeldOutAccuracy) and --keep-best
+    g.add_argument(
+        "--eval-problems",
+        help="held-out problems (question/answer JSONL, as `dsdpo eval accuracy --data`): at every "
+        "evaluation the policy answers them with LLaDA's sampler, seeded with --seed; eval/accuracy and "
+        "its 95%% Wilson bounds, the answers in eval_generations/step_N.jsonl",
+    )
+    g.add_argument(
+        "--eval-num-problems",
+        type=int,
+        help="the first N problems (default 64; --set train.eval_num_problems=null: all)",
+    )
+    g.add_argument(
+        "--eval-samples", type=int, help="answers per problem (default 1; > 1 needs --eval-temperature)"
+    )
+    g.add_argument("--eval-gen-length", type=int, help="answer tokens of the sampler (default 64)")
+    g.add_argument("--eval-block-length", type=int, help="sampler block length (default: gen length)")
+    g.add_argument("--eval-gen-steps", type=int, help="sampler denoising steps (default: gen length)")
+    g.add_argument("--eval-temperature", type=float, help="sampling temperature (default 0: greedy)")
+    g.add_argument(
+        "--keep-best",
+        metavar="METRIC",
+        help="keep the checkpoint of the best evaluation after step 0 by METRIC (eval/loss: lower is "
+        "better; eval/accuracy, eval/rewards/accuracies, eval/rewards/margins: higher), named by the file "
+        "`best` in --output and never pruned by --keep-last",
     )
     g = p.add_argument_group("run")
     g.add_argument("--output", help="folder for metrics, configs, TensorBoard and checkpoints")
