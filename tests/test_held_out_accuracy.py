@@ -87,3 +87,32 @@ def test_several_samples_need_a_temperature(tiny_gemma_dir, trained, tmp_path):
     )
     result = run_train(args)
     assert result.returncode == 2 and "eval_temperature" in result.stderr, tail(result)
+
+
+def test_two_ranks_generate_in_step_and_log_what_eval_accuracy_reports(tiny_gemma_dir, trained, tmp_path):
+    """Under 2 ranks every rank answers every problem (ZeRO-3 gathers collectively); the answers
+    decoded without early stopping are those `dsdpo eval accuracy` gives the saved checkpoint."""
+    folder, problems_file = trained
+    args = train_args(
+        REPO / "ds_configs" / "cpu.json",
+        tiny_gemma_dir,
+        folder / "train.jsonl",
+        tmp_path / "run",
+        max_steps=2,
+        budget=2,
+        beta=0.5,
+        seed=3,
+        eval_problems=problems_file,
+        eval_num_problems=6,
+        **SAMPLER,
+    )
+    result = run_train(args, ranks=2)
+    assert result.returncode == 0, tail(result)
+    out = tmp_path / "records.jsonl"
+    checked = run(
+        "eval", "accuracy", "--model", tmp_path / "run" / "step_000002", "--data", problems_file,
+        "--n", "6", "--gen-length", "4", "--block-length", "2", "--steps", "4", "--seed", "3",
+        "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert checked.exit_code == 0, checked.output
+    assert (tmp_path / "run" / "eval_generations" / "step_000002.jsonl").read_text() == out.read_text()
