@@ -329,7 +329,7 @@ def main() -> None:
     curve = [
         *("--eval-problems", held_out_file, "--eval-num-problems", len(held_out)),
         *("--eval-gen-length", gen_length, "--eval-block-length", block_length, "--eval-gen-steps", steps),
-        *("--eval-every", args.eval_curve),
+        *("--eval-every", args.eval_curve, "--no-eval-chat"),  # as accuracy() below: chat=False
     ]
     rows = []
     for seed in range(args.seeds):

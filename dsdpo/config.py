@@ -132,6 +132,9 @@ class TrainConfig:
     eval_block_length: int | None = None  # default: eval_gen_length (one block)
     eval_gen_steps: int | None = None  # denoising steps; default: eval_gen_length
     eval_temperature: float = 0.0  # 0: greedy, as `dsdpo eval accuracy` by default
+    # Questions as a user turn of the tokenizer's chat template (when it has one), as `dsdpo eval
+    # accuracy --chat`; False: the plain question (a model trained on plain-text prompts)
+    eval_chat: bool = True
     # Keep the checkpoint of the best evaluation after step 0 by this metric (KEEP_BEST_METRICS), named
     # by the file `best` in the output folder; never pruned by keep_last. None: off
     keep_best: str | None = None

@@ -280,6 +280,7 @@ def _held_out_accuracy(config: Config, plan: RunPlan) -> HeldOutAccuracy | None:
         sampler=sampler,
         samples=config.train.eval_samples,
         seed=config.train.seed,
+        chat=config.train.eval_chat,
     )
 
 

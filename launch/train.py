@@ -75,6 +75,7 @@ FLAG_FIELDS = {
     "eval_block_length": "train.eval_block_length",
     "eval_gen_steps": "train.eval_gen_steps",
     "eval_temperature": "train.eval_temperature",
+    "eval_chat": "train.eval_chat",
     "keep_best": "train.keep_best",
 }
 
@@ -264,6 +265,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-block-length", type=int, help="sampler block length (default: gen length)")
     g.add_argument("--eval-gen-steps", type=int, help="sampler denoising steps (default: gen length)")
     g.add_argument("--eval-temperature", type=float, help="sampling temperature (default 0: greedy)")
+    g.add_argument(
+        "--no-eval-chat",
+        dest="eval_chat",
+        action="store_false",
+        default=None,
+        help="give the plain question, not a user turn of the chat template (as eval accuracy --no-chat)",
+    )
     g.add_argument(
         "--keep-best",
         metavar="METRIC",

@@ -91,7 +91,8 @@ def test_several_samples_need_a_temperature(tiny_gemma_dir, trained, tmp_path):
 
 def test_two_ranks_generate_in_step_and_log_what_eval_accuracy_reports(tiny_gemma_dir, trained, tmp_path):
     """Under 2 ranks every rank answers every problem (ZeRO-3 gathers collectively); the answers
-    decoded without early stopping are those `dsdpo eval accuracy` gives the saved checkpoint."""
+    decoded without early stopping are those `dsdpo eval accuracy` gives the saved checkpoint (here
+    with plain-text prompts: --no-eval-chat and --no-chat; the tiny tokenizer has a chat template)."""
     folder, problems_file = trained
     args = train_args(
         REPO / "ds_configs" / "cpu.json",
@@ -106,13 +107,51 @@ def test_two_ranks_generate_in_step_and_log_what_eval_accuracy_reports(tiny_gemm
         eval_num_problems=6,
         **SAMPLER,
     )
-    result = run_train(args, ranks=2)
+    result = run_train([*args, "--no-eval-chat"], ranks=2)
     assert result.returncode == 0, tail(result)
     out = tmp_path / "records.jsonl"
     checked = run(
         "eval", "accuracy", "--model", tmp_path / "run" / "step_000002", "--data", problems_file,
         "--n", "6", "--gen-length", "4", "--block-length", "2", "--steps", "4", "--seed", "3",
-        "--out", out, "--no-progress",
+        "--out", out, "--no-progress", "--no-chat",
     )  # fmt: skip
     assert checked.exit_code == 0, checked.output
     assert (tmp_path / "run" / "eval_generations" / "step_000002.jsonl").read_text() == out.read_text()
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_questions_are_chat_turns_or_plain_text_and_answered_as_eval_accuracy_does(
+    tiny_gemma, tokenizer, monkeypatch, tmp_path, chat
+):
+    """In-process, without DeepSpeed: the prompts HeldOutAccuracy samples from, and its records, are
+    those of dsdpo.accuracy.evaluate_accuracy with the same chat setting."""
+    from types import SimpleNamespace
+
+    import dsdpo.held_out as held_out
+    from dsdpo.accuracy import evaluate_accuracy
+    from dsdpo.answers import load_problems_jsonl
+
+    rows = [{"question": f"{a}+{a}=", "answer": 2 * a} for a in range(10, 13)]
+    problems = load_problems_jsonl(write_jsonl(rows, tmp_path / "problems.jsonl"))
+    sampler = dict(gen_length=4, block_length=4, steps=4, temperature=0.0, remasking="low_confidence")
+    seen, generate = [], held_out.generate
+
+    def spy(model, prompt_ids, **options):
+        seen.extend(prompt_ids)
+        return generate(model, prompt_ids, **options)
+
+    monkeypatch.setattr(held_out, "generate", spy)
+    mask = tokenizer.mask_token_id
+    evaluation = held_out.HeldOutAccuracy(
+        problems, tokenizer=tokenizer, mask_token_id=mask, sampler=sampler, seed=3, chat=chat
+    )
+    metrics, records = evaluation.run(SimpleNamespace(module=SimpleNamespace(model=tiny_gemma)))
+    plain = [tokenizer(p.question)["input_ids"] for p in problems]
+    assert (seen == plain) is not chat  # the tiny tokenizer has a chat template
+    out = tmp_path / "records.jsonl"
+    report = evaluate_accuracy(
+        tiny_gemma, tokenizer, problems, mask_token_id=mask, sampler=sampler, chat=chat, out=out,
+        progress=False,
+    )  # fmt: skip
+    assert metrics["eval/accuracy"] == report.accuracy
+    assert records == [json.loads(line) for line in out.read_text().splitlines()]
