@@ -20,7 +20,10 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/alignment_effect.py [--seeds 3] [--out runs/alignment]
 
-The numbers go to OUT/results.json and a markdown table on stdout (benchmarks/README.md records one).
+With --eval-curve N each DPO run also logs held-out generation accuracy every N steps (--eval-problems).
+
+The numbers go to OUT/results-SETTINGS-seedsK.json and a markdown table on stdout (benchmarks/README.md
+records one).
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ def export(run: Path, out: Path) -> Path:
 
 def arm_row(name, seed, report, records, steps):
     last = records[steps]
+    curve = {s: r["eval/accuracy"] for s, r in sorted(records.items()) if "eval/accuracy" in r}
     spread = [records[s][k] for s in range(1, steps + 1) for k in ["vrpo/diff_stderr"] if k in records[s]]
     norms = [records[s]["grad_norm"] for s in range(1, steps + 1) if "grad_norm" in records[s]]
     return {
@@ -164,6 +168,7 @@ def arm_row(name, seed, report, records, steps):
         "eval_margin": last.get("eval/rewards/margins"),
         "diff_stderr": statistics.fmean(spread) if spread else None,
         "grad_norm_var": statistics.variance(norms) if len(norms) > 1 else None,
+        **({"accuracy_curve": curve} if curve else {}),
     }
 
 
@@ -222,6 +227,13 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
     p.add_argument("--sft-weight", type=float, default=0.0, help="RPO's NLL term on the chosen answer")
+    p.add_argument(
+        "--eval-curve",
+        type=int,
+        default=0,
+        help="every this many DPO steps, held-out generation accuracy during training (--eval-problems, "
+        "all held-out problems, greedy): the eval/accuracy curve in each run's metrics.jsonl; 0: off",
+    )
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sys.path.insert(0, str(REPO))
@@ -312,7 +324,13 @@ def main() -> None:
         accumulation=1,
     )
     settings = f"lr{args.dpo_lr:g}-beta{args.beta:g}-batch{args.dpo_batch}-sft{args.sft_weight:g}"
-    settings += f"-steps{args.dpo_steps}"
+    settings += f"-steps{args.dpo_steps}" + (f"-curve{args.eval_curve}" if args.eval_curve else "")
+    gen_length, block_length, steps = SAMPLER["gen_length"], SAMPLER["block_length"], SAMPLER["steps"]
+    curve = [
+        *("--eval-problems", held_out_file, "--eval-num-problems", len(held_out)),
+        *("--eval-gen-length", gen_length, "--eval-block-length", block_length, "--eval-gen-steps", steps),
+        *("--eval-every", args.eval_curve, "--no-eval-chat"),  # as accuracy() below: chat=False
+    ]
     rows = []
     for seed in range(args.seeds):
         for name, options in ARMS.items():
@@ -342,6 +360,7 @@ def main() -> None:
                         eval_pairs,
                         "--max-length",
                         "96",
+                        *(curve if args.eval_curve else []),
                         *options,
                     ],
                     out / f"{run.name}.log",
@@ -349,6 +368,8 @@ def main() -> None:
             report = accuracy(run, held_out_file, 100)
             rows.append(arm_row(name, seed, report, metrics(run), args.dpo_steps))
             print(f"{name} seed {seed}: {report.summary()} ({time.time() - started:.0f} s)", flush=True)
+            if "accuracy_curve" in rows[-1]:
+                print(f"  eval/accuracy by step: {rows[-1]['accuracy_curve']}", flush=True)
     sft_row = {
         "arm": "SFT (start)",
         "seed": "-",
@@ -358,7 +379,7 @@ def main() -> None:
         "ci95": [sft_report.ci95_low, sft_report.ci95_high],
     }
     summary = [sft_row, *rows, *(pooled(rows, name) for name in ARMS)]
-    (out / "results.json").write_text(
+    (out / f"results-{settings}-seeds{args.seeds}.json").write_text(
         json.dumps(
             {
                 "args": {k: str(v) for k, v in vars(args).items()},

@@ -7,6 +7,7 @@ Layout under the run's output folder:
     step_000123/dsdpo_state.json   written last, by rank 0, after every rank finished: "complete"
     step_000123.partial/    a checkpoint being written; renamed to step_000123 once complete
     latest                  the name of the newest complete checkpoint, replaced atomically
+    best                    with --keep-best: the name of the best evaluated checkpoint (never pruned)
 
 `latest` moves only after the state file exists, so a process killed while writing leaves the
 previous checkpoint as the one that resumes. `latest` is trusted only when it names a complete
@@ -40,6 +41,7 @@ from dsdpo.safe_load import check_checkpoint_pickles
 
 STATE_FILE = "dsdpo_state.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best"  # --keep-best: names the best evaluated checkpoint; _prune never removes it
 STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written
 
@@ -54,6 +56,8 @@ class TrainState:
     bad_steps_in_row: int = 0
     batcher: dict[str, Any] = field(default_factory=dict)  # PairBatcher.state_dict(): epoch, position
     data_digest: str = ""  # dsdpo.data.rows.examples_digest of the data trained on ("" before it existed)
+    best_step: int | None = None  # --keep-best: the step of the best evaluation so far
+    best_value: float | None = None  # and its value of the metric
 
 
 def step_tag(step: int) -> str:
@@ -90,6 +94,7 @@ def save_checkpoint(
     keep_last: int,
     barrier,
     save_extra=None,
+    best: bool = False,
 ) -> Path:
     """Write step_NNNNNN (all ranks call this), then mark it complete and move `latest` (rank 0).
 
@@ -98,6 +103,7 @@ def save_checkpoint(
     of that step removes it), and an existing step_NNNNNN (a re-save of a step) is replaced whole,
     never mixed with new shards. `save_extra(folder)`, called on every rank before the checkpoint is
     marked complete, writes what else a resume needs (a refreshed reference, dsdpo.reference_sync).
+    `best`: this checkpoint becomes the one `best` names (before pruning, which spares it).
     A write that fails (a full disk) is an error saying so; `latest` still names the last good one.
     """
     tag = step_tag(state.step)
@@ -128,6 +134,8 @@ def save_checkpoint(
             os.replace(partial, folder)
             _fsync_dir(output)
             _atomic_write(output / LATEST_FILE, tag)
+            if best:
+                write_best(output, tag)
             _prune(output, keep=keep_last, protect=tag)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         latest, _ = latest_checkpoint(output)
@@ -158,10 +166,25 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+def write_best(output: Path, tag: str) -> None:
+    """Point `best` at checkpoint `tag` (atomically)."""
+    _atomic_write(output / BEST_FILE, tag)
+
+
+def best_checkpoint_name(output: Path) -> str | None:
+    """The checkpoint name `best` holds, when it is one (else None)."""
+    try:
+        name = (output / BEST_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if STEP_PATTERN.match(name) else None
+
+
 def _prune(output: Path, *, keep: int, protect: str) -> None:
     complete = sorted(complete_checkpoints(output))
+    kept = {protect, best_checkpoint_name(output)}
     for folder in complete[:-keep]:
-        if folder.name != protect:
+        if folder.name not in kept:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -146,6 +146,15 @@ class ScoreConfig:
         return self.max_tokens_no_grad
 
 
+# --keep-best METRIC: whether a higher value of the metric is better
+KEEP_BEST_METRICS = {
+    "eval/loss": False,
+    "eval/accuracy": True,
+    "eval/rewards/accuracies": True,
+    "eval/rewards/margins": True,
+}
+
+
 @dataclass
 class TrainConfig:
     output: str = setting(
@@ -175,6 +184,33 @@ class TrainConfig:
         "eval/* metrics in metrics.jsonl and TensorBoard",
     )
     eval_every: int = setting(0, "steps between evaluations (0: before the first step and at the end)")
+    # --- generation accuracy at every evaluation (dsdpo.held_out.HeldOutAccuracy), the best checkpoint ---
+    eval_problems: str | None = setting(
+        None,
+        "held-out problems (question/answer JSONL, as `dsdpo eval accuracy --data`): at every evaluation "
+        "the policy answers them with LLaDA's sampler, seeded with --seed; eval/accuracy and its 95% "
+        "Wilson bounds, the answers in eval_generations/step_N.jsonl",
+    )
+    eval_num_problems: int | None = setting(
+        64, "the first N problems of --eval-problems (--set train.eval_num_problems=null: all)"
+    )
+    eval_samples: int = setting(1, "answers per held-out problem (> 1 needs --eval-temperature)")
+    eval_gen_length: int = setting(64, "answer tokens of the held-out sampler")
+    eval_block_length: int | None = setting(None, "held-out sampler block length (default: gen length)")
+    eval_gen_steps: int | None = setting(None, "held-out sampler denoising steps (default: gen length)")
+    eval_temperature: float = setting(0.0, "held-out sampling temperature (0: greedy)")
+    eval_chat: bool = setting(
+        True,
+        "give the held-out question plain, not as a user turn of the chat template (as eval accuracy "
+        "--no-chat; for a model trained on plain-text prompts)",
+    )
+    keep_best: str | None = setting(
+        None,
+        "keep the checkpoint of the best evaluation after step 0 by this metric (eval/loss: lower is "
+        "better; eval/accuracy, eval/rewards/accuracies, eval/rewards/margins: higher), named by the file "
+        "`best` in --output and never pruned by --keep-last",
+        choices=KEEP_BEST_METRICS,
+    )
 
     def validate(self):
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
@@ -190,10 +226,52 @@ class TrainConfig:
             raise DsdpoError(
                 f"train.eval_every must be 0 (start and end only) or positive, got {self.eval_every}"
             )
-        if self.eval_every and not self.eval_data:
-            raise DsdpoError("train.eval_every needs held-out data: give --eval-data FILE")
+        if self.eval_every and not (self.eval_data or self.eval_problems):
+            raise DsdpoError(
+                "train.eval_every needs held-out data: give --eval-data FILE or --eval-problems FILE"
+            )
+        self._validate_eval_problems()
+        self._validate_keep_best()
         if not 0 < self.ref_sync_alpha <= 1:
             raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
+
+    def _validate_eval_problems(self):
+        from dsdpo.generate import check_schedule
+
+        for name in ("eval_num_problems", "eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DsdpoError(f"train.{name} must be at least 1, got {value}")
+        if self.eval_temperature < 0:
+            raise DsdpoError(f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise DsdpoError(
+                f"train.eval_samples {self.eval_samples} with eval_temperature 0 gives copies of one "
+                "answer: set --eval-temperature > 0"
+            )
+        try:
+            check_schedule(*self.eval_sampler_schedule)
+        except DsdpoError as err:
+            raise DsdpoError(f"train.eval_gen_length/eval_block_length/eval_gen_steps: {err}") from None
+
+    @property
+    def eval_sampler_schedule(self) -> tuple[int, int, int]:
+        """(gen_length, block_length, steps) of the held-out accuracy's sampler."""
+        length = self.eval_gen_length
+        return length, self.eval_block_length or length, self.eval_gen_steps or length
+
+    def _validate_keep_best(self):
+        if self.keep_best is None:
+            return
+        if self.keep_best not in KEEP_BEST_METRICS:
+            raise DsdpoError(
+                f"train.keep_best: unknown metric {self.keep_best!r}; "
+                f"choose one of {', '.join(KEEP_BEST_METRICS)}"
+            )
+        needs = "eval_problems" if self.keep_best == "eval/accuracy" else "eval_data"
+        if not getattr(self, needs):
+            option = "--eval-problems" if needs == "eval_problems" else "--eval-data"
+            raise DsdpoError(f"train.keep_best {self.keep_best} is measured on {option} FILE: give it")
 
 
 @dataclass
@@ -211,6 +289,11 @@ class Config:
             raise DsdpoError(
                 "score.antithetic false gives the reference its own draws: not with --reference-scores "
                 "(scored on the policy's draws) or --objective per_draw (a loss per shared draw)"
+            )
+        if self.loss.supervised and (self.train.keep_best or "").startswith("eval/rewards/"):
+            raise DsdpoError(
+                f"train.keep_best {self.train.keep_best}: an SFT run has no rewards; "
+                "use eval/loss or eval/accuracy"
             )
         if self.train.ref_sync_steps:
             # TR-DPO moves a reference engine towards the policy: there must be one to move.

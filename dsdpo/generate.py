@@ -250,6 +250,7 @@ def generate(
     generator: torch.Generator | None = None,
     stop_token_ids: Sequence[int] = (),
     on_step: Callable[[StepTrace], None] | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Sample answers for a batch of prompts; return their token ids [B, gen_length].
 
@@ -257,13 +258,15 @@ def generate(
     are filled with the first of them instead of decoded. The text up to the first stop token is the
     same either way; it only saves forward passes (an instruct LLaDA pads its answers with EOS).
     generator: the source of all randomness (Gumbel noise, random remasking); seed it to reproduce.
+    device: where the canvas lives (default: the model's first parameter's device; a ZeRO-3 engine's
+    partitioned parameters do not say it).
     """
     steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
     if temperature < 0:
         raise DsdpoError(f"temperature must be >= 0, got {temperature}")
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     batch = left_padded_batch(prompt_ids, gen_length=gen_length, mask_token_id=mask_token_id, device=device)
     canvas = batch.canvas.clone()
     plan = reveal_plan(block_length, steps_per_block)

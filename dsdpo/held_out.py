@@ -7,27 +7,38 @@ scores every held-out pair, in step with the others (each forward gathers parame
 
 Preference runs log TRL's metrics of dsdpo.evaluate (eval/loss, eval/rewards/accuracies, ...), SFT
 runs the held-out NLL per response token (eval/loss) and mean ELBO (eval/logps/chosen).
+
+`--eval-problems FILE` adds generation accuracy (HeldOutAccuracy): the policy answers held-out
+problems with LLaDA's sampler (dsdpo.generate), seeded with the run's seed at every evaluation, and
+each answer is judged as `dsdpo eval accuracy` judges (eval/accuracy with its 95% Wilson interval).
+Every rank generates every answer, so the ZeRO-3 forwards stay in lockstep.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from dsdpo.accuracy import AccuracyReport, judge
+from dsdpo.answers import Problem
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import ScoringBatch
-from dsdpo.dist import device
+from dsdpo.dist import device, world_size
 from dsdpo.draws import pair_draws
 from dsdpo.evaluate import preference_report
+from dsdpo.generate import cut_at_stop, encode_prompt, generate, stop_ids_of
 from dsdpo.loss import LossConfig
 from dsdpo.scoring import PairScores, ScoreSettings, engine_terms
 from dsdpo.sft import pad_completions_with_eos
 
-EVAL_BATCH = 8  # held-out pairs scored together
+EVAL_BATCH = 8  # held-out pairs scored together (and problems answered together)
+GENERATIONS = "eval_generations"  # --eval-problems: OUTPUT/eval_generations/step_NNNNNN.jsonl
 
 
 class HeldOutEvaluation:
@@ -106,3 +117,83 @@ class HeldOutEvaluation:
         )
         report = preference_report(policy_scores, reference_scores, self.loss, self.settings)
         return {f"eval/{name}": value for name, value in report.trl_metrics().items()}
+
+
+class HeldOutAccuracy:
+    """Generation accuracy of the training policy on held-out problems; `run` returns eval/accuracy
+    and its 95% Wilson bounds, and the per-answer records (as `dsdpo eval accuracy --out` writes).
+
+    The generator is seeded with `seed` at every evaluation and the problems go through the sampler
+    in batches of `batch_size`, in file order (each repeated `samples` times), so one sample per
+    problem equals `dsdpo eval accuracy --seed SEED --batch-size BATCH_SIZE` of the saved policy.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        *,
+        tokenizer,
+        mask_token_id: int,
+        sampler: dict,
+        samples: int = 1,
+        seed: int = 0,
+        batch_size: int = EVAL_BATCH,
+        chat: bool = True,
+    ):
+        self.problems = list(problems)
+        self.tokenizer = tokenizer
+        self.mask_token_id = mask_token_id
+        self.sampler = dict(sampler)
+        self.samples = samples
+        self.seed = seed
+        self.batch_size = batch_size
+        self.chat = chat
+
+    @torch.no_grad()
+    def run(self, policy) -> tuple[dict[str, float], list[dict]]:
+        """`policy`: the training engine (its module is a dsdpo.logprobs.MaskedTokenScorer)."""
+        model = policy.module.model
+        was_training = model.training
+        model.eval()
+        stops = stop_ids_of(self.tokenizer)
+        # Stopping early (every row has ended) is decided per rank on its own outputs; under several
+        # ranks the ranks must run the same forwards (ZeRO-3 gathers collectively), so all blocks are
+        # decoded. The text before the first stop token is the same either way.
+        early_stop = stops if world_size() == 1 else ()
+        generator = torch.Generator(device=device()).manual_seed(self.seed)
+        jobs = [problem for problem in self.problems for _ in range(self.samples)]
+        records = []
+        try:
+            for start in range(0, len(jobs), self.batch_size):
+                batch = jobs[start : start + self.batch_size]
+                prompt_ids = [encode_prompt(self.tokenizer, p.question, chat=self.chat) for p in batch]
+                answers = generate(
+                    model,
+                    prompt_ids,
+                    mask_token_id=self.mask_token_id,
+                    stop_token_ids=early_stop,
+                    generator=generator,
+                    device=device(),
+                    **self.sampler,
+                )
+                for problem, row in zip(batch, answers, strict=True):
+                    text = self.tokenizer.decode(cut_at_stop(row.tolist(), stops), skip_special_tokens=True)
+                    records.append(judge(problem, text.strip()))
+        finally:
+            model.train(was_training)
+        report = AccuracyReport.from_counts(sum(r["correct"] for r in records), len(records))
+        metrics = {
+            "eval/accuracy": report.accuracy,
+            "eval/accuracy_ci95_low": report.ci95_low,
+            "eval/accuracy_ci95_high": report.ci95_high,
+        }
+        return metrics, records
+
+
+def write_generations(output: Path, tag: str, records: list[dict]) -> Path:
+    """One evaluation's judged answers, as `dsdpo eval accuracy --out` writes them."""
+    folder = Path(output) / GENERATIONS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag}.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path

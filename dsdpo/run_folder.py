@@ -17,12 +17,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dsdpo.checkpoint import LATEST_FILE, STEP_PATTERN
+from dsdpo.checkpoint import BEST_FILE, LATEST_FILE, STEP_PATTERN
 from dsdpo.errors import DsdpoError
 
 METRICS_FILE = "metrics.jsonl"
 # What a run writes at the top of its folder; --overwrite removes these (and step_* folders) only.
-RUN_FILES = (LATEST_FILE, METRICS_FILE, "train_config.yaml", "ds_config.json", "tensorboard", "abandoned")
+RUN_FILES = (
+    LATEST_FILE,
+    METRICS_FILE,
+    "train_config.yaml",
+    "ds_config.json",
+    "tensorboard",
+    "abandoned",
+    BEST_FILE,
+    "eval_generations",  # --eval-problems: the answers of each evaluation
+)
 ABANDONED = "abandoned"
 
 

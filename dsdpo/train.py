@@ -27,6 +27,7 @@ from dsdpo.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     step_tag,
+    write_best,
 )
 from dsdpo.config import Config
 from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
@@ -39,7 +40,7 @@ from dsdpo.engine import build_engines, init_distributed
 from dsdpo.errors import DsdpoError
 from dsdpo.faults import crash_point
 from dsdpo.gradient import MicroStep, preference_micro_step
-from dsdpo.held_out import HeldOutEvaluation
+from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
@@ -48,6 +49,7 @@ from dsdpo.reference import PrecomputedReference, Reference, ReferenceSettings, 
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
     ABANDONED,
+    BEST_FILE,
     METRICS_FILE,
     check_fresh_output,
     check_writable,
@@ -143,6 +145,7 @@ class RunPlan:
     data_digest: str  # examples_digest of the data: a checkpoint records it, a resume checks it
     summary: str
     eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
+    eval_problems: list | None = None  # --eval-problems: held-out problems (dsdpo.answers.Problem)
     notes: list[str] = field(default_factory=list)  # said once the run's log is open
 
 
@@ -167,6 +170,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     )
 
     eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
+    eval_problems = _held_out_problems(config)
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
     if len(pairs) < batch_sizes["train_batch_size"]:
@@ -220,6 +224,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         summary=summary,
         notes=[resume_note] if resume_note else [],
         eval_pairs=eval_pairs,
+        eval_problems=eval_problems,
     )
 
 
@@ -246,6 +251,29 @@ def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list |
             f"in {config.data.path}); held-out data must be other rows"
         )
     return pairs
+
+
+def _held_out_problems(config: Config) -> list | None:
+    """The first eval_num_problems rows of --eval-problems, read before start-up."""
+    if not config.train.eval_problems:
+        return None
+    from dsdpo.answers import load_problems_jsonl
+
+    return load_problems_jsonl(config.train.eval_problems, config.train.eval_num_problems)
+
+
+def _best_improved(config: Config, metrics: dict[str, float], state: TrainState) -> bool:
+    """--keep-best: whether this evaluation's metric beats the best so far (strictly)."""
+    from dsdpo.config import KEEP_BEST_METRICS
+
+    name = config.train.keep_best
+    if name not in metrics:
+        raise DsdpoError(f"--keep-best {name}: this run's evaluation does not measure it")
+    if state.best_value is None:
+        return True
+    higher_is_better = KEEP_BEST_METRICS[name]
+    value = metrics[name]
+    return value > state.best_value if higher_is_better else value < state.best_value
 
 
 def _check_resume_data(checkpoint: Path, data_path: str, digest: str) -> None:
@@ -333,8 +361,10 @@ class Trainer:
         if self.engines.freeze_report is not None:
             self.logger.message(self.engines.freeze_report.summary())
         self.evaluation = self._held_out_evaluation()
-        if self.evaluation is not None and plan.checkpoint is None:  # the starting point of the curve
-            self.logger.log(0, self.evaluation.run(self.policy, self.reference.model))
+        self.accuracy_evaluation = self._held_out_accuracy()
+        evaluated = self.evaluation is not None or self.accuracy_evaluation is not None
+        if evaluated and plan.checkpoint is None:  # the starting point of the curve
+            self.logger.log(0, self.run_evaluations(0))
 
     def _load_checkpoint(self) -> dict | None:
         """The state (and saved config) of the checkpoint resumed from, if any."""
@@ -360,6 +390,11 @@ class Trainer:
         if self._reference_refreshed(self.state.step):
             load_reference(self.engines.reference, checkpoint, is_rank0=self.is_rank0)
         self.logger.message(f"resumed from {checkpoint} at step {self.state.step}")
+        if self.config.train.keep_best and self.is_rank0:  # --keep-best: the best up to the resumed step
+            if self.state.best_step is not None:
+                write_best(self.plan.output, step_tag(self.state.best_step))
+            else:
+                (self.plan.output / BEST_FILE).unlink(missing_ok=True)
 
     def _held_out_evaluation(self) -> HeldOutEvaluation | None:
         config, plan = self.config, self.plan
@@ -379,6 +414,40 @@ class Trainer:
             pad_token_id=plan.tokenizer.pad_token_id or 0,
             eos_token_id=plan.tokenizer.eos_token_id,
         )
+
+    def _held_out_accuracy(self) -> HeldOutAccuracy | None:
+        """--eval-problems: generation accuracy at every evaluation; None without it."""
+        config, plan = self.config, self.plan
+        if plan.eval_problems is None:
+            return None
+        gen_length, block_length, steps = config.train.eval_sampler_schedule
+        sampler = dict(
+            gen_length=gen_length,
+            block_length=block_length,
+            steps=steps,
+            temperature=config.train.eval_temperature,
+            remasking="low_confidence",
+            cfg_scale=0.0,
+        )
+        return HeldOutAccuracy(
+            plan.eval_problems,
+            tokenizer=plan.tokenizer,
+            mask_token_id=plan.mask_token_id,
+            sampler=sampler,
+            samples=config.train.eval_samples,
+            seed=config.train.seed,
+            chat=config.train.eval_chat,
+        )
+
+    def run_evaluations(self, step: int) -> dict[str, float]:
+        """The held-out metrics of this step: preference scores and/or generation accuracy."""
+        results = self.evaluation.run(self.policy, self.reference.model) if self.evaluation else {}
+        if self.accuracy_evaluation is not None:
+            accuracy, records = self.accuracy_evaluation.run(self.policy)
+            results.update(accuracy)
+            if self.is_rank0:
+                write_generations(self.plan.output, step_tag(step), records)
+        return results
 
     def _reference_refreshed(self, step: int) -> bool:
         """Whether the reference engine has moved from its start (TR-DPO) by `step`."""
@@ -504,14 +573,14 @@ class Trainer:
 
     def _evaluation_due(self, step: int) -> bool:
         every = self.config.train.eval_every
-        return self.evaluation is not None and (
-            step == self.plan.total_steps or (bool(every) and step % every == 0)
-        )
+        evaluated = self.evaluation is not None or self.accuracy_evaluation is not None
+        return evaluated and (step == self.plan.total_steps or (bool(every) and step % every == 0))
 
     # --- saving ---
 
-    def save(self) -> Path:
-        """A checkpoint of the current step (docs/design.md, "Checkpoint layout")."""
+    def save(self, best: bool = False) -> Path:
+        """A checkpoint of the current step (docs/design.md, "Checkpoint layout"); `best`: it is the
+        best evaluation's (--keep-best), named by the file `best` and never pruned."""
         state = self.state
         self.last_saved_step = state.step
         return save_checkpoint(
@@ -525,6 +594,7 @@ class Trainer:
             keep_last=self.config.train.keep_last,
             barrier=barrier,
             save_extra=self._save_reference_files if self._reference_refreshed(state.step) else None,
+            best=best,
         )
 
     def _save_model_files(self, folder: Path) -> None:
@@ -536,6 +606,15 @@ class Trainer:
 
     def _save_reference_files(self, folder: Path) -> None:
         save_reference(self.engines.reference, folder, is_rank0=self.is_rank0)
+
+    def _keep_if_best(self, metrics: dict[str, float]) -> None:
+        """--keep-best: a checkpoint of this step when its evaluation beats every earlier one. Every rank
+        judges the same metrics; rank 0's verdict is spread so that all save together."""
+        better = _best_improved(self.config, metrics, self.state) and self.is_rank0
+        if all_reduce_max([1.0 if better else 0.0]) == [1.0]:
+            self.state.best_step = self.state.step
+            self.state.best_value = float(metrics[self.config.train.keep_best])
+            self.save(best=True)
 
     # --- the loop ---
 
@@ -558,7 +637,7 @@ class Trainer:
                 metrics = self._after_step(epoch, self.step(epoch, micro_batches), started)
                 evaluate = self._evaluation_due(state.step)
                 if evaluate:
-                    metrics.update(self.evaluation.run(self.policy, self.reference.model))
+                    metrics.update(self.run_evaluations(state.step))
                 if state.step % config.train.log_every == 0 or state.step == total_steps or evaluate:
                     logger.log(state.step, metrics)
                     if warning := displacement.update(state.step, metrics):
@@ -572,8 +651,11 @@ class Trainer:
                         f"(step {state.step}); "
                         "the weights were not updated by them. Lower the learning rate, or check the data"
                     )
+                if config.train.keep_best and evaluate:
+                    self._keep_if_best(metrics)
                 every = config.train.save_every
-                if every and state.step % every == 0 and state.step < total_steps:
+                due = every and state.step % every == 0 and state.step < total_steps
+                if due and state.step != self.last_saved_step:
                     self.save()
             if (
                 state.step != self.last_saved_step

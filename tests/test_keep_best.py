@@ -1,0 +1,89 @@
+"""--keep-best METRIC (issue 12): `best` names the checkpoint of the best logged evaluation, saved at
+that step (its weights reproduce the logged number), kept past --keep-last, and kept across a resume."""
+
+import json
+
+import pytest
+
+from dsdpo.checkpoint import TrainState
+from dsdpo.config import Config, TrainConfig
+from dsdpo.demo import addition_pairs, write_jsonl
+from dsdpo.train import _best_improved
+from tests.cli_helpers import run
+from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+
+OPTIONS = dict(epochs=2, budget=2, beta=0.5, seed=1, eval_every=1, keep_last=1, keep_best="eval/loss")
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_gemma_dir, tmp_path_factory):
+    """A DPO run whose held-out pairs prefer what training rejects: eval/loss rises as training goes
+    on, so its best evaluation comes early, not last. 5 steps, then resumed to 8."""
+    folder = tmp_path_factory.mktemp("keep-best")
+    train = write_jsonl(addition_pairs(16, seed=1), folder / "train.jsonl")
+    swapped = [
+        {**row, "id": f"held-{row['id']}", "chosen": row["rejected"], "rejected": row["chosen"]}
+        for row in addition_pairs(6, seed=2)
+    ]
+    eval_file = write_jsonl(swapped, folder / "eval.jsonl")
+    base = [REPO / "ds_configs" / "cpu.json", tiny_gemma_dir, train, folder / "run"]
+    first = run_train(train_args(*base, max_steps=5, eval_data=eval_file, **OPTIONS))
+    assert first.returncode == 0, tail(first)
+    best_after_first = (folder / "run" / "best").read_text().strip()
+    second = run_train([*train_args(*base, max_steps=8, eval_data=eval_file, **OPTIONS), "--resume", "auto"])
+    assert second.returncode == 0, tail(second)
+    return folder, eval_file, best_after_first
+
+
+def _best_logged_step(metrics: dict, last: int) -> int:
+    losses = {step: metrics[step]["eval/loss"] for step in range(1, last + 1)}
+    return min(losses, key=losses.get)
+
+
+def test_best_names_the_step_with_the_lowest_logged_eval_loss(resumed_run):
+    folder, _, best_after_first = resumed_run
+    metrics = metrics_by_step(folder / "run")
+    best = _best_logged_step(metrics, 8)
+    assert best != 8, "the run's best evaluation should not be its last (the test needs that)"
+    assert (folder / "run" / "best").read_text().strip() == f"step_{best:06d}"
+    assert best_after_first == f"step_{_best_logged_step(metrics, 5):06d}"
+    # --keep-last 1 keeps the newest checkpoint and, besides it, only the best one
+    kept = sorted(p.name for p in (folder / "run").glob("step_*"))
+    assert kept == sorted({f"step_{best:06d}", "step_000008"})
+
+
+def test_the_best_checkpoint_holds_the_weights_of_its_step(resumed_run, tiny_gemma_dir, tmp_path):
+    folder, eval_file, _ = resumed_run
+    best = (folder / "run" / "best").read_text().strip()
+    out = tmp_path / "report.json"
+    result = run(
+        "eval", "preference", "--model", folder / "run" / best, "--ref", tiny_gemma_dir, "--data", eval_file,
+        "--json", out, "--budget", "2", "--beta", "0.5", "--seed", "1", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    logged = metrics_by_step(folder / "run")[int(best.removeprefix("step_"))]
+    assert logged["eval/loss"] == pytest.approx(json.loads(out.read_text())["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "better"),
+    [
+        ("eval/loss", 0.5, True),
+        ("eval/loss", 0.7, False),
+        ("eval/accuracy", 0.7, True),
+        ("eval/accuracy", 0.5, False),
+        ("eval/rewards/accuracies", 0.6, False),  # a tie keeps the earlier checkpoint
+    ],
+)
+def test_direction_of_each_metric(metric, value, better):
+    config = Config(train=TrainConfig(keep_best=metric))
+    assert _best_improved(config, {metric: value}, TrainState(best_step=3, best_value=0.6)) is better
+
+
+def test_unknown_metric_or_one_without_its_data_is_refused():
+    from dsdpo.errors import DsdpoError
+
+    with pytest.raises(DsdpoError, match="unknown metric 'loss'"):
+        TrainConfig(keep_best="loss").validate()
+    with pytest.raises(DsdpoError, match="--eval-problems"):
+        TrainConfig(keep_best="eval/accuracy", eval_data="x.jsonl").validate()
