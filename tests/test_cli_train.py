@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from dsdpo.cli import main
 from dsdpo.cli.train import SCHEMA_OPTIONS, build_config, schema_option
-from dsdpo.config import Config, config_from_dict, setting
+from dsdpo.config import KEEP_BEST_METRICS, Config, config_from_dict, setting
 from dsdpo.draws import ESTIMATORS
 from dsdpo.loss import F_DIVERGENCES, OBJECTIVES
 from tests.run_helpers import REPO
@@ -42,7 +42,11 @@ DOCUMENTED = {
     "--log-every": "train.log_every", "--save-every": "train.save_every", "--keep-last": "train.keep_last",
     "--max-bad-steps": "train.max_bad_steps", "--ref-sync-steps": "train.ref_sync_steps",
     "--ref-sync-alpha": "train.ref_sync_alpha", "--eval-data": "train.eval_data",
-    "--eval-every": "train.eval_every",
+    "--eval-every": "train.eval_every", "--eval-problems": "train.eval_problems",
+    "--eval-num-problems": "train.eval_num_problems", "--eval-samples": "train.eval_samples",
+    "--eval-gen-length": "train.eval_gen_length", "--eval-block-length": "train.eval_block_length",
+    "--eval-gen-steps": "train.eval_gen_steps", "--eval-temperature": "train.eval_temperature",
+    "--no-eval-chat": "train.eval_chat", "--keep-best": "train.keep_best",
 }  # fmt: skip
 RUN_FLAGS = {"--ds_config", "--deepspeed_config", "--config", "--set", "--resume", "--trust-checkpoint",
              "--nvme-path", "--demo"}  # fmt: skip
@@ -90,7 +94,8 @@ def test_choices_come_from_the_modules_that_implement_them():
         dotted: option.type.choices for dotted, _, option in SCHEMA_OPTIONS if hasattr(option.type, "choices")
     }
     assert choices == {
-        "score.estimator": ESTIMATORS, "loss.f_divergence": F_DIVERGENCES, "loss.objective": OBJECTIVES
+        "score.estimator": ESTIMATORS, "loss.f_divergence": F_DIVERGENCES, "loss.objective": OBJECTIVES,
+        "train.keep_best": tuple(KEEP_BEST_METRICS),
     }  # fmt: skip
 
 
