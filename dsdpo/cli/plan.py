@@ -1,10 +1,15 @@
-"""`dsdpo plan`: the click command (dsdpo/cli.py adds it to the group); heavy imports when it runs."""
+"""`dsdpo plan`: the click command (dsdpo/cli/__init__.py adds it to the group); heavy imports when it
+runs. Defaults are training's: the settings schema's (dsdpo/config.py) and chunking's off-CUDA size."""
 
 from __future__ import annotations
 
 import click
 
+from dsdpo.config import DataConfig, ScoreConfig
 from dsdpo.planner.cards import CARDS
+from dsdpo.planner.chunking import DEFAULT_TOKENS
+
+DATA, SCORE = DataConfig(), ScoreConfig()
 
 
 @click.command("plan")
@@ -16,8 +21,10 @@ from dsdpo.planner.cards import CARDS
 )
 @click.option("--ds_config", "--ds-config", "ds_config", required=True, type=click.Path(exists=True))
 @click.option("--card", "card_name", default="rtx4080", show_default=True, type=click.Choice(list(CARDS)))
-@click.option("--budget", type=int, default=8, show_default=True, help="Draws per response.")
-@click.option("--max-length", type=int, default=1024, show_default=True, help="Prompt + response tokens.")
+@click.option("--budget", type=int, default=SCORE.budget, show_default=True, help="Draws per response.")
+@click.option(
+    "--max-length", type=int, default=DATA.max_length, show_default=True, help="Prompt + response tokens."
+)
 @click.option(
     "--response-length", type=int, default=None, help="Response tokens (default: half of --max-length)."
 )
@@ -27,7 +34,7 @@ from dsdpo.planner.cards import CARDS
 @click.option(
     "--accumulation", type=int, default=None, help="Micro-batches per step (default: the config's)."
 )
-@click.option("--max-tokens-per-forward", type=int, default=4096, show_default=True)
+@click.option("--max-tokens-per-forward", type=int, default=DEFAULT_TOKENS, show_default=True)
 @click.option("--max-tokens-no-grad", type=int, default=None, help="Default: 4 x --max-tokens-per-forward.")
 @click.option("--no-gradient-checkpointing", "no_checkpointing", is_flag=True)
 @click.option(
