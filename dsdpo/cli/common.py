@@ -23,6 +23,13 @@ TRUST_CHECKPOINT_HELP = (
 )
 
 
+def with_options(command, options: list):
+    """Apply click option decorators in the order listed (the first becomes the first in --help)."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def trust_checkpoint_option(command):
     return click.option("--trust-checkpoint", is_flag=True, help=TRUST_CHECKPOINT_HELP)(command)
 
@@ -58,9 +65,7 @@ def loading_options(command):
             help="Where the model runs: cpu, cuda, cuda:1 ...; auto picks cuda when there is one.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_options(command, options)
 
 
 def model_options(command):
@@ -124,9 +129,7 @@ def denoising_options(command):
             "(costs a second forward per step).",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_options(command, options)
 
 
 def _seed_batch_chat_options(command):
@@ -148,9 +151,7 @@ def _seed_batch_chat_options(command):
             "Use --no-chat for base models.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_options(command, options)
 
 
 def _resolve_device(device: str) -> str:

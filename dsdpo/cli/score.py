@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from dsdpo.cli.common import _resolve_device, _write_json, _write_jsonl, loading_options, model_options
+from dsdpo.cli.common import (
+    _resolve_device,
+    _write_json,
+    _write_jsonl,
+    loading_options,
+    model_options,
+    with_options,
+)
 from dsdpo.config import DataConfig, ScoreConfig
 from dsdpo.draws import ESTIMATORS
 from dsdpo.loss import LossConfig
@@ -76,9 +83,7 @@ def score_options(command):
         click.option("--batch-size", default=8, show_default=True, help="Pairs scored together."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_options(command, options)
 
 
 def _score_settings(knobs: dict):
