@@ -92,12 +92,29 @@ class DataConfig:
         "a prompt that fills --max-length is an error (skipped with --skip-invalid); default: its start "
         "is cut so the response fits, and counted",
     )
+    pad_responses_to: int | None = setting(
+        None,
+        "fill every response with EOS to this many tokens, the sampler's gen length: answers are then "
+        "scored on the canvas generation fills (default: the answer and one EOS)",
+    )
+
+    def tokenize_options(self) -> dict:
+        """How dsdpo.data.tokenize_pairs cuts and pads this data (training and held-out alike)."""
+        return dict(
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            skip_invalid=self.skip_invalid,
+            refuse_long_prompts=self.refuse_long_prompts,
+            pad_responses_to=self.pad_responses_to,
+        )
 
     def validate(self):
         if not self.path:
             raise DsdpoError("data.path is required: a preference data file (--data FILE)")
         if self.max_length < 2:
             raise DsdpoError(f"data.max_length must be at least 2, got {self.max_length}")
+        if self.pad_responses_to is not None and self.pad_responses_to < 1:
+            raise DsdpoError(f"data.pad_responses_to must be at least 1, got {self.pad_responses_to}")
 
 
 @dataclass

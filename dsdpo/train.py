@@ -160,14 +160,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     examples, skipped = load_preference_data(
         config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
     )
-    pairs, truncated = tokenize_pairs(
-        examples,
-        tokenizer,
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
-        skip_invalid=config.data.skip_invalid,
-        refuse_long_prompts=config.data.refuse_long_prompts,
-    )
+    pairs, truncated = tokenize_pairs(examples, tokenizer, **config.data.tokenize_options())
 
     eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
     eval_problems = _held_out_problems(config)
@@ -236,14 +229,7 @@ def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list |
     examples, _ = load_preference_data(
         config.train.eval_data, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
     )
-    pairs, _ = tokenize_pairs(
-        examples,
-        tokenizer,
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
-        skip_invalid=config.data.skip_invalid,
-        refuse_long_prompts=config.data.refuse_long_prompts,
-    )
+    pairs, _ = tokenize_pairs(examples, tokenizer, **config.data.tokenize_options())
     shared = [pair.example_id for pair in pairs if pair.example_id in training_ids]
     if shared:
         raise DsdpoError(

@@ -107,3 +107,23 @@ def test_collator_builds_exact_ids_and_masks():
     # A pair without a soft label is a hard preference for chosen.
     assert batch.preference_prob.tolist() == [0.25, 1.0]
     assert collate_pairs(pairs[1:], pad_token_id=0).preference_prob is None
+
+
+def test_pad_responses_to_fills_both_sides_with_eos_to_the_canvas(tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = [example("Q:", "42", "7"), example("Q:", "12345", "1", id="long")]
+    pairs, _ = tokenize_pairs(rows, tokenizer, max_length=64, pad_responses_to=4)
+    assert pairs[0].chosen_ids == [*char_ids(tokenizer, "42"), eos, eos]
+    assert pairs[0].rejected_ids == [*char_ids(tokenizer, "7"), eos, eos, eos]
+    # Longer than the canvas: as it is (the answer and its EOS).
+    assert pairs[1].chosen_ids == [*char_ids(tokenizer, "12345"), eos]
+    # The cut comes after the padding, and "7" + EOS fill stays apart from "42" + EOS fill.
+    pairs, counts = tokenize_pairs(rows[:1], tokenizer, max_length=5, pad_responses_to=4)
+    assert pairs[0].chosen_ids == [*char_ids(tokenizer, "42"), eos]
+    assert counts["response_truncated"] == 2
+    # SFT rows (no rejected side) stay without one.
+    sft = PreferenceExample("s", "Q:", "9", None, None, "d.jsonl:1")
+    (pair,), _ = tokenize_pairs([sft], tokenizer, max_length=64, pad_responses_to=3)
+    assert pair.chosen_ids == [*char_ids(tokenizer, "9"), eos, eos] and pair.rejected_ids == []
+    with pytest.raises(DsdpoError, match="pad_responses_to must be at least 1"):
+        tokenize_pairs(rows, tokenizer, max_length=64, pad_responses_to=0)

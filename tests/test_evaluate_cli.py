@@ -48,6 +48,20 @@ def test_score_writes_one_row_per_pair(tiny_gemma_dir, pairs_file, tmp_path):
     assert all(row["chosen_elbo"] < 0 and row["rejected_std_error"] > 0 for row in rows)
 
 
+def test_score_pads_responses_to_the_canvas_on_request(tiny_gemma_dir, pairs_file, tmp_path):
+    def scores(*extra):
+        out = tmp_path / f"scores{len(extra)}{extra[-1] if extra else ''}.jsonl"
+        result = run("score", "--model", tiny_gemma_dir, "--data", pairs_file, "--out", out, *FAST, *extra)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    bare = scores()
+    # Every response is already at least 1 token: the same tokens, the same keyed draws, the same scores.
+    assert scores("--pad-responses-to", "1") == bare
+    padded = scores("--pad-responses-to", "12")
+    assert all(p["chosen_elbo"] != b["chosen_elbo"] for p, b in zip(padded, bare, strict=True))
+
+
 def test_compare_a_model_with_itself(tiny_gemma_dir, pairs_file, tmp_path):
     out = tmp_path / "compare.json"
     args = ["--base", tiny_gemma_dir, "--tuned", tiny_gemma_dir, "--data", pairs_file, "--json", out]

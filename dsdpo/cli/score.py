@@ -48,6 +48,13 @@ def score_options(command):
             "--skip-invalid", is_flag=True, help="Count bad rows and long prompts instead of stopping."
         ),
         click.option(
+            "--pad-responses-to",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Fill each response with EOS to this many tokens, as training's --pad-responses-to does "
+            "(the scores of a precomputed reference must be padded as the run pads).",
+        ),
+        click.option(
             "--budget",
             default=SCORE.budget,
             show_default=True,
@@ -130,6 +137,7 @@ def _load_scoring_inputs(model_dirs, knobs: dict):
         max_prompt_length=knobs["max_prompt_length"],
         skip_invalid=knobs["skip_invalid"],
         refuse_long_prompts=knobs["refuse_long_prompts"],
+        pad_responses_to=knobs["pad_responses_to"],
     )
     _report_data_changes(knobs["data"], {**skipped, **cuts})
     device = _resolve_device(knobs["device"])
@@ -265,9 +273,9 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
 
     Writes every pair's per-draw reference terms for each epoch, keyed exactly as training keys its
     draws. Train with `--reference-scores OUT` and the same --budget, --estimator, --trajectory-steps,
-    --seed, --max-length and --max-prompt-length, and give --dtype the training precision (bf16 for
-    ds_configs/rtx4080*.json). Training checks each, the tokenizer and every pair's tokens, and names
-    any difference.
+    --seed, --max-length, --max-prompt-length and --pad-responses-to, and give --dtype the training
+    precision (bf16 for ds_configs/rtx4080*.json). Training checks each, the tokenizer and every
+    pair's tokens, and names any difference.
     """
     from dsdpo.models import load_tokenizer
     from dsdpo.reference import precompute_reference_scores

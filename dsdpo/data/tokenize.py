@@ -3,7 +3,11 @@
 Plain prompts are tokenised as they are; conversational prompts are rendered with the tokenizer's
 chat template and `add_generation_prompt=True`, so the response starts where the assistant speaks.
 A response is its text (the assistant message's content) followed by EOS when the tokenizer has one,
-so the model also learns where an answer stops.
+so the model also learns where an answer stops. With pad_responses_to N, a shorter response is
+filled with EOS to N tokens: a masked diffusion sampler denoises a fixed canvas of gen_length
+positions and fills the rest of an answer with EOS (LLaDA's SFT pads with EOS for this, Nie et al.
+2025, appendix B), so a preference loss scored on the bare answer would train the model on a canvas
+whose length gives the answer's length away, one the sampler never shows it.
 
 Truncation keeps the END of the prompt (the question sits next to the answer) and the START of each
 response (the part the model produces first), so that prompt + response <= max_length. A prompt that
@@ -71,6 +75,21 @@ def response_token_ids(response, tokenizer) -> list[int]:
     return ids
 
 
+def pad_responses(pair: TokenizedPair, length: int, eos_token_id: int) -> TokenizedPair:
+    """Both responses filled with EOS to `length` tokens (longer ones as they are)."""
+
+    def padded(ids: list[int]) -> list[int]:
+        return [*ids, *[eos_token_id] * (length - len(ids))] if ids else ids
+
+    return TokenizedPair(
+        pair.example_id,
+        pair.prompt_ids,
+        padded(pair.chosen_ids),
+        padded(pair.rejected_ids),
+        pair.preference_prob,
+    )
+
+
 def encode_example(example: PreferenceExample, tokenizer) -> TokenizedPair:
     """The untruncated token ids of one example."""
     return TokenizedPair(
@@ -135,6 +154,7 @@ def tokenize_pairs(
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     refuse_long_prompts: bool = False,
+    pad_responses_to: int | None = None,
 ) -> tuple[list[TokenizedPair], dict[str, int]]:
     """Token ids of each example, cut so prompt + response <= max_length, and the counts of cuts.
 
@@ -142,7 +162,8 @@ def tokenize_pairs(
     alone filled max_length), response_truncated (responses), identical_after_truncation (pairs dropped:
     their two responses became equal) and prompt_too_long (pairs skipped: refuse_long_prompts with
     skip_invalid). With refuse_long_prompts and not skip_invalid, such a prompt raises DsdpoError
-    naming the example's source.
+    naming the example's source. pad_responses_to: responses filled with EOS to that many tokens
+    before the cut (see the module's docstring).
     """
     if max_length < 2:
         raise DsdpoError(
@@ -153,11 +174,18 @@ def tokenize_pairs(
             f"max_prompt_length must be in [1, max_length), got {max_prompt_length} "
             f"with max_length {max_length}"
         )
+    if pad_responses_to is not None:
+        if pad_responses_to < 1:
+            raise DsdpoError(f"pad_responses_to must be at least 1, got {pad_responses_to}")
+        if tokenizer.eos_token_id is None:
+            raise DsdpoError("pad_responses_to pads with EOS, and this tokenizer has no EOS token")
     counts = truncation_counter()
     pairs = []
     for example in examples:
         try:
             pair = encode_example(example, tokenizer)
+            if pad_responses_to is not None:
+                pair = pad_responses(pair, pad_responses_to, tokenizer.eos_token_id)
             cut = truncate_pair(
                 pair,
                 max_length=max_length,
