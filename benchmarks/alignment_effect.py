@@ -4,14 +4,20 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
 1. Data: arithmetic word problems from templates ("Ann has 12 pens and gets 7 more. How many
    pens?"), split into training and held-out problems with no shared question.
 2. SFT from scratch: a small bidirectional transformer (dsdpo.tiny, character tokenizer) trained with
-   `--loss sft` (LLaDA's masked-diffusion SFT objective) on prompt/completion rows.
-3. On-policy pairs: the SFT model samples --samples answers per problem (dsdpo.on_policy, as
-   `dsdpo make-pairs --source model` does); a right and a wrong answer make a pair. Training
-   problems give the DPO data, held-out problems the held-out pairs.
-4. DPO from the SFT model, at equal steps and seeds, in three arms:
+   `--loss sft` (LLaDA's masked-diffusion SFT objective) on prompt/completion rows, with held-out
+   accuracy and a checkpoint every --sft-eval-every steps. DPO starts from the --sft-start-step
+   checkpoint: one whose accuracy is well inside (0, 1), with room to improve.
+   Every response is scored on the sampler's canvas (--pad-responses-to gen_length).
+3. On-policy pairs: the SFT model samples --samples answers per problem at --temperature
+   (dsdpo.on_policy, as `dsdpo make-pairs --source model` does); a right and a wrong answer make a
+   pair. Training problems give the DPO data, held-out problems the held-out pairs.
+4. From the SFT model, at equal steps and seeds, DPO with RPO's NLL term (--sft-weight; 0: plain DPO)
+   in three arms, and a control:
       (a) budget 1, reference on its own draws (--budget 1 --no-antithetic)
       (b) budget 8, VRPO: stratified draws shared by policy and reference (the default)
       (c) budget 8, stratified, reference on its own draws (--no-antithetic)
+      (r) the control: SFT on the same pairs' chosen answers alone (rejection-sampling fine-tuning),
+          which tells what the preference adds to training on the model's own right answers
 5. Reported per arm and seed: held-out generation accuracy (greedy sampler) with its 95% Wilson
    interval, held-out reward accuracy (eval/rewards/accuracies at the last step, same draws at every
    evaluation), the standard error of B̂_θ − B̂_ref over draws (vrpo/diff_stderr, mean over steps) and
@@ -22,8 +28,8 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
 
 With --eval-curve N each DPO run also logs held-out generation accuracy every N steps (--eval-problems).
 
-The numbers go to OUT/results-SETTINGS-seedsK.json and a markdown table on stdout (benchmarks/README.md
-records one).
+--arms picks arms by letter (--arms b: a quick look). The numbers go to OUT/results-SETTINGS-*.json
+and a markdown table on stdout (benchmarks/README.md records one).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ ARMS = {
     "a: budget 1, independent": ["--budget", "1", "--no-antithetic"],
     "b: budget 8, VRPO": ["--budget", "8"],
     "c: budget 8, no antithetic": ["--budget", "8", "--no-antithetic"],
+    # The control: as many steps of SFT on the same pairs' chosen (right) answers, no rejected side.
+    "r: SFT on the chosen answers": ["--loss", "sft", "--budget", "8", "--sft-weight", "0"],
 }
 SAMPLER = dict(gen_length=4, block_length=4, steps=4, remasking="low_confidence", cfg_scale=0.0)
 
@@ -214,19 +222,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/alignment_effect"))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--arms", default="abcr", help="the arms to run, by letter (b: a quick look; r: the SFT control)"
+    )
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--sft-epochs", type=int, default=30)
+    p.add_argument("--sft-epochs", type=int, default=120)
     p.add_argument("--sft-lr", type=float, default=1e-3)
-    p.add_argument("--pair-problems", type=int, default=600, help="training problems sampled for DPO pairs")
+    p.add_argument("--sft-eval-every", type=int, default=370, help="SFT steps between held-out accuracies")
+    p.add_argument(
+        "--sft-start-step",
+        type=int,
+        default=1480,
+        help="the SFT checkpoint DPO starts from (a multiple of --sft-eval-every; 0: the last)",
+    )
+    p.add_argument(
+        "--pair-problems", type=int, default=None, help="training problems sampled for pairs (default: all)"
+    )
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--dpo-lr", type=float, default=2e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
-    p.add_argument("--sft-weight", type=float, default=0.0, help="RPO's NLL term on the chosen answer")
+    p.add_argument("--sft-weight", type=float, default=1.0, help="RPO's NLL term on the chosen side (0: DPO)")
+    p.add_argument(
+        "--no-pad-responses",
+        dest="pad_responses",
+        action="store_false",
+        help="score answers bare (answer + one EOS) instead of on the sampler's EOS-filled canvas of "
+        "gen_length tokens (--pad-responses-to)",
+    )
     p.add_argument(
         "--eval-curve",
         type=int,
@@ -245,6 +272,7 @@ def main() -> None:
     problems = word_problems(seed=0)
     held_out, training = problems[: args.heldout], problems[args.heldout :]
     held_out_file = write_jsonl(held_out, out / "held_out_problems.jsonl")
+    args.pair_problems = min(args.pair_problems or len(training), len(training))
     pair_problems = write_jsonl(training[: args.pair_problems], out / "pair_problems.jsonl")
     sft_rows = [
         {"id": f"sft-{i}", "prompt": r["question"], "completion": str(r["answer"])}
@@ -253,6 +281,18 @@ def main() -> None:
     sft_data = write_jsonl(sft_rows, out / "sft.jsonl")
     print(f"{len(training)} training problems, {len(held_out)} held out", flush=True)
 
+    def accuracy_curve(every: int) -> list:
+        """Training options: held-out greedy accuracy on every held-out problem every `every` steps."""
+        sampler = {"--eval-gen-length": "gen_length", "--eval-block-length": "block_length"}
+        sampler["--eval-gen-steps"] = "steps"
+        return [
+            *("--eval-problems", held_out_file, "--eval-num-problems", len(held_out)),
+            *(item for flag, key in sampler.items() for item in (flag, SAMPLER[key])),
+            *("--eval-every", every, "--no-eval-chat"),  # as accuracy() below: chat=False
+        ]
+
+    # The answers' canvas as the sampler fills it: the answer, then EOS to gen_length.
+    padding = ["--pad-responses-to", SAMPLER["gen_length"]] if args.pad_responses else []
     model = init_tiny(
         out / "init",
         hidden_size=args.hidden,
@@ -284,16 +324,26 @@ def main() -> None:
                 "96",
                 "--log-every",
                 "10",
+                *padding,
+                # Held-out accuracy and a checkpoint every sft_eval_every steps: the SFT curve, and
+                # the start of DPO can be any point on it (--sft-start-step).
+                *accuracy_curve(args.sft_eval_every),
+                *("--save-every", args.sft_eval_every, "--keep-last", 1000),
             ],
             out / "sft.log",
         )
     sft_model = out / "sft_model"
     if not (sft_model / "config.json").is_file():
-        export(sft_run, sft_model)
+        start = sft_run / f"step_{args.sft_start_step:06d}" if args.sft_start_step else sft_run
+        export(start, sft_model)
+    sft_curve = {s: r["eval/accuracy"] for s, r in sorted(metrics(sft_run).items()) if "eval/accuracy" in r}
+    print(f"SFT held-out accuracy by step: {sft_curve}", flush=True)
     sft_report = accuracy(sft_model, held_out_file, 100)
     print(f"SFT: held-out {sft_report.summary()} ({time.time() - started:.0f} s)", flush=True)
 
-    train_pairs, eval_pairs = out / "dpo_pairs.jsonl", out / "held_out_pairs.jsonl"
+    # Pairs of each sampling setting kept apart, so a rerun with other settings samples anew.
+    pairs_tag = f"T{args.temperature:g}-K{args.samples}-N{args.pair_problems}"
+    train_pairs, eval_pairs = out / f"dpo_pairs-{pairs_tag}.jsonl", out / f"held_out_pairs-{pairs_tag}.jsonl"
     if not train_pairs.is_file():
         on_policy_counts = (
             on_policy(
@@ -313,8 +363,8 @@ def main() -> None:
                 seed=2,
             ),
         )
-        (out / "pair_counts.json").write_text(json.dumps(on_policy_counts))
-    counts, eval_counts = json.loads((out / "pair_counts.json").read_text())
+        (out / f"pair_counts-{pairs_tag}.json").write_text(json.dumps(on_policy_counts))
+    counts, eval_counts = json.loads((out / f"pair_counts-{pairs_tag}.json").read_text())
     print(f"on-policy pairs: {counts}; held-out: {eval_counts} ({time.time() - started:.0f} s)", flush=True)
 
     dpo_config = ds_config(
@@ -323,17 +373,14 @@ def main() -> None:
         micro=args.dpo_batch,
         accumulation=1,
     )
-    settings = f"lr{args.dpo_lr:g}-beta{args.beta:g}-batch{args.dpo_batch}-sft{args.sft_weight:g}"
-    settings += f"-steps{args.dpo_steps}" + (f"-curve{args.eval_curve}" if args.eval_curve else "")
-    gen_length, block_length, steps = SAMPLER["gen_length"], SAMPLER["block_length"], SAMPLER["steps"]
-    curve = [
-        *("--eval-problems", held_out_file, "--eval-num-problems", len(held_out)),
-        *("--eval-gen-length", gen_length, "--eval-block-length", block_length, "--eval-gen-steps", steps),
-        *("--eval-every", args.eval_curve, "--no-eval-chat"),  # as accuracy() below: chat=False
-    ]
+    settings = f"{pairs_tag}-lr{args.dpo_lr:g}-beta{args.beta:g}-batch{args.dpo_batch}-sft{args.sft_weight:g}"
+    settings += f"-steps{args.dpo_steps}" + ("" if args.pad_responses else "-bare")
+    settings += f"-curve{args.eval_curve}" if args.eval_curve else ""
     rows = []
     for seed in range(args.seeds):
         for name, options in ARMS.items():
+            if name[0] not in args.arms:
+                continue
             run = out / f"dpo-{settings}-{name[0]}-seed{seed}"
             if not (run / "latest").is_file():
                 train(
@@ -360,7 +407,8 @@ def main() -> None:
                         eval_pairs,
                         "--max-length",
                         "96",
-                        *(curve if args.eval_curve else []),
+                        *padding,
+                        *(accuracy_curve(args.eval_curve) if args.eval_curve else []),
                         *options,
                     ],
                     out / f"{run.name}.log",
@@ -378,13 +426,14 @@ def main() -> None:
         "accuracy": sft_report.accuracy,
         "ci95": [sft_report.ci95_low, sft_report.ci95_high],
     }
-    summary = [sft_row, *rows, *(pooled(rows, name) for name in ARMS)]
-    (out / f"results-{settings}-seeds{args.seeds}.json").write_text(
+    summary = [sft_row, *rows, *(pooled(rows, name) for name in ARMS if name[0] in args.arms)]
+    (out / f"results-{settings}-seeds{args.seeds}-arms{args.arms}.json").write_text(
         json.dumps(
             {
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "pairs": counts,
                 "held_out_pairs": eval_counts,
+                "sft_accuracy_curve": sft_curve,
                 "rows": summary,
                 "seconds": time.time() - started,
             },
