@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import statistics
@@ -109,14 +110,15 @@ def metrics(run: Path) -> dict[int, dict]:
     return records
 
 
-def accuracy(model_dir: Path, problems, batch_size: int):
+def accuracy(model_dir: Path, problems, batch_size: int, out: Path):
+    """Greedy held-out accuracy; and each problem's right (True) or wrong, from the records in `out`."""
     from dsdpo.accuracy import evaluate_accuracy
     from dsdpo.answers import load_problems_jsonl
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
     mask = resolve_mask_token_id(None, load_config(model_dir), tokenizer)
-    return evaluate_accuracy(
+    report = evaluate_accuracy(
         model,
         tokenizer,
         load_problems_jsonl(problems),
@@ -124,8 +126,24 @@ def accuracy(model_dir: Path, problems, batch_size: int):
         sampler={**SAMPLER, "temperature": 0.0},
         batch_size=batch_size,
         chat=False,
+        out=out,
         progress=False,
     )
+    return report, [json.loads(line)["correct"] for line in out.read_text().splitlines()]
+
+
+def mcnemar_p(won: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value: the discordant problems as a fair coin's Binomial(won + lost)."""
+    n = won + lost
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(right: list[bool], sft_right: list[bool]) -> dict:
+    """Against the SFT model on the same problems: problems won (right now, wrong before) and lost."""
+    won = sum(a and not b for a, b in zip(right, sft_right, strict=True))
+    lost = sum(b and not a for a, b in zip(right, sft_right, strict=True))
+    return {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)}
 
 
 def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature: float, seed: int) -> dict:
@@ -160,7 +178,7 @@ def export(run: Path, out: Path) -> Path:
     return export_checkpoint(run, out, dtype="fp32", max_shard_size="5GB")
 
 
-def arm_row(name, seed, report, records, steps):
+def arm_row(name, seed, report, versus_sft, records, steps):
     last = records[steps]
     curve = {s: r["eval/accuracy"] for s, r in sorted(records.items()) if "eval/accuracy" in r}
     spread = [records[s][k] for s in range(1, steps + 1) for k in ["vrpo/diff_stderr"] if k in records[s]]
@@ -172,6 +190,7 @@ def arm_row(name, seed, report, records, steps):
         "n": report.n,
         "accuracy": report.accuracy,
         "ci95": [report.ci95_low, report.ci95_high],
+        "vs_sft": versus_sft,
         "eval_reward_accuracy": last.get("eval/rewards/accuracies"),
         "eval_margin": last.get("eval/rewards/margins"),
         "diff_stderr": statistics.fmean(spread) if spread else None,
@@ -185,14 +204,17 @@ def table(rows) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| arm | seed | held-out accuracy [95% CI] | held-out reward acc | diff_stderr | grad-norm var |",
-        "|---|---|---|---|---|---|",
+        "| arm | seed | held-out accuracy [95% CI] | vs SFT: won/lost (McNemar p) | held-out reward acc "
+        "| diff_stderr | grad-norm var |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         low, high = row["ci95"]
         ci = f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({row['correct']}/{row['n']})"
+        versus = row.get("vs_sft")
+        versus = f"+{versus['won']}/-{versus['lost']} (p={versus['mcnemar_p']:.3f})" if versus else "-"
         lines.append(
-            f"| {row['arm']} | {row['seed']} | {ci} | {fmt(row.get('eval_reward_accuracy'))} | "
+            f"| {row['arm']} | {row['seed']} | {ci} | {versus} | {fmt(row.get('eval_reward_accuracy'))} | "
             f"{fmt(row.get('diff_stderr'), 4)} | {fmt(row.get('grad_norm_var'), 5)} |"
         )
     return "\n".join(lines)
@@ -207,6 +229,7 @@ def pooled(rows, name) -> dict:
         k: [r[k] for r in mine if r[k] is not None]
         for k in ("eval_reward_accuracy", "diff_stderr", "grad_norm_var")
     }
+    won, lost = (sum(r["vs_sft"][k] for r in mine) for k in ("won", "lost"))
     return {
         "arm": name,
         "seed": "pooled",
@@ -214,6 +237,7 @@ def pooled(rows, name) -> dict:
         "n": n,
         "accuracy": correct / n,
         "ci95": list(wilson_interval(correct, n)),
+        "vs_sft": {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)},
         **{k: statistics.fmean(v) if v else None for k, v in values.items()},
     }
 
@@ -338,7 +362,7 @@ def main() -> None:
         export(start, sft_model)
     sft_curve = {s: r["eval/accuracy"] for s, r in sorted(metrics(sft_run).items()) if "eval/accuracy" in r}
     print(f"SFT held-out accuracy by step: {sft_curve}", flush=True)
-    sft_report = accuracy(sft_model, held_out_file, 100)
+    sft_report, sft_right = accuracy(sft_model, held_out_file, 100, out / "sft_model-held_out.jsonl")
     print(f"SFT: held-out {sft_report.summary()} ({time.time() - started:.0f} s)", flush=True)
 
     # Pairs of each sampling setting kept apart, so a rerun with other settings samples anew.
@@ -413,8 +437,8 @@ def main() -> None:
                     ],
                     out / f"{run.name}.log",
                 )
-            report = accuracy(run, held_out_file, 100)
-            rows.append(arm_row(name, seed, report, metrics(run), args.dpo_steps))
+            report, right = accuracy(run, held_out_file, 100, out / f"{run.name}-held_out.jsonl")
+            rows.append(arm_row(name, seed, report, paired(right, sft_right), metrics(run), args.dpo_steps))
             print(f"{name} seed {seed}: {report.summary()} ({time.time() - started:.0f} s)", flush=True)
             if "accuracy_curve" in rows[-1]:
                 print(f"  eval/accuracy by step: {rows[-1]['accuracy_curve']}", flush=True)
