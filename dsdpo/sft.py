@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from dsdpo.data.tokenize import TokenizedPair
+from dsdpo.data.tokenize import TokenizedPair, eos_filled
 from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
@@ -35,10 +35,7 @@ def pad_completions_with_eos(pairs: list[TokenizedPair], eos_token_id: int | Non
     if eos_token_id is None:
         return pairs
     longest = max(len(pair.chosen_ids) for pair in pairs)
-    return [
-        replace(pair, chosen_ids=[*pair.chosen_ids, *[eos_token_id] * (longest - len(pair.chosen_ids))])
-        for pair in pairs
-    ]
+    return [replace(pair, chosen_ids=eos_filled(pair.chosen_ids, longest, eos_token_id)) for pair in pairs]
 
 
 def sft_micro_step(

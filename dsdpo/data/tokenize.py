@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dsdpo.data.rows import PreferenceExample, response_text
 from dsdpo.errors import DsdpoError
@@ -75,19 +75,15 @@ def response_token_ids(response, tokenizer) -> list[int]:
     return ids
 
 
+def eos_filled(ids: list[int], length: int, eos_token_id: int) -> list[int]:
+    """`ids` followed by EOS up to `length` tokens (a longer one as it is)."""
+    return [*ids, *[eos_token_id] * (length - len(ids))]
+
+
 def pad_responses(pair: TokenizedPair, length: int, eos_token_id: int) -> TokenizedPair:
-    """Both responses filled with EOS to `length` tokens (longer ones as they are)."""
-
-    def padded(ids: list[int]) -> list[int]:
-        return [*ids, *[eos_token_id] * (length - len(ids))] if ids else ids
-
-    return TokenizedPair(
-        pair.example_id,
-        pair.prompt_ids,
-        padded(pair.chosen_ids),
-        padded(pair.rejected_ids),
-        pair.preference_prob,
-    )
+    """Both responses filled with EOS to `length` tokens; an SFT row's empty rejected side stays empty."""
+    rejected = eos_filled(pair.rejected_ids, length, eos_token_id) if pair.rejected_ids else []
+    return replace(pair, chosen_ids=eos_filled(pair.chosen_ids, length, eos_token_id), rejected_ids=rejected)
 
 
 def encode_example(example: PreferenceExample, tokenizer) -> TokenizedPair:
