@@ -307,11 +307,13 @@ def main() -> None:
 
     def accuracy_curve(every: int) -> list:
         """Training options: held-out greedy accuracy on every held-out problem every `every` steps."""
-        sampler = {"--eval-gen-length": "gen_length", "--eval-block-length": "block_length"}
-        sampler["--eval-gen-steps"] = "steps"
+        sampler = [
+            *("--eval-gen-length", SAMPLER["gen_length"], "--eval-block-length", SAMPLER["block_length"]),
+            *("--eval-gen-steps", SAMPLER["steps"]),
+        ]
         return [
             *("--eval-problems", held_out_file, "--eval-num-problems", len(held_out)),
-            *(item for flag, key in sampler.items() for item in (flag, SAMPLER[key])),
+            *sampler,
             *("--eval-every", every, "--no-eval-chat"),  # as accuracy() below: chat=False
         ]
 

@@ -113,8 +113,6 @@ class DataConfig:
             raise DsdpoError("data.path is required: a preference data file (--data FILE)")
         if self.max_length < 2:
             raise DsdpoError(f"data.max_length must be at least 2, got {self.max_length}")
-        if self.pad_responses_to is not None and self.pad_responses_to < 1:
-            raise DsdpoError(f"data.pad_responses_to must be at least 1, got {self.pad_responses_to}")
 
 
 @dataclass
