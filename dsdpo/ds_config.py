@@ -24,6 +24,7 @@ from typing import Any
 from dsdpo.errors import DsdpoError
 
 AUTO = "auto"
+PLANNED_NVME_PATH = "/nvme"  # stands for --nvme-path in a plan (never created or written)
 BATCH_FIELDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 # Blocks dsdpo reads itself before DeepSpeed parses the file: they must be JSON objects.
 OBJECT_BLOCKS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler")
@@ -92,7 +93,9 @@ def resolve_batch_sizes(config: dict, world_size: int, source: str) -> dict[str,
     return dict(zip(BATCH_FIELDS, (total, micro, accumulation), strict=True))
 
 
-def _fill_nvme_paths(zero: dict, nvme_path: str | None, source: str, role: str) -> None:
+def _fill_nvme_paths(
+    zero: dict, nvme_path: str | None, source: str, role: str, *, check: bool = True
+) -> None:
     for block in ("offload_param", "offload_optimizer"):
         offload = zero.get(block) or {}
         if offload.get("device") != "nvme":
@@ -104,7 +107,8 @@ def _fill_nvme_paths(zero: dict, nvme_path: str | None, source: str, role: str) 
                     f"{source}: zero_optimization.{block} offloads to NVMe: give --nvme-path DIR"
                 )
             path = nvme_path
-        _check_swap_folder(Path(path), source, block)
+        if check:
+            _check_swap_folder(Path(path), source, block)
         # Each engine needs its own folder: a swapper empties its folder when it starts.
         offload["nvme_path"] = str(Path(path) / role)
 
@@ -133,8 +137,12 @@ def resolve_ds_config(
     total_steps: int,
     nvme_path: str | None = None,
     source: str = "DeepSpeed config",
+    planning: bool = False,
 ) -> dict[str, Any]:
-    """The policy engine's config: checked, with every "auto" the trainer knows filled in."""
+    """The policy engine's config: checked, with every "auto" the trainer knows filled in.
+
+    planning: for `dsdpo plan`, which starts no run: the same checks, but an NVMe folder is neither
+    needed nor looked at (a placeholder stands for --nvme-path)."""
     resolved = copy.deepcopy(config)
     for block in OBJECT_BLOCKS:
         if block in resolved and not isinstance(resolved[block], dict):
@@ -155,7 +163,9 @@ def resolve_ds_config(
     scheduler_params = (resolved.get("scheduler") or {}).get("params") or {}
     if scheduler_params.get("total_num_steps") == AUTO:
         scheduler_params["total_num_steps"] = max(total_steps, 1)
-    _fill_nvme_paths(zero, nvme_path, source, "policy")
+    if planning:
+        nvme_path = nvme_path or PLANNED_NVME_PATH
+    _fill_nvme_paths(zero, nvme_path, source, "policy", check=not planning)
     leftover = [key for key, value in _walk(resolved) if value == AUTO]
     if leftover:
         raise DsdpoError(f'{source}: dsdpo cannot fill "auto" for {", ".join(leftover)}; set a value')

@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from dsdpo.diffusion import exact_elbo
-from dsdpo.engine import lora_targets
 from dsdpo.errors import DsdpoError
-from dsdpo.families import DREAM, LLADA, family_of_model
+from dsdpo.families import DREAM, LLADA, family_of_model, lora_targets
 from dsdpo.generate import denoiser_logits
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id

@@ -94,7 +94,15 @@ def test_batch_sizes_fill_auto_and_reject_inconsistent_triples():
 
 
 @pytest.mark.parametrize(
-    "name", ["cpu.json", "rtx4080.json", "rtx4080_lora.json", "rtx4080_nvme.json", "multi_gpu.json"]
+    "name",
+    [
+        "cpu.json",
+        "rtx4080.json",
+        "rtx4080_lora.json",
+        "rtx4080_nvme.json",
+        "rtx4080_hybrid.json",
+        "multi_gpu.json",
+    ],
 )
 def test_shipped_configs_resolve(name, tmp_path):
     raw = read_ds_config(REPO / "ds_configs" / name)

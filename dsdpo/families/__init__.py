@@ -89,6 +89,14 @@ def family_of_model(model: nn.Module) -> Family | None:
     return family_of(getattr(model, "config", None))
 
 
+def lora_targets(option: str, family: Family | None) -> str | list[str]:
+    """PEFT's target_modules for --lora-target-modules: "auto" is the family's block layers (never
+    the output layer), or "all-linear" for other models."""
+    if option == "auto":
+        return family.lora_target_modules if family else "all-linear"
+    return option if option == "all-linear" else [name.strip() for name in option.split(",")]
+
+
 def source_positions(positions: Tensor, shift: int) -> Tensor:
     """Where the logits of the tokens at `positions` are read: `positions - shift`, and position 0
     reads itself (Dream's rule; a response never starts at 0, a prompt token precedes it)."""

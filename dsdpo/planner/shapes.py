@@ -7,6 +7,7 @@ the very module tree training loads, not a formula: tied weights count once, bia
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES
+from dsdpo.families import FAMILIES, family_of, lora_targets
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
         except json.JSONDecodeError as err:
             raise DsdpoError(f"{file}: not valid JSON: {err}") from err
         where = str(file)
+    if not isinstance(data, dict):
+        raise DsdpoError(f"{where}: expected a JSON object of model settings, got {type(data).__name__}")
     model_type = data.pop("model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type].config_class(**data)
@@ -74,8 +77,11 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
 def _meta_model(config: PretrainedConfig):
     from dsdpo.models import build_from_config
 
-    with torch.device("meta"):
-        return build_from_config(config)
+    try:
+        with torch.device("meta"):
+            return build_from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as err:
+        raise DsdpoError(f"model_type {config.model_type!r}: these settings build no model: {err}") from None
 
 
 def _blocks(model) -> torch.nn.ModuleList:
@@ -109,4 +115,29 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
         parameter_sizes=sizes,
         largest_module=largest,
         block_parameters=sum(p.numel() for p in blocks[0].parameters()),
+    )
+
+
+def lora_parameters(
+    source: str | Path | PretrainedConfig | dict, rank: int, target_modules: str = "auto"
+) -> int:
+    """Parameters of rank-`rank` LoRA adapters, r·(inputs + outputs) for each linear layer PEFT would
+    adapt (its matching rules: a regex matches the whole module name, a list entry its last parts;
+    "all-linear" is every linear layer but the output layer)."""
+    config = read_config(source)
+    model = _meta_model(config)
+    targets = lora_targets(target_modules, family_of(config))
+    output = model.get_output_embeddings()
+
+    def adapted(name: str, module: torch.nn.Module) -> bool:
+        if targets == "all-linear":
+            return module is not output
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == target or name.endswith(f".{target}") for target in targets)
+
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and adapted(name, module)
     )
