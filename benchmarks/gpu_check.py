@@ -21,11 +21,12 @@ Runs offline on a machine with only this repository and its pip install:
    planner's MATMUL_EFFICIENCY (0.4) assumes.
 5. The sampler: dsdpo.generate on a few prompts, generated tokens per second.
 
-Time on one H100, by design (nothing measured yet): the tests at most --tests-timeout (120 s; they
-also compile DeepSpeed's cpu_adam and async_io ops that the runs reuse), the model ~15 s, each run at
-most --run-timeout (150 s: start-up, 3 steps, the final checkpoint of ~16 GB, deleted after; the
-planner puts a step at 1.7 s under rtx4080.json, ~12 s with the optimizer on NVMe), compute and
-sampler ~20 s: at most ~7.6 minutes. A part that fails or runs out of time is recorded as such and
+Time on one H100, by design (nothing measured yet): the tests at most --tests-timeout (200 s: six
+training subprocesses of tiny models; they also compile DeepSpeed's cpu_adam and async_io ops that
+the runs reuse), the model ~15 s, each run at most --run-timeout (115 s: start-up, 3 steps, the
+final checkpoint of ~16 GB, deleted after; the planner puts a step at 1.7 s under rtx4080.json,
+~12 s with the optimizer on NVMe; a run cut short still reports the steps it logged), compute and
+sampler ~20 s: at most ~7.8 minutes. A part that fails or runs out of time is recorded as such and
 the rest go on. With --dry-run the same code runs on the CPU accelerator with a tiny LLaDA.
 """
 
@@ -106,9 +107,10 @@ def build_model(folder: Path, dims: tuple[int, int, int, int, int], device: str)
     )  # fmt: skip
     torch.manual_seed(0)
     with torch.device(device):  # random initialisation of a 1B model is minutes on the CPU
-        model = LLaDAModelLM(LLaDAConfig(**published)).to(torch.bfloat16)
-    model.save_pretrained(folder)
+        LLaDAModelLM(LLaDAConfig(**published)).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the training runs that follow are other processes
     return folder
 
 
@@ -191,6 +193,11 @@ def run_command(command: list, *, env: dict, timeout: float, log: Path) -> dict:
     return {"returncode": code, "seconds": time.perf_counter() - started, "log_tail": log.read_text()[-2000:]}
 
 
+def swap_folder(output: Path) -> Path:
+    """Where a run's NVMe offload swaps (used by configs that offload to "nvme")."""
+    return output.with_name(f"{output.name}-swap")
+
+
 def train(ds_config_file: Path, model_dir: Path, data: Path, output: Path, shape: Shape, args) -> dict:
     """`deepspeed launch/train.py` for shape.steps steps of this config, on one GPU (or the CPU)."""
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -200,17 +207,19 @@ def train(ds_config_file: Path, model_dir: Path, data: Path, output: Path, shape
         "--max-length", shape.width, "--pad-responses-to", shape.response_tokens, "--budget", shape.budget,
         "--max-tokens-per-forward", shape.max_tokens_per_forward,
         "--max-tokens-no-grad", shape.max_tokens_no_grad, "--max-steps", shape.steps,
-        "--nvme-path", args.work_dir,
+        "--nvme-path", swap_folder(output),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": accelerator(args)}
     output.mkdir(parents=True, exist_ok=True)
+    swap_folder(output).mkdir(exist_ok=True)
     return run_command(list(map(str, command)), env=env, timeout=args.run_timeout, log=output / "train.log")
 
 
 def measured(metrics_file: Path, pairs_per_step: int, step_tflop: float) -> dict:
     """Peak GPU memory, seconds per step and per pair, and achieved TFLOPS, from metrics.jsonl (the
     first step, which pays CUDA's and DeepSpeed's warm-up, left out when there are more)."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    lines = metrics_file.read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.endswith("}")]  # a run killed mid-line
     timed = records[1:] or records
     seconds = sum(r["seconds"] for r in timed) / len(timed)
     peak = max((r.get("gpu_peak_memory_mb") for r in records), default=None, key=lambda v: v or 0)
@@ -244,7 +253,8 @@ def check_run(name: str, model_dir: Path, data: Path, shape: Shape, args) -> dic
         result["measured"] = measured(metrics, shape.accumulation, result["planned"]["step_tflop"])
         peak = result["measured"]["gpu_peak_gib"]
         result["gpu_peak_measured_over_planned"] = peak / result["planned"]["gpu_peak_gib"] if peak else None
-    shutil.rmtree(output, ignore_errors=True)
+    for folder in (output, swap_folder(output)):  # a checkpoint and swap files: GBs each for the 1B model
+        shutil.rmtree(folder, ignore_errors=True)
     return result
 
 
@@ -373,19 +383,19 @@ def table(report: dict) -> str:
     header = ("config", "plan GiB", "peak GiB", "peak/plan", "plan s/pair", "s/pair", "TFLOPS")
     lines = [
         f"{report['environment']['device']}: tests {report['tests'].get('summary', report['tests'])}",
-        "".join(f"{h:>12}" for h in header),
+        "".join(f"{h:>14}" for h in header),
     ]
     for name, run in report["runs"].items():
         if "measured" not in run:
-            lines.append(f"{name:>12}  {run.get('skipped') or run['run']['returncode']}")
+            lines.append(f"{name:>14}  {run.get('skipped') or run['run']['returncode']}")
             continue
         p, m = run["planned"], run["measured"]
         fast, slow = p["seconds_per_pair"]
         cells = (
             p["gpu_peak_gib"], m["gpu_peak_gib"], run["gpu_peak_measured_over_planned"],
-            f"{fast:.3g}-{slow:.3g}", m["seconds_per_pair"], m["achieved_tflops"],
+            f"{fast:.3g}..{slow:.3g}", m["seconds_per_pair"], m["achieved_tflops"],
         )  # fmt: skip
-        lines.append(f"{Path(name).stem[:12]:>12}" + "".join(f"{_cell(c):>12}" for c in cells))
+        lines.append(f"{Path(name).stem[:14]:>14}" + "".join(f"{_cell(c):>14}" for c in cells))
     for part in ("compute", "sampler"):
         lines.append(f"{part}: {json.dumps(report.get(part))}")
     return "\n".join(lines)
@@ -414,8 +424,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens-no-grad", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps a config (the first untimed)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts the sampler answers together")
-    parser.add_argument("--tests-timeout", type=float, default=120)
-    parser.add_argument("--run-timeout", type=float, default=150, help="seconds a config's training run")
+    parser.add_argument("--tests-timeout", type=float, default=200)
+    parser.add_argument("--run-timeout", type=float, default=115, help="seconds a config's training run")
     parser.add_argument("--work-dir", default=None, help="model, runs and NVMe swap (default: a temp folder)")
     args = parser.parse_args(argv)
     if args.dry_run:

@@ -44,4 +44,5 @@ def test_dry_run_plans_and_measures_a_shipped_config_and_writes_one_json(tmp_pat
         "skipped": "ds_configs/absent.json does not exist on this branch"
     }
     assert report["compute"]["tflops"] > 0 and report["sampler"]["tokens_per_s"] > 0
-    assert not (tmp_path / "work" / "run-rtx4080").exists()  # a run's checkpoint is deleted after it
+    for leftover in ("run-rtx4080", "run-rtx4080-swap"):  # its checkpoint and swap files: GBs at 1B
+        assert not (tmp_path / "work" / leftover).exists()
