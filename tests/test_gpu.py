@@ -11,7 +11,7 @@ import torch
 
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.tiny import init_tiny
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+from tests.run_helpers import REPO, metrics_by_step, nvme_available, run_train, tail, train_args
 
 pytestmark = [
     pytest.mark.gpu,
@@ -105,13 +105,7 @@ def test_chunked_bf16_step_on_cuda_has_the_unchunked_gradient(tiny_gemma_dir, tm
     assert whole > 0 and chunked == pytest.approx(whole, rel=0.03)
 
 
-def _nvme_available() -> bool:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
-
-
-@pytest.mark.skipif(not _nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+@pytest.mark.skipif(not nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
 def test_nvme_config_trains_on_the_gpu_and_swaps(tmp_path):
     # FFN matrices of 256 x 4096 in bf16 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
     model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=4096, num_heads=4)

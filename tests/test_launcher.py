@@ -8,13 +8,7 @@ import pytest
 
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.tiny import init_tiny
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
-
-
-def _nvme_available() -> bool:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
+from tests.run_helpers import REPO, metrics_by_step, nvme_available, run_train, tail, train_args
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def test_cpu_offload_run_learns_the_preference(tiny_gemma_dir, data_file, tmp_pa
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a dev extra
 
 
-@pytest.mark.skipif(not _nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+@pytest.mark.skipif(not nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
 def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
     # FFN matrices of 256 x 2048 fp32 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
     model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
