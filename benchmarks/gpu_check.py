@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,9 +55,11 @@ from dsdpo.ds_config import read_ds_config  # noqa: E402
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
 from dsdpo.planner.cards import card  # noqa: E402
 from dsdpo.planner.memory import RunShape, Sweeps, sweeps_per_step  # noqa: E402
+from dsdpo.planner.monitor import offloads_to_nvme  # noqa: E402
 from dsdpo.planner.report import GIB, plan, step_flops  # noqa: E402
 from dsdpo.planner.shapes import model_shape  # noqa: E402
 from dsdpo.tiny import build_tokenizer  # noqa: E402
+from tests.run_helpers import free_port, nvme_available  # noqa: E402
 
 CONFIGS = ("rtx4080.json", "rtx4080_hybrid.json")
 # (hidden, layers, heads, MLP width, vocabulary): "1b" is 1.14 B parameters, 0.52 B of them the
@@ -137,19 +138,6 @@ def check_config(name: str, accumulation: int) -> dict:
     return config
 
 
-def offloads_to_nvme(ds_config: dict) -> bool:
-    zero = ds_config.get("zero_optimization") or {}
-    return any(
-        (zero.get(block) or {}).get("device") == "nvme" for block in ("offload_param", "offload_optimizer")
-    )
-
-
-def nvme_unavailable() -> str | None:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return None if AsyncIOBuilder().is_compatible(verbose=False) else "no libaio: NVMe offload cannot run"
-
-
 # --- the planner ---
 
 
@@ -169,12 +157,6 @@ def planned(model_dir: Path, ds_config: dict, shape: Shape, card_name: str) -> d
 
 
 # --- a training run ---
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_command(command: list, *, env: dict, timeout: float, log: Path) -> dict:
@@ -241,8 +223,8 @@ def check_run(name: str, model_dir: Path, data: Path, shape: Shape, args) -> dic
     if not (REPO / "ds_configs" / name).is_file():
         return {"skipped": f"ds_configs/{name} does not exist on this branch"}
     ds_config = check_config(name, shape.accumulation)
-    if offloads_to_nvme(ds_config) and (reason := nvme_unavailable()):
-        return {"skipped": reason}
+    if offloads_to_nvme(ds_config) and not nvme_available():
+        return {"skipped": "no libaio: NVMe offload cannot run"}
     result = {"planned": planned(model_dir, ds_config, shape, args.card)}
     config_file = Path(args.work_dir) / f"ds-{name}"
     config_file.write_text(json.dumps(ds_config))
