@@ -62,7 +62,7 @@ from dsdpo.tiny import build_tokenizer  # noqa: E402
 from tests.run_helpers import free_port, nvme_available  # noqa: E402
 
 CONFIGS = ("rtx4080.json", "rtx4080_hybrid.json")
-# (hidden, layers, heads, MLP width, vocabulary): "1b" is 1.14 B parameters, 0.52 B of them the
+# (hidden, layers, heads, MLP width, vocabulary): "1b" is 1.13 B parameters, 0.52 B of them the
 # embedding and output layer of LLaDA's vocabulary (whose masked-position logits dominate memory).
 SIZES = {"1b": (2048, 12, 16, 5632, 126464), "tiny": (64, 2, 4, 128, 512)}
 
