@@ -8,13 +8,7 @@ import pytest
 
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.tiny import init_tiny
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
-
-
-def _nvme_available() -> bool:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
+from tests.run_helpers import REPO, metrics_by_step, nvme_available, run_train, tail, train_args
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +60,7 @@ def _swapping_config(recipe: str, folder, param_buffer_size: float | None = None
     return path
 
 
-@pytest.mark.skipif(not _nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+@pytest.mark.skipif(not nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
 def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
     # FFN matrices of 256 x 2048 fp32 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
     model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
@@ -80,7 +74,7 @@ def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
     _assert_learned(tmp_path / "run", steps=16)
 
 
-@pytest.mark.skipif(not _nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+@pytest.mark.skipif(not nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
 def test_hybrid_run_keeps_parameters_in_ram_and_swaps_the_optimizer_state(data_file, tmp_path):
     model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
     ds_config = _swapping_config("rtx4080_hybrid.json", tmp_path)

@@ -49,13 +49,8 @@ def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float)
     )
 
 
-def step_seconds(
-    shape: ModelShape, ds_config: dict, run: RunShape, sweeps: Sweeps, card: Card, rates: HostRates
-):
-    """(overlapped, serial) seconds of one optimizer step."""
-    b = dtype_bytes(ds_config)
-    zero = ds_config.get("zero_optimization") or {}
-    params, optimizer = _offload(zero, "offload_param"), _offload(zero, "offload_optimizer")
+def step_flops(shape: ModelShape, run: RunShape, sweeps: Sweeps) -> float:
+    """Floating-point operations of one optimizer step's forwards and backwards (module docstring)."""
     rows = 2 * run.micro_batch * run.budget
     tokens = rows * run.max_length
     masked = rows * run.response * 0.5  # l_over_L masks half the response on average
@@ -66,7 +61,17 @@ def step_seconds(
     # LoRA's frozen weights need none: their adapters' are negligible.
     backward = forward if run.trainable_parameters else 2 * forward
     grad = forward + backward + (blocks_forward if run.gradient_checkpointing else 0)
-    compute = run.accumulation * (no_grad_passes * forward + grad) / (card.bf16_flops * MATMUL_EFFICIENCY)
+    return run.accumulation * (no_grad_passes * forward + grad)
+
+
+def step_seconds(
+    shape: ModelShape, ds_config: dict, run: RunShape, sweeps: Sweeps, card: Card, rates: HostRates
+):
+    """(overlapped, serial) seconds of one optimizer step."""
+    b = dtype_bytes(ds_config)
+    zero = ds_config.get("zero_optimization") or {}
+    params, optimizer = _offload(zero, "offload_param"), _offload(zero, "offload_optimizer")
+    compute = step_flops(shape, run, sweeps) / (card.bf16_flops * MATMUL_EFFICIENCY)
     per_sweep = b * shape.parameters / card.host_bandwidth if params != "none" else 0.0
     if params == "nvme":
         per_sweep = max(per_sweep, b * shape.parameters / rates.nvme_read)
