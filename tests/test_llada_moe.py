@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from dsdpo.families import LLADA, LLADA_MOE, family_of, family_of_config_dict, family_of_folder
 from dsdpo.families.llada_moe import LLaDAMoEConfig
+from dsdpo.families.routing import router_metrics, take_router_counts
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model
 from dsdpo.tiny import build_tokenizer
@@ -90,6 +91,25 @@ def test_zero3_partitions_every_expert_and_gathers_each_as_a_module(tokenizer):
     assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params)  # and released after
     whole = _scores(MaskedTokenScorer(load_model(FIXTURE).eval()), batch)
     assert torch.allclose(partitioned, whole, atol=1e-5)
+
+
+def test_router_counts_leave_out_the_recomputation_of_a_checkpointed_layer():
+    ids = load_file(FIXTURE / "expected.safetensors")["input_ids"]
+    counts = []
+    for checkpointing in (False, True):
+        model = load_model(FIXTURE).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+        counts.append(take_router_counts(model))
+    assert counts[0].shape == (1, 4) and int(counts[0].sum()) == 2 * ids.numel()  # top-2 of every token
+    assert torch.equal(counts[0], counts[1])
+    assert int(take_router_counts(model).sum()) == 0  # taking them restarts the count
+
+
+def test_router_metrics_by_hand():
+    metrics = router_metrics(torch.tensor([[4, 2, 2, 0], [2, 2, 2, 2]]))  # layer means 2 and 2
+    assert metrics == {"router/load_max": 2.0, "router/load_min": 0.0, "router/idle_experts": 1.0}
 
 
 def _one_step(tokenizer, max_tokens):

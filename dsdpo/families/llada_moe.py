@@ -176,8 +176,9 @@ class LLaDAMoESparseMoeBlock(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         else:
             self.expert_bias = None
-        # Token-slots routed to each expert since the last `take_router_counts` (dsdpo.families.routing).
-        self.register_buffer("routed_tokens", torch.zeros(config.num_experts), persistent=False)
+        # Token-slots routed to each expert since the last take_routed_tokens (dsdpo.families.routing):
+        # a plain attribute, not a buffer, which from_pretrained would leave uninitialised.
+        self.routed_tokens: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
@@ -185,14 +186,19 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         weights, experts = route(self.gate(tokens), self.expert_bias, self.top_k)
         weights = weights.to(x.dtype)  # the published cast (687): outputs are weighted in x's dtype
         if torch._C._current_graph_task_id() == -1:  # not a checkpointed recomputation in backward
-            self.routed_tokens += torch.bincount(experts.flatten(), minlength=len(self.experts)).to(
-                self.routed_tokens.dtype
-            )
+            counts = torch.bincount(experts.flatten(), minlength=len(self.experts))
+            self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
         out = torch.zeros_like(tokens)
         for index, expert in enumerate(self.experts):
             token, slot = torch.where(experts == index)
             out.index_add_(0, token, expert(tokens[token]) * weights[token, slot, None])
         return out.reshape(batch, length, width)
+
+    def take_routed_tokens(self) -> Tensor:
+        """[experts] token-slots routed to each since the last call; the count restarts."""
+        counts = self.routed_tokens if self.routed_tokens is not None else torch.zeros(len(self.experts))
+        self.routed_tokens = None
+        return counts.long().cpu()
 
 
 class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):

@@ -1,7 +1,7 @@
 """Router statistics of a mixture-of-experts policy, for metrics.jsonl.
 
 LLaDA-MoE's MoE blocks count the token-slots (tokens x top-k) routed to each expert
-(`routed_tokens`, dsdpo/families/llada_moe.py), in every forward but the recomputation of a
+(`take_routed_tokens`, dsdpo/families/llada_moe.py), in every forward but the recomputation of a
 checkpointed layer in backward. No token is ever dropped: the published router has no expert
 capacity (modeling_lladamoe.py:698-710 sends every token to its top-k experts), so what can go wrong
 is the balance, reported as each expert's load relative to an even share.
@@ -16,13 +16,8 @@ from torch import Tensor, nn
 def take_router_counts(model: nn.Module) -> Tensor | None:
     """[MoE layers, experts] token-slots routed since the last call (None for a dense model); the
     counts restart from zero."""
-    counters = [module.routed_tokens for module in model.modules() if hasattr(module, "routed_tokens")]
-    if not counters:
-        return None
-    counts = torch.stack([counter.clone() for counter in counters]).cpu()
-    for counter in counters:
-        counter.zero_()
-    return counts
+    blocks = [module for module in model.modules() if hasattr(module, "take_routed_tokens")]
+    return torch.stack([block.take_routed_tokens() for block in blocks]) if blocks else None
 
 
 def router_metrics(counts: Tensor) -> dict[str, float]:
