@@ -185,3 +185,14 @@ def test_killed_after_a_checkpoint_resumes_exactly(model_dir, data_file, straigh
     a = get_fp32_state_dict_from_zero_checkpoint(str(straight), tag=tag)
     b = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag=tag)
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_two_ranks_train_with_different_routing_on_each(model_dir, data_file, tmp_path):
+    """Each rank routes its own pairs, and the ZeRO-3 gathers of the experts stay in step. (Here every
+    expert gets tokens on both ranks, so this would not catch an idle expert skipped on one rank: the
+    block runs every expert for that reason, dsdpo/families/llada_moe.py.)"""
+    options = dict(max_steps=2, budget=2, beta=0.5)
+    args = train_args(REPO / "ds_configs" / "cpu.json", model_dir, data_file, tmp_path, **options)
+    result = run_train(args, ranks=2, timeout=300)
+    assert result.returncode == 0, tail(result)
+    assert sorted(metrics_by_step(tmp_path)) == [1, 2]
