@@ -17,7 +17,7 @@ from dsdpo.families import LLADA, LLADA_MOE, family_of, family_of_config_dict, f
 from dsdpo.families.llada_moe import LLaDAMoEConfig
 from dsdpo.families.routing import router_metrics, take_router_counts
 from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_config, load_model
+from dsdpo.models import load_config, load_model, resolve_mask_token_id
 from dsdpo.tiny import build_tokenizer
 from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
@@ -41,6 +41,13 @@ def test_released_config_is_told_from_dense_llada_by_its_moe_fields(tmp_path):
     config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llada"
     assert family_of_folder(tmp_path) is LLADA_MOE
+
+
+def test_mask_token_falls_back_to_the_published_one(tmp_path):
+    config = json.loads((FIXTURE / "config.json").read_text())
+    del config["mask_token_id"]  # the released config.json names none (its tokenizer's <|mask|>)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert resolve_mask_token_id(None, load_config(tmp_path), None) == 156895
 
 
 def test_the_fixture_router_depends_on_the_expert_bias():
