@@ -138,6 +138,20 @@ def test_a_chunked_moe_step_equals_the_unchunked_one(tokenizer):
         assert torch.allclose(chunked[name], whole[name], atol=1e-6, rtol=0), name
 
 
+def test_a_lora_step_trains_adapters_beside_the_experts_not_on_them(tokenizer):
+    engines = engines_for(FIXTURE, cpu_ds_config(micro=2, **PARTITION_ALL), lora_rank=4)
+    trained = {name for name, p in engines.policy.module.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in name for name in trained)
+    assert not any(".experts." in name or ".mlp.gate." in name for name in trained)
+    assert any(".shared_expert." in name for name in trained)
+    before = full_weights(engines.policy)
+    micro_step(engines, tokenizer, [0, 1])
+    engines.policy.step()
+    after = full_weights(engines.policy)
+    assert max(float((after[k] - before[k]).abs().max()) for k in trained) > 1e-3
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in trained)
+
+
 STEPS = 4
 
 
