@@ -13,6 +13,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
+from dsdpo.errors import DsdpoError
 from dsdpo.families import LLADA, LLADA_MOE, family_of, family_of_config_dict, family_of_folder
 from dsdpo.families.llada_moe import LLaDAMoEConfig
 from dsdpo.families.routing import router_metrics, take_router_counts
@@ -48,6 +49,17 @@ def test_mask_token_falls_back_to_the_published_one(tmp_path):
     del config["mask_token_id"]  # the released config.json names none (its tokenizer's <|mask|>)
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert resolve_mask_token_id(None, load_config(tmp_path), None) == 156895
+
+
+def test_a_config_without_partial_rotary_factor_is_refused(tmp_path):
+    """The published config class defaults it to -1, and transformers 4.57 then fails to build the
+    published model (a negative arange in _compute_default_rope_parameters: checked by hand)."""
+    config = json.loads((FIXTURE / "config.json").read_text())
+    del config["partial_rotary_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(FIXTURE / "model.safetensors", tmp_path)
+    with pytest.raises(DsdpoError, match="partial_rotary_factor = -1 rotates -8 dimensions"):
+        load_model(tmp_path)
 
 
 def test_the_fixture_router_depends_on_the_expert_bias():

@@ -121,7 +121,8 @@ class LLaDAMoEConfig(PretrainedConfig):
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
             raise DsdpoError(
                 f"config.json: partial_rotary_factor = {self.partial_rotary_factor!r} rotates "
-                f"{self.rotary_dim} dimensions of a {self.head_dim}-wide head (an even number from 2 up)"
+                f"{self.rotary_dim} dimensions of a {self.head_dim}-wide head (an even number from 2 up; "
+                "the published code cannot build the model without the field either)"
             )
         if len(self.moe_layer_freq) != self.num_hidden_layers:
             raise DsdpoError(
