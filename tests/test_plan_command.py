@@ -147,3 +147,16 @@ def test_ram_gib_prints_the_winner_and_its_command():
     assert "fastest full fine-tuning that fits:" in result.output
     assert "deepspeed launch/train.py --ds_config" in result.output
     assert "s per pair" in result.output
+
+
+def test_a_mixture_of_experts_is_planned_with_its_active_parameters():
+    """The tiny LLaDA-MoE fixture (released layout, model_type "llada" with num_experts): 2 blocks, the
+    second with 4 experts of 3 x 32 x 16 weights, 2 of them routed per token."""
+    from dsdpo.planner.shapes import model_shape
+
+    shape = model_shape(Path(__file__).parent / "fixtures" / "families" / "llada_moe")
+    assert shape.model_type == "llada" and shape.layers == 2
+    idle_experts = (4 - 2) * 3 * 32 * 16
+    assert shape.parameters == 27712
+    assert shape.active_parameters == shape.parameters - idle_experts
+    assert shape.intermediate == 2 * 16 + 24  # two routed experts and the shared one, side by side

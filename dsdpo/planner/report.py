@@ -41,9 +41,8 @@ class HostRates:
 
 
 def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float) -> float:
-    blocks = shape.layers * shape.block_parameters
     return (
-        2 * blocks * tokens
+        2 * shape.active_block_parameters * tokens
         + 4 * shape.layers * tokens * width * shape.hidden
         + 2 * shape.hidden * shape.vocab * masked
     )
@@ -55,7 +54,7 @@ def step_flops(shape: ModelShape, run: RunShape, sweeps: Sweeps) -> float:
     tokens = rows * run.max_length
     masked = rows * run.response * 0.5  # l_over_L masks half the response on average
     forward = forward_flops(shape, tokens, run.max_length, masked)
-    blocks_forward = 2 * shape.layers * shape.block_parameters * tokens
+    blocks_forward = 2 * shape.active_block_parameters * tokens
     no_grad_passes = (1 if run.reference in ("engine", "adapter") else 0) + (0 if sweeps.one_pass else 1)
     # A backward computes the inputs' gradients (one forward's work) and the weights' (another), but
     # LoRA's frozen weights need none: their adapters' are negligible.
@@ -106,6 +105,7 @@ def plan(
         "model": {
             "type": shape.model_type,
             "parameters": shape.parameters,
+            "active_parameters": shape.active_parameters,
             "largest_module": shape.largest_module,
             "layers": shape.layers,
             "hidden": shape.hidden,
@@ -155,7 +155,8 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
     step, serial = seconds["step_overlapped"], seconds["step_serial"]
     pair, pair_serial = seconds["per_pair_overlapped"], seconds["per_pair_serial"]
     lines = [
-        f"model: {model['type']}, {model['parameters'] / 1e9:.3f} B parameters (counted on the meta device), "
+        f"model: {model['type']}, {model['parameters'] / 1e9:.3f} B parameters (counted on the meta device; "
+        f"{model['active_parameters'] / 1e9:.3f} B active per token), "
         f"{model['layers']} layers, hidden {model['hidden']}, vocabulary {model['vocab']}",
         f"run: micro-batch {run['micro_batch']} pairs x accumulation {run['accumulation']}, budget "
         f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}), "

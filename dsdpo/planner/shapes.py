@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, family_of, lora_targets
+from dsdpo.families import family_of, family_of_config_dict, lora_targets
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class ModelShape:
     parameters: int  # every parameter once (tied ones once), counted on the meta device
     parameter_sizes: tuple[int, ...]  # numel of each parameter
     largest_module: int  # parameters of the module with the most direct parameters (ZeRO gathers it whole)
-    block_parameters: int  # parameters of one transformer block
+    block_parameters: int  # parameters of the largest transformer block (ZeRO-3 gathers one at a time)
+    active_block_parameters: int  # of all blocks, those one token runs through (MoE: its top-k experts)
+    active_parameters: int  # all parameters but the experts a token's router passes over
 
     @property
     def head_dim(self) -> int:
@@ -65,9 +67,10 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
         where = str(file)
     if not isinstance(data, dict):
         raise DsdpoError(f"{where}: expected a JSON object of model settings, got {type(data).__name__}")
+    family = family_of_config_dict(data)  # by model_type and fields (LLaDA-MoE says "llada" too)
     model_type = data.pop("model_type", None)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type].config_class(**data)
+    if family is not None:
+        return family.config_class(**data)
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError) as err:
@@ -85,11 +88,35 @@ def _meta_model(config: PretrainedConfig):
 
 
 def _blocks(model) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: its longest ModuleList."""
+    """The model's list of transformer blocks: the ModuleList with the most parameters (a block's list
+    of experts is a ModuleList too, and can be longer)."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise DsdpoError(f"{type(model).__name__}: found no list of transformer blocks")
-    return max(lists, key=len)
+    return max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()))
+
+
+def _mlp_width(config: PretrainedConfig) -> int:
+    """The gated MLP width a token passes through: the config's, or for a mixture of experts its top-k
+    experts and shared expert side by side, or the dense layers' when those are wider."""
+    dense = getattr(config, "intermediate_size", None) or getattr(config, "ffn_size", None)
+    if dense:
+        return dense
+    routed = config.num_experts_per_tok * config.expert_intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", None) or 0
+    return max(routed + shared, getattr(config, "dense_intermediate_size", None) or 0)
+
+
+def _idle_expert_parameters(block: torch.nn.Module) -> int:
+    """Parameters of the experts a token's router passes over in `block`: a mixture-of-experts layer is
+    a module with a list of `experts` and a `top_k` (dsdpo.families.llada_moe)."""
+    idle = 0
+    for module in block.modules():
+        experts, top_k = getattr(module, "experts", None), getattr(module, "top_k", None)
+        if isinstance(experts, torch.nn.ModuleList) and isinstance(top_k, int) and len(experts) > top_k:
+            per_expert = sum(p.numel() for p in experts[0].parameters())
+            idle += (len(experts) - top_k) * per_expert
+    return idle
 
 
 def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
@@ -98,9 +125,10 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
     sizes = tuple(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     blocks = _blocks(model)
+    idle = sum(_idle_expert_parameters(block) for block in blocks)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "kv_heads", None) or heads
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_size")  # noqa: B009
+    intermediate = _mlp_width(config)
     output = model.get_output_embeddings()
     vocab = output.weight.shape[0] if output is not None else config.vocab_size
     return ModelShape(
@@ -114,7 +142,9 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
         parameters=sum(sizes),
         parameter_sizes=sizes,
         largest_module=largest,
-        block_parameters=sum(p.numel() for p in blocks[0].parameters()),
+        block_parameters=max(sum(p.numel() for p in block.parameters()) for block in blocks),
+        active_block_parameters=sum(p.numel() for p in blocks.parameters()) - idle,
+        active_parameters=sum(sizes) - idle,
     )
 
 
