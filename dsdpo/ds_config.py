@@ -109,6 +109,16 @@ def _fill_nvme_paths(zero: dict, nvme_path: str | None, source: str, role: str) 
         offload["nvme_path"] = str(Path(path) / role)
 
 
+def fill_swap_buffer_size(zero: dict, largest_parameter: int | None, world_size: int) -> None:
+    """offload_param.buffer_size "auto": the largest parameter's partition. DeepSpeed swaps each
+    parameter partition through one buffer and asserts it fits ("More elements ... than buffer size",
+    partitioned_param_swapper.AsyncPartitionedParameterSwapper.get_buffer); it aligns the buffers
+    to its aio blocks itself (_io_aligned_numel)."""
+    offload = zero.get("offload_param") or {}
+    if offload.get("buffer_size") == AUTO and largest_parameter is not None:
+        offload["buffer_size"] = -(-largest_parameter // world_size)
+
+
 def _check_swap_folder(folder: Path, source: str, block: str) -> None:
     """An existing, writable folder: a missing one is more often an unmounted drive than a wish to
     swap to the system disk, so it is not created."""
@@ -132,9 +142,11 @@ def resolve_ds_config(
     world_size: int,
     total_steps: int,
     nvme_path: str | None = None,
+    largest_parameter: int | None = None,
     source: str = "DeepSpeed config",
 ) -> dict[str, Any]:
-    """The policy engine's config: checked, with every "auto" the trainer knows filled in."""
+    """The policy engine's config: checked, with every "auto" the trainer knows filled in
+    (`largest_parameter`: elements of the model's largest parameter, for NVMe swap buffers)."""
     resolved = copy.deepcopy(config)
     for block in OBJECT_BLOCKS:
         if block in resolved and not isinstance(resolved[block], dict):
@@ -156,6 +168,7 @@ def resolve_ds_config(
     if scheduler_params.get("total_num_steps") == AUTO:
         scheduler_params["total_num_steps"] = max(total_steps, 1)
     _fill_nvme_paths(zero, nvme_path, source, "policy")
+    fill_swap_buffer_size(zero, largest_parameter, world_size)
     leftover = [key for key, value in _walk(resolved) if value == AUTO]
     if leftover:
         raise DsdpoError(f'{source}: dsdpo cannot fill "auto" for {", ".join(leftover)}; set a value')

@@ -39,6 +39,11 @@ class ModelShape:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def largest_parameter(self) -> int:
+        """Elements of the largest parameter (an NVMe parameter swap buffer must hold it)."""
+        return max(self.parameter_sizes)
+
     def persistent(self, threshold: float) -> int:
         """Parameters ZeRO-3 keeps whole on every GPU: those of at most `threshold` elements."""
         return sum(size for size in self.parameter_sizes if size <= threshold)
