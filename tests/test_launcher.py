@@ -61,7 +61,6 @@ def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
     test_config["aio"] = config["aio"]
     for block in ("offload_param", "offload_optimizer"):
         test_config["zero_optimization"][block]["pin_memory"] = False  # no CUDA to pin for
-    test_config["zero_optimization"]["offload_param"]["buffer_size"] = 1e6
     (tmp_path / "nvme.json").write_text(json.dumps(test_config))
     (tmp_path / "swap").mkdir()  # --nvme-path must name an existing folder (a mounted drive), not make one
     # The first use compiles DeepSpeed's async_io op (3-5 minutes on 2 cores).
@@ -74,6 +73,9 @@ def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
         tmp_path / "swap",
         timeout=1500,
     )
+    # buffer_size "auto": the largest parameter, the 256 x 2048 FFN matrices (not the ~100 x 256 embedding).
+    resolved = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    assert resolved["zero_optimization"]["offload_param"]["buffer_size"] == 256 * 2048
     swapped = list((tmp_path / "swap" / "policy").rglob("*.swp"))
     assert swapped, "no parameter was swapped to NVMe"
     assert list((tmp_path / "swap" / "reference").rglob("*.swp")), "the reference engine did not swap"
