@@ -286,16 +286,15 @@ def _boundary_items(z: ZeroSettings, b: int, partitions: list[int], accelerator:
         return []
     largest = max(partitions)
     copy = b * largest if accelerator == "cuda" else 0  # the CPU accelerator's .to() keeps the tensor
-    cast = 4 * largest if b != 4 else 0
+    # An fp32 model's gradients need no cast; NVMe keeps every cast, a CPU optimizer one at a time.
+    casts = 0 if b == 4 else 4 * (sum(partitions) if z.optimizer == "nvme" else largest)
     items = [
-        Item(
-            "a gradient partition at the boundary: copy, fp64 norm chunk, fp32 cast",
-            copy + 8 * min(largest, 2.5e8) + cast,
-        )
+        Item("a gradient partition at the boundary: copy and fp64 norm chunk", copy + 8 * min(largest, 2.5e8))
     ]
-    if z.optimizer == "nvme" and b != 4:
+    if casts:
+        every = z.optimizer == "nvme"
         items.append(
-            Item("fp32 casts of all gradients at the boundary (NVMe optimizer)", 4 * sum(partitions))
+            Item(f"fp32 casts of {'all gradients' if every else 'a gradient'} at the boundary", casts)
         )
     return items
 
