@@ -38,8 +38,9 @@ SIZES = {  # name: (hidden, layers, heads, MLP width, vocabulary); realistic sha
     "small": (384, 6, 6, 1152, 32768),  # ~36M
     "medium": (768, 12, 12, 2304, 32768),  # ~142M
     "large": (1024, 16, 16, 3072, 32768),  # ~285M
-    "widest": (2048, 2, 16, 6144, 126464),  # LLaDA-8B's output layer and embedding (126464 x 2048)
+    "widest": (2048, 2, 16, 6144, 126464),  # LLaDA-8B's widest layer (126464 x 2048), tied: RAM
 }
+TIED = {"widest"}  # one 126464 x 2048 matrix for embedding and output layer, to fit this machine's RAM
 ACTIVATION_SIZES = {
     "small": (128, 2, 4, 384, 2048),
     "medium": (256, 4, 4, 768, 8192),
@@ -82,6 +83,7 @@ def model_folder(size: str, work: Path) -> Path:
         return folder
     config = llada_config(*SIZES[size])
     config.pop("model_type")
+    config["weight_tying"] = size in TIED
     torch.manual_seed(0)
     LLaDAModelLM(LLaDAConfig(**config)).save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
@@ -122,7 +124,7 @@ def measured_peak(model: Path, ds_config: Path, data: Path, work: Path, swap: Pa
     return peak_rss_bytes(result.stderr)
 
 
-def planned(size: str, ds_config: Path, model: Path, swap: Path) -> tuple[float, dict]:
+def planned(ds_config: Path, model: Path, swap: Path, reference: str) -> tuple[float, dict]:
     """(predicted peak RSS on the CPU accelerator, the plan's totals): CPU RAM + GPU (module docstring)."""
     from dsdpo.ds_config import read_ds_config, resolve_ds_config
     from dsdpo.planner.memory import RunShape, memory_plan
@@ -133,7 +135,7 @@ def planned(size: str, ds_config: Path, model: Path, swap: Path) -> tuple[float,
         read_ds_config(ds_config), world_size=1, total_steps=STEPS, nvme_path=str(swap),
         largest_parameter=shape.largest_parameter,
     )  # fmt: skip
-    run = RunShape(max_length=MAX_LENGTH, budget=BUDGET, micro_batch=1, max_tokens_per_forward=4096)
+    run = RunShape(max_length=MAX_LENGTH, budget=BUDGET, micro_batch=1, reference=reference)
     plan = memory_plan(shape, resolved, run, accelerator="cpu")
     cpu, gpu = plan.total(plan.cpu), plan.total(plan.gpu)
     return cpu + gpu, {"cpu": cpu, "gpu": gpu, "parameters": shape.parameters}
@@ -182,6 +184,7 @@ def main():
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "planner_accuracy")
     parser.add_argument("--swap", type=Path, default=None, help="NVMe swap folder (default: under --work)")
     parser.add_argument("--baseline", action="store_true", help="measure the process baseline only")
+    parser.add_argument("--reference-free", action="store_true", help="train without a reference engine")
     parser.add_argument("--activations", choices=["fp32", "bf16"], help="the activation formulas only")
     parser.add_argument(
         "--shipped", action="store_true", help="the shipped config as is (no bf16/batch change)"
@@ -202,8 +205,10 @@ def main():
         print(f"process baseline (tiny LLaDA, ds_configs/cpu.json): peak RSS {peak / GIB:.3f} GiB")
         return
     print(
-        f"rows of {MAX_LENGTH} tokens, budget {BUDGET}, {STEPS} steps of 1 pair, reference engine; "
-        "sizes (hidden, layers, heads, MLP, vocabulary): "
+        f"rows of {MAX_LENGTH} tokens, budget {BUDGET}, {STEPS} steps of "
+        + ("the shipped batch" if args.shipped else "1 pair")
+        + (", reference-free; " if args.reference_free else ", reference engine; ")
+        + "sizes (hidden, layers, heads, MLP, vocabulary): "
         + ", ".join(f"{n} {SIZES[n]}" for n in sorted({c.split(":")[0] for c in args.cases}))
     )
     columns = ("params", "plan CPU", "plan GPU", "planned", "measured")
@@ -218,8 +223,10 @@ def main():
             if args.shipped
             else case_ds_config(offload, dtype, args.work)
         )
-        prediction, totals = planned(size, ds_config, model, swap)
-        peak = measured_peak(model, ds_config, data, args.work, swap)
+        reference = "none" if args.reference_free else "engine"
+        prediction, totals = planned(ds_config, model, swap, reference)
+        extra = ["--reference-free"] if args.reference_free else []
+        peak = measured_peak(model, ds_config, data, args.work, swap, extra)
         ratios.append(prediction / peak)
         print(
             f"{case:<20} {totals['parameters'] / 1e6:7.1f} "

@@ -122,14 +122,17 @@ def test_sub_groups_are_deepspeeds():
     """LLaDA-8B's parameters cut into optimizer sub-groups of 1e8 elements, by DeepSpeed's own code."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    sizes = model_shape(FIXTURES / "llada-8b.json").parameter_sizes
-    params = [SimpleNamespace(partition_numel=lambda n=n: n) for n in sizes]
-    groups = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(
-        SimpleNamespace(sub_group_size=1e8), params
-    )
-    expected = [sum(p.partition_numel() for p in group) for group in groups]
-    assert sub_groups(list(sizes), 1e8) == expected
+    def deepspeeds(sizes, sub_group_size):
+        params = [SimpleNamespace(partition_numel=lambda n=n: n) for n in sizes]
+        optimizer = SimpleNamespace(sub_group_size=sub_group_size)
+        groups = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(optimizer, params)
+        return [sum(p.partition_numel() for p in group) for group in groups]
+
+    sizes = list(model_shape(FIXTURES / "llada-8b.json").parameter_sizes)
+    expected = deepspeeds(sizes, 1e8)
+    assert sub_groups(sizes, 1e8) == expected
     assert len(expected) > 60 and sum(expected) == sum(sizes)
+    assert sub_groups([50, 50, 30, 80, 10], 100) == deepspeeds([50, 50, 30, 80, 10], 100) == [100, 110, 10]
 
 
 def test_pinned_buffers_round_to_powers_of_two_on_cuda_only():
