@@ -16,6 +16,8 @@ from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
 from dsdpo.planner.measure import measured_activation_bytes, scored_inputs
 from dsdpo.planner.memory import (
     PROCESS_BASELINE,
+    Item,
+    MemoryPlan,
     RunShape,
     activation_bytes,
     layer_bytes,
@@ -133,6 +135,16 @@ def test_sub_groups_are_deepspeeds():
     assert sub_groups(sizes, 1e8) == expected
     assert len(expected) > 60 and sum(expected) == sum(sizes)
     assert sub_groups([50, 50, 30, 80, 10], 100) == deepspeeds([50, 50, 30, 80, 10], 100) == [100, 110, 10]
+
+
+def test_a_devices_peak_is_the_resident_bytes_and_the_larger_phase():
+    items = [
+        Item("states", 1),
+        Item("gathered", 2, phase="backward"),
+        Item("activations", 3, phase="backward"),
+    ]
+    assert MemoryPlan.total(items) == 1 + 2 + 3
+    assert MemoryPlan.total([*items, Item("fp32 casts", 7, phase="boundary")]) == 1 + 7
 
 
 def test_pinned_buffers_round_to_powers_of_two_on_cuda_only():

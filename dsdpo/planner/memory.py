@@ -121,6 +121,9 @@ class Item:
     name: str
     bytes: float
     basis: str = "formula"  # formula | DeepSpeed estimator | measured
+    # resident: held throughout; backward: during the forward and backward calls; boundary: at the
+    # optimizer step, after the backward has freed its activations and gathered parameters
+    phase: str = "resident"
 
 
 @dataclass
@@ -133,7 +136,12 @@ class MemoryPlan:
 
     @staticmethod
     def total(items: list[Item]) -> float:
-        return sum(item.bytes for item in items)
+        """The peak: what stays resident plus the larger of the backward's and the boundary's transients."""
+        resident = sum(item.bytes for item in items if item.phase == "resident")
+        phases = [
+            sum(item.bytes for item in items if item.phase == phase) for phase in ("backward", "boundary")
+        ]
+        return resident + max(phases)
 
 
 def _offload(zero: dict, block: str) -> str:
@@ -268,11 +276,19 @@ def _accelerator_items(
         bucket = min(bucket, p)
     return [
         Item("persistent small parameters (policy and reference)", persistent),
-        Item("gathered parameters (a module or block + prefetch, and those kept for reuse)", b * in_flight),
-        Item("a module's gradients before they reach the reduce bucket", b * shape.largest_module),
+        Item(
+            "gathered parameters (a module or block + prefetch, and those kept for reuse)",
+            b * in_flight,
+            phase="backward",
+        ),
+        Item(
+            "a module's gradients before they reach the reduce bucket",
+            b * shape.largest_module,
+            phase="backward",
+        ),
         Item("reduce bucket (reduce_bucket_size, allocated whole)", b * bucket),
         # comm/coalesced_collectives.reduce_scatter_coalesced: torch.cat of the bucket's gradients.
-        Item("reduce-scatter's flat copy of a bucket", b * min(z.reduce_bucket, p)),
+        Item("reduce-scatter's flat copy of a bucket", b * min(z.reduce_bucket, p), phase="backward"),
     ]
 
 
@@ -289,12 +305,20 @@ def _boundary_items(z: ZeroSettings, b: int, partitions: list[int], accelerator:
     # An fp32 model's gradients need no cast; NVMe keeps every cast, a CPU optimizer one at a time.
     casts = 0 if b == 4 else 4 * (sum(partitions) if z.optimizer == "nvme" else largest)
     items = [
-        Item("a gradient partition at the boundary: copy and fp64 norm chunk", copy + 8 * min(largest, 2.5e8))
+        Item(
+            "a gradient partition at the boundary: copy and fp64 norm chunk",
+            copy + 8 * min(largest, 2.5e8),
+            phase="boundary",
+        )
     ]
     if casts:
         every = z.optimizer == "nvme"
         items.append(
-            Item(f"fp32 casts of {'all gradients' if every else 'a gradient'} at the boundary", casts)
+            Item(
+                f"fp32 casts of {'all gradients' if every else 'a gradient'} at the boundary",
+                casts,
+                phase="boundary",
+            )
         )
     return items
 
@@ -407,6 +431,7 @@ def memory_plan(
         Item(
             f"activations of the largest chunk ({label} checkpointing; with or without gradients)",
             max(grad, no_grad),
+            phase="backward",
         )
     )
     plan.chunk = {
