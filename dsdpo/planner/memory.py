@@ -364,6 +364,11 @@ def _policy_items(plan: MemoryPlan, z: ZeroSettings, b: int, partitions: list[in
         # of the largest sub-group (aio-aligned).
         buffers = z.optimizer_buffer_count * 4 * aligned(largest, 4, z.aio_alignment)
         plan.cpu.append(Item("optimizer swap buffers (buffer_count x largest sub-group, fp32)", buffers))
+        # ops/adam/cpu_adam.DeepSpeedCPUAdam.step creates a swapped sub-group's moments with
+        # zeros_like, outside the swap buffers, at its first step.
+        plan.cpu.append(
+            Item("Adam's moments of a sub-group at its first step", 8 * largest, phase="boundary")
+        )
     if z.params == "nvme":
         plan.cpu.append(Item("parameter swap buffers (policy)", _param_swap_buffers(z, b)))
         if share > cpu_params:
