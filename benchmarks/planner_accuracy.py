@@ -9,8 +9,9 @@ what the planner sums.
 
 Predicted: `dsdpo plan`'s numbers for the same run on the CPU accelerator (memory_plan with
 accelerator "cpu"). There the "GPU" is the CPU, so the plan's GPU items (activations, gathered
-parameters, reduce bucket) live in the same RAM: predicted = the plan's CPU RAM total (which holds
-the process baseline) + its GPU total. On a CUDA machine the same items are split between the two.
+parameters, reduce bucket) live in the same RAM: predicted = the peak of the CPU RAM and GPU items
+together (what stays resident, which holds the process baseline, plus the largest transients of one
+phase of the step). On a CUDA machine the same items are split between the two.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/planner_accuracy.py [--cases small:cpu:fp32 ...]
     ... --baseline      the process baseline: a run of a ~0.1M-parameter model
@@ -138,7 +139,8 @@ def planned(ds_config: Path, model: Path, swap: Path, reference: str) -> tuple[f
     run = RunShape(max_length=MAX_LENGTH, budget=BUDGET, micro_batch=1, reference=reference)
     plan = memory_plan(shape, resolved, run, accelerator="cpu")
     cpu, gpu = plan.total(plan.cpu), plan.total(plan.gpu)
-    return cpu + gpu, {"cpu": cpu, "gpu": gpu, "parameters": shape.parameters}
+    # One RAM: the peak of both lists' items together (each phase's transients counted once).
+    return plan.total(plan.cpu + plan.gpu), {"cpu": cpu, "gpu": gpu, "parameters": shape.parameters}
 
 
 def activation_table(dtype_name: str, rows=4, width=256, masked=128) -> None:

@@ -116,13 +116,20 @@ def no_grad_activation_bytes(shape: ModelShape, tokens: int, masked: float, b: i
     return max(block, (b + 4 + (4 if b == 2 else 0)) * masked * shape.vocab)
 
 
+PHASES = (
+    "backward",
+    "boundary",
+    "step",
+)  # of a training step, in order; transients of one are freed before the next
+
+
 @dataclass
 class Item:
     name: str
     bytes: float
     basis: str = "formula"  # formula | DeepSpeed estimator | measured
-    # resident: held throughout; backward: during the forward and backward calls; boundary: at the
-    # optimizer step, after the backward has freed its activations and gathered parameters
+    # resident: held throughout; backward: during the forward and backward calls; boundary: the
+    # gradients' finalisation after the backward freed its activations; step: the optimizer's update
     phase: str = "resident"
 
 
