@@ -284,7 +284,7 @@ def _accelerator_items(
     return [
         Item("persistent small parameters (policy and reference)", persistent),
         Item(
-            "gathered parameters (a module or block + prefetch, and those kept for reuse)",
+            "gathered parameters (a module or a block + prefetch; kept for reuse)",
             b * in_flight,
             phase="backward",
         ),
