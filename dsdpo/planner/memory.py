@@ -116,11 +116,8 @@ def no_grad_activation_bytes(shape: ModelShape, tokens: int, masked: float, b: i
     return max(block, (b + 4 + (4 if b == 2 else 0)) * masked * shape.vocab)
 
 
-PHASES = (
-    "backward",
-    "boundary",
-    "step",
-)  # of a training step, in order; transients of one are freed before the next
+# The phases of a training step, in order; the transients of one are freed before the next.
+PHASES = ("backward", "boundary", "step")
 
 
 @dataclass
@@ -143,11 +140,9 @@ class MemoryPlan:
 
     @staticmethod
     def total(items: list[Item]) -> float:
-        """The peak: what stays resident plus the larger of the backward's and the boundary's transients."""
+        """The peak: what stays resident plus the largest of the transients of one phase."""
         resident = sum(item.bytes for item in items if item.phase == "resident")
-        phases = [
-            sum(item.bytes for item in items if item.phase == phase) for phase in ("backward", "boundary")
-        ]
+        phases = [sum(item.bytes for item in items if item.phase == phase) for phase in PHASES]
         return resident + max(phases)
 
 
@@ -300,34 +295,23 @@ def _accelerator_items(
 
 
 def _boundary_items(z: ZeroSettings, b: int, partitions: list[int], accelerator: str) -> list[Item]:
-    """Transients of the offloaded optimizer's gradient boundary, on the accelerator
-    (stage3._finalize_offload_gradient_accumulation): each parameter's gradient partition is copied
-    there, its norm taken in fp64 in chunks of 2.5e8 (_constant_buffered_norm2) and it is cast to
-    fp32. For NVMe-swapped sub-groups the fp32 casts of every gradient are kept until all are
-    swapped out together (_swap_out_offload_fp32_gradients)."""
+    """The offloaded optimizer's gradient boundary, on the accelerator
+    (stage3._finalize_offload_gradient_accumulation), parameter by parameter in order: the gradient
+    partition is copied there (CUDA), its norm taken in fp64 in chunks of 2.5e8
+    (_constant_buffered_norm2), then it is cast to fp32. A CPU optimizer copies each cast into its
+    sub-group's buffer at once; an NVMe optimizer keeps every cast until all are swapped out
+    together (_swap_out_offload_fp32_gradients). An fp32 model's gradients need no cast."""
     if z.optimizer == "none":
         return []
-    largest = max(partitions)
-    copy = b * largest if accelerator == "cuda" else 0  # the CPU accelerator's .to() keeps the tensor
-    # An fp32 model's gradients need no cast; NVMe keeps every cast, a CPU optimizer one at a time.
-    casts = 0 if b == 4 else 4 * (sum(partitions) if z.optimizer == "nvme" else largest)
-    items = [
-        Item(
-            "a gradient partition at the boundary: copy and fp64 norm chunk",
-            copy + 8 * min(largest, 2.5e8),
-            phase="boundary",
-        )
-    ]
-    if casts:
-        every = z.optimizer == "nvme"
-        items.append(
-            Item(
-                f"fp32 casts of {'all gradients' if every else 'a gradient'} at the boundary",
-                casts,
-                phase="boundary",
-            )
-        )
-    return items
+    keep = z.optimizer == "nvme" and b != 4
+    peak, kept = 0.0, 0.0
+    for numel in partitions:
+        copy = b * numel if accelerator == "cuda" else 0  # the CPU accelerator's .to() keeps the tensor
+        cast = 4 * numel if b != 4 else 0
+        peak = max(peak, kept + copy + max(8 * min(numel, 2.5e8), cast))
+        kept += cast if keep else 0
+    name = "gradient boundary: fp64 norm chunk, fp32 casts" + (" (all kept for NVMe)" if keep else "")
+    return [Item(name, peak, phase="boundary")]
 
 
 def _policy_items(plan: MemoryPlan, z: ZeroSettings, b: int, partitions: list[int], accelerator: str) -> None:
@@ -373,9 +357,7 @@ def _policy_items(plan: MemoryPlan, z: ZeroSettings, b: int, partitions: list[in
         plan.cpu.append(Item("optimizer swap buffers (buffer_count x largest sub-group, fp32)", buffers))
         # ops/adam/cpu_adam.DeepSpeedCPUAdam.step creates a swapped sub-group's moments with
         # zeros_like, outside the swap buffers, at its first step.
-        plan.cpu.append(
-            Item("Adam's moments of a sub-group at its first step", 8 * largest, phase="boundary")
-        )
+        plan.cpu.append(Item("Adam's moments of a sub-group at its first step", 8 * largest, phase="step"))
     if z.params == "nvme":
         plan.cpu.append(Item("parameter swap buffers (policy)", _param_swap_buffers(z, b)))
         if share > cpu_params:
