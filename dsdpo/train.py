@@ -45,7 +45,7 @@ from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.monitor import ResourceMonitor
-from dsdpo.planner.shapes import model_shape
+from dsdpo.planner.shapes import largest_parameter
 from dsdpo.reference import PrecomputedReference, Reference, ReferenceSettings, as_reference
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
@@ -183,7 +183,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         world_size=ranks,
         total_steps=total_steps,
         nvme_path=nvme_path,
-        largest_parameter=model_shape(hf_config).largest_parameter,
+        largest_parameter=largest_parameter(hf_config),
         source=str(ds_config_path),
     )
     reference_scores = _precomputed_reference(

@@ -91,6 +91,11 @@ def _blocks(model) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def largest_parameter(source: str | Path | PretrainedConfig | dict) -> int:
+    """Elements of the model's largest parameter, for any model (no block structure needed)."""
+    return max(p.numel() for p in _meta_model(read_config(source)).parameters())
+
+
 def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
     config = read_config(source)
     model = _meta_model(config)
