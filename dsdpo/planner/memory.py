@@ -219,7 +219,9 @@ def sub_groups(partitions: list[int], sub_group_size: float) -> list[int]:
 def pinned(nbytes: float, accelerator: str) -> float:
     """Bytes a torch-pinned host buffer holds: on CUDA torch's CachingHostAllocator rounds each
     allocation up to a power of two (ATen/core/CachingHostAllocator.h, "Round up the allocation to
-    the nearest power of two"); DeepSpeed's CPU accelerator pins nothing (cpu_accelerator.pin_memory)."""
+    the nearest power of two"), DeepSpeed's default pinning path (DS_PIN_MEMORY_BACKEND=torch,
+    utils/pin_memory.py; its "native" backend does not round, not modelled). DeepSpeed's CPU
+    accelerator pins nothing (cpu_accelerator.pin_memory)."""
     if accelerator != "cuda" or nbytes <= 0:
         return nbytes
     return float(2 ** math.ceil(math.log2(nbytes)))
