@@ -109,17 +109,18 @@ def peak_rss_bytes(time_output: str) -> int:
 
 
 def measured_peak(model: Path, ds_config: Path, data: Path, work: Path, swap: Path, extra=()) -> int:
-    """Peak RSS of one training run, from /usr/bin/time -v."""
-    output = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
+    """Peak RSS of one training run, from /usr/bin/time -v (its output folder, checkpoints with the
+    swapped optimizer state included, is deleted afterwards: several GiB a run)."""
     for role in ("policy", "reference"):
         (swap / role).mkdir(parents=True, exist_ok=True)
-    command = [
-        "/usr/bin/time", "-v", sys.executable, str(REPO / "launch/train.py"),
-        "--ds_config", str(ds_config), "--model", str(model), "--data", str(data), "--output", str(output),
-        "--max-steps", str(STEPS), "--budget", str(BUDGET), "--max-length", str(MAX_LENGTH),
-        "--nvme-path", str(swap), "--overwrite", *extra,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    with tempfile.TemporaryDirectory(dir=work, prefix="run-") as output:
+        command = [
+            "/usr/bin/time", "-v", sys.executable, str(REPO / "launch/train.py"),
+            "--ds_config", str(ds_config), "--model", str(model), "--data", str(data), "--output", output,
+            "--max-steps", str(STEPS), "--budget", str(BUDGET), "--max-length", str(MAX_LENGTH),
+            "--nvme-path", str(swap), "--overwrite", *extra,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
     return peak_rss_bytes(result.stderr)
