@@ -263,6 +263,7 @@ def model_state_plan(
 def _accelerator_items(
     shape: ModelShape, z: ZeroSettings, b: int, reference: str, accelerator: str
 ) -> list[Item]:
+    """What ZeRO-3 holds on the accelerator during the forward and backward calls."""
     p = shape.parameters
     # partitioned_param_coordinator: a module's parameters are gathered whole (plus the prefetch
     # bucket, capped by max_live), and a released module keeps those it uses again within
