@@ -116,6 +116,16 @@ def _fill_nvme_paths(
         offload["nvme_path"] = str(Path(path) / role)
 
 
+def fill_swap_buffer_size(zero: dict, largest_parameter: int | None, world_size: int) -> None:
+    """offload_param.buffer_size "auto": the largest parameter's partition. DeepSpeed swaps each
+    parameter partition through one buffer and asserts it fits ("More elements ... than buffer size",
+    partitioned_param_swapper.AsyncPartitionedParameterSwapper.get_buffer); it aligns the buffers
+    to its aio blocks itself (_io_aligned_numel)."""
+    offload = zero.get("offload_param") or {}
+    if offload.get("buffer_size") == AUTO and largest_parameter is not None:
+        offload["buffer_size"] = -(-largest_parameter // world_size)
+
+
 def _check_swap_folder(folder: Path, source: str, block: str) -> None:
     """An existing, writable folder: a missing one is more often an unmounted drive than a wish to
     swap to the system disk, so it is not created."""
@@ -139,10 +149,12 @@ def resolve_ds_config(
     world_size: int,
     total_steps: int,
     nvme_path: str | None = None,
+    largest_parameter: int | None = None,
     source: str = "DeepSpeed config",
     planning: bool = False,
 ) -> dict[str, Any]:
-    """The policy engine's config: checked, with every "auto" the trainer knows filled in.
+    """The policy engine's config: checked, with every "auto" the trainer knows filled in
+    (`largest_parameter`: elements of the model's largest parameter, for NVMe swap buffers).
 
     planning: for `dsdpo plan`, which starts no run: the same checks, but an NVMe folder is neither
     needed nor looked at (a placeholder stands for --nvme-path)."""
@@ -170,6 +182,7 @@ def resolve_ds_config(
     if planning:
         nvme_path = nvme_path or PLANNED_NVME_PATH
     _fill_nvme_paths(zero, nvme_path, source, "policy", check=not planning)
+    fill_swap_buffer_size(zero, largest_parameter, world_size)
     leftover = [key for key, value in _walk(resolved) if value == AUTO]
     if leftover:
         raise DsdpoError(f'{source}: dsdpo cannot fill "auto" for {", ".join(leftover)}; set a value')

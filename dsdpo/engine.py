@@ -135,3 +135,47 @@ def build_engines(
     reference, *_ = deepspeed.initialize(model=MaskedTokenScorer(reference_model), config=reference_config)
     reference.eval()
     return Engines(policy, reference, hf_config, freeze_report)
+
+
+def _deepspeed_internal(obj, name: str):
+    """An attribute of DeepSpeed's that is not public API: a clear stop when a version renames it."""
+    if not hasattr(obj, name):
+        raise DsdpoError(
+            f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no {name.lstrip('_')!r}; dsdpo's "
+            "gradient boundary for an NVMe-swapped optimizer was written against DeepSpeed 0.19"
+        )
+    return getattr(obj, name)
+
+
+def finalize_swapped_gradients(policy) -> None:
+    """The gradient boundary of an optimizer whose state is swapped to NVMe, one optimizer sub-group
+    at a time; call it before policy.step().
+
+    With dsdpo's own accumulation boundary (managed_gradient_accumulation false), DeepSpeed 0.19's
+    step() finalizes in stage3._finalize_offload_gradient_accumulation: it copies every gradient
+    partition to the accelerator, casts it to fp32 and, for sub-groups swapped to NVMe, keeps every
+    cast until one swap-out at the end: 4 bytes a parameter on the GPU (29.9 GiB for LLaDA-8B, which
+    a 16 GB card cannot hold). The same calls in the same order, swapped out after each sub-group,
+    hold one sub-group's casts at a time (as DeepSpeed's own managed path swaps out per bucket). The
+    parameters done leave the boundary's list, so step()'s finalize has nothing left to do.
+    """
+    optimizer = policy.optimizer
+    if not getattr(optimizer, "swap_optimizer", False):
+        return
+    pending = _deepspeed_internal(optimizer, "_offload_boundary_param_ids")
+    partitions = _deepspeed_internal(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
+    at_boundary = _deepspeed_internal(optimizer, "_offload_grad_partition_at_boundary")
+    swap_out = _deepspeed_internal(optimizer, "_swap_out_offload_fp32_gradients")
+    accelerator = deepspeed.get_accelerator()
+    for sub_group in _deepspeed_internal(optimizer, "fp16_groups"):
+        casts: dict = {}
+        offsets: dict = {}
+        for param in sub_group:
+            if param.ds_id not in pending or param.ds_id not in partitions:
+                continue
+            gradient = partitions[param.ds_id]
+            if not accelerator.on_accelerator(gradient):
+                gradient = gradient.to(accelerator.current_device_name(), non_blocking=True)
+            at_boundary(param, gradient, casts, offsets)
+        swap_out(casts, offsets)  # copies them into its pinned buffers: the casts can go
+        pending.difference_update(param.ds_id for param in sub_group)

@@ -36,7 +36,7 @@ from dsdpo.diffusion import ScoringBatch
 from dsdpo.dist import all_reduce_max, all_reduce_mean, barrier, device, launcher_rank_and_world
 from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
-from dsdpo.engine import build_engines, init_distributed
+from dsdpo.engine import build_engines, finalize_swapped_gradients, init_distributed
 from dsdpo.errors import DsdpoError
 from dsdpo.families.routing import router_metrics, take_router_counts
 from dsdpo.faults import crash_point
@@ -46,6 +46,7 @@ from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
 from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.monitor import ResourceMonitor
+from dsdpo.planner.shapes import largest_parameter
 from dsdpo.reference import PrecomputedReference, Reference, ReferenceSettings, as_reference
 from dsdpo.reference_sync import load_reference, mix_reference, save_reference
 from dsdpo.run_folder import (
@@ -183,6 +184,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         world_size=ranks,
         total_steps=total_steps,
         nvme_path=nvme_path,
+        largest_parameter=largest_parameter(hf_config),
         source=str(ds_config_path),
     )
     reference_scores = _precomputed_reference(
@@ -512,6 +514,7 @@ class Trainer:
         finite = all(result.finite for result in results)
         lr = float(policy.get_lr()[0])  # the rate this step applies (step() moves the schedule on)
         if finite:
+            finalize_swapped_gradients(policy)  # else DeepSpeed holds 4 bytes a parameter on the GPU here
             policy.step()
             # DeepSpeed skips an update whose global gradient norm (all ranks) is not finite: a finite
             # loss can have an infinite gradient (a huge beta, a bf16 overflow in backward).

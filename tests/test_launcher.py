@@ -45,7 +45,7 @@ def test_cpu_offload_run_learns_the_preference(tiny_gemma_dir, data_file, tmp_pa
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a dev extra
 
 
-def _swapping_config(recipe: str, folder, param_buffer_size: float | None = None) -> str:
+def _swapping_config(recipe: str, folder) -> str:
     """cpu.json's run with `recipe`'s ZeRO and aio settings, unpinned (no CUDA to pin for)."""
     config = json.loads((REPO / "ds_configs" / recipe).read_text())
     test_config = copy.deepcopy(json.loads((REPO / "ds_configs" / "cpu.json").read_text()))
@@ -53,8 +53,6 @@ def _swapping_config(recipe: str, folder, param_buffer_size: float | None = None
     test_config["aio"] = config["aio"]
     for block in ("offload_param", "offload_optimizer"):
         test_config["zero_optimization"][block]["pin_memory"] = False
-    if param_buffer_size:
-        test_config["zero_optimization"]["offload_param"]["buffer_size"] = param_buffer_size
     path = folder / recipe
     path.write_text(json.dumps(test_config))
     return path
@@ -64,10 +62,13 @@ def _swapping_config(recipe: str, folder, param_buffer_size: float | None = None
 def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
     # FFN matrices of 256 x 2048 fp32 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
     model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
-    ds_config = _swapping_config("rtx4080_nvme.json", tmp_path, param_buffer_size=1e6)
+    ds_config = _swapping_config("rtx4080_nvme.json", tmp_path)
     (tmp_path / "swap").mkdir()  # --nvme-path must name an existing folder (a mounted drive), not make one
     # The first use compiles DeepSpeed's async_io op (3-5 minutes on 2 cores).
     _learn(ds_config, model_dir, data_file, tmp_path / "run", "--nvme-path", tmp_path / "swap", timeout=1500)
+    # buffer_size "auto": the largest parameter, the 256 x 2048 FFN matrices (not the ~100 x 256 embedding).
+    resolved = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    assert resolved["zero_optimization"]["offload_param"]["buffer_size"] == 256 * 2048
     swapped = list((tmp_path / "swap" / "policy").rglob("*.swp"))
     assert swapped, "no parameter was swapped to NVMe"
     assert list((tmp_path / "swap" / "reference").rglob("*.swp")), "the reference engine did not swap"

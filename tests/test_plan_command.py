@@ -160,3 +160,20 @@ def test_a_mixture_of_experts_is_planned_with_its_active_parameters():
     assert shape.parameters == 27712
     assert shape.active_parameters == shape.parameters - idle_experts
     assert shape.intermediate == 2 * 16 + 24  # two routed experts and the shared one, side by side
+
+
+def test_lora_is_planned_as_lora():
+    """--lora-rank: the frozen weights get no gradients or optimizer state, so rtx4080_lora.json's
+    optimizer on the GPU holds the adapters' states only; the reference is the model, adapters off."""
+    lora_config = str(REPO / "ds_configs" / "rtx4080_lora.json")
+    full = json.loads(plan("--model", LLADA_8B, "--ds_config", lora_config, "--json").output)
+    lora = json.loads(
+        plan("--model", LLADA_8B, "--ds_config", lora_config, "--json", "--lora-rank", "16").output
+    )
+    adapters = lora_parameters(LLADA_8B, 16)
+    assert lora["run"]["trainable_parameters"] == adapters and lora["run"]["reference"] == "adapter"
+    states = {item["name"]: item["bytes"] for item in lora["gpu"]}
+    assert states["fp32 master weights + Adam's two moments"] == 12 * adapters
+    assert states["fp32 master weights + Adam's two moments"] < 1 * 2**30
+    assert lora["totals"]["gpu"] < full["totals"]["gpu"] - 100 * 2**30  # no Adam state for 8 B weights
+    assert lora["sweeps"]["reference"] == full["sweeps"]["reference"]  # adapters off: still a sweep

@@ -2,7 +2,9 @@
 independent numbers (hand-worked sums, the instantiated models, measured peaks)."""
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +15,16 @@ from dsdpo.families.dream import DreamConfig, DreamModel
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
 from dsdpo.planner.measure import measured_activation_bytes, scored_inputs
 from dsdpo.planner.memory import (
+    PROCESS_BASELINE,
+    Item,
+    MemoryPlan,
     RunShape,
     activation_bytes,
     layer_bytes,
     model_state_plan,
     no_grad_activation_bytes,
+    pinned,
+    sub_groups,
     sweeps_per_step,
 )
 from dsdpo.planner.shapes import model_shape
@@ -96,17 +103,71 @@ def test_model_states_of_cpu_offload_by_hand():
     shape = model_shape(tiny_llada())
     p = shape.parameters
     config = json.loads((REPO / "ds_configs" / "rtx4080.json").read_text())  # bf16, both offloaded to CPU
-    plan = model_state_plan(shape, config, reference="engine")
-    # 16-bit policy, fp32 master and Adam's moments, 16-bit gradient partitions, 16-bit reference
-    assert sum(item.bytes for item in plan.cpu) == 2 * p + 12 * p + 2 * p + 2 * p
+    plan = model_state_plan(shape, config, reference="engine", accelerator="cpu")
+    # 16-bit policy, fp32 master and Adam's moments, fp32 flat gradient partitions (the recipes
+    # accumulate in fp32), the fp32 gradient of its one sub-group, 16-bit reference; and the process.
+    assert sum(item.bytes for item in plan.cpu) == PROCESS_BASELINE + (2 + 12 + 4 + 4 + 2) * p
     assert plan.nvme == []
     nvme = json.loads((REPO / "ds_configs" / "rtx4080_nvme.json").read_text())
-    plan = model_state_plan(shape, nvme, reference="none")
-    assert sum(item.bytes for item in plan.nvme) == 2 * p + 12 * p + 2 * p
-    buffers = 2 * 8 * 1.5e8 + 4 * 4 * 1e8 + 16 * p  # parameter and optimizer swap buffers, one sub-group
-    assert sum(item.bytes for item in plan.cpu) == buffers
+    plan = model_state_plan(shape, nvme, reference="none", accelerator="cpu")
+    assert sum(item.bytes for item in plan.nvme) == 12 * p  # parameters stay in RAM below max_in_cpu
+    # Swap buffers in whole 1 KiB aio blocks: 4 for parameters, of the largest (the 97 x 32
+    # embedding: 3104 elements, 3584 aligned); 4 fp32 ones of the one sub-group for the optimizer.
+    assert shape.largest_parameter == 97 * 32
+    buffers = 4 * 2 * 3584 + 4 * 4 * math.ceil(p / 256) * 256
+    # and Adam's moments of the (one) sub-group, created outside the buffers at the first step
+    assert MemoryPlan.total(plan.cpu) == PROCESS_BASELINE + 2 * p + 4 * p + 4 * p + buffers + 8 * p
     # DeepSpeed's estimator: 18 bytes a parameter on the CPU, times its 1.5 buffer factor.
     assert plan.cross_check["cpu_bytes"] == int(18 * p * 1.5)
+
+
+def test_sub_groups_are_deepspeeds():
+    """LLaDA-8B's parameters cut into optimizer sub-groups of 1e8 elements, by DeepSpeed's own code."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    def deepspeeds(sizes, sub_group_size):
+        params = [SimpleNamespace(partition_numel=lambda n=n: n) for n in sizes]
+        optimizer = SimpleNamespace(sub_group_size=sub_group_size)
+        groups = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(optimizer, params)
+        return [sum(p.partition_numel() for p in group) for group in groups]
+
+    sizes = list(model_shape(FIXTURES / "llada-8b.json").parameter_sizes)
+    expected = deepspeeds(sizes, 1e8)
+    assert sub_groups(sizes, 1e8) == expected
+    assert len(expected) > 60 and sum(expected) == sum(sizes)
+    assert sub_groups([50, 50, 30, 80, 10], 100) == deepspeeds([50, 50, 30, 80, 10], 100) == [100, 110, 10]
+
+
+def test_a_devices_peak_is_the_resident_bytes_and_the_larger_phase():
+    items = [
+        Item("states", 1),
+        Item("gathered", 2, phase="backward"),
+        Item("activations", 3, phase="backward"),
+    ]
+    assert MemoryPlan.total(items) == 1 + 2 + 3
+    assert MemoryPlan.total([*items, Item("fp32 casts", 7, phase="boundary")]) == 1 + 7
+
+
+def test_pinned_buffers_round_to_powers_of_two_on_cuda_only():
+    assert pinned(3 * 2**20, "cuda") == 4 * 2**20
+    assert pinned(4 * 2**20, "cuda") == 4 * 2**20
+    assert pinned(3 * 2**20, "cpu") == 3 * 2**20
+
+
+def test_llada_8b_needs_what_deepspeed_allocates_under_rtx4080():
+    """CPU offload of policy and reference (bf16): 2 + 12 + 2 + 4 bytes a policy parameter (its
+    16-bit partition, fp32 master and moments, 16-bit and fp32 gradient partitions) and 2 for the
+    reference: 22 bytes, 164 GiB by hand; pinned buffers round up on CUDA, and the process."""
+    shape = model_shape(FIXTURES / "llada-8b.json")
+    config = json.loads((REPO / "ds_configs" / "rtx4080.json").read_text())
+    plan = model_state_plan(shape, config, reference="engine")
+    cpu = sum(item.bytes for item in plan.cpu) / 2**30
+    by_hand = 22 * 8_016_216_064 / 2**30
+    assert by_hand == pytest.approx(164.2, abs=0.1)
+    assert by_hand < cpu
+    assert 155 <= cpu <= 200
+    without = sum(item.bytes for item in model_state_plan(shape, config, reference="none").cpu) / 2**30
+    assert cpu - without >= 2 * 8_016_216_064 / 2**30  # the reference's 16-bit partitions, rounded up
 
 
 def test_sweeps_count_as_the_micro_step_counts():

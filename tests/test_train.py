@@ -117,6 +117,7 @@ def test_shipped_configs_resolve(name, tmp_path):
         world_size=8 if name == "multi_gpu.json" else 1,
         total_steps=100,
         nvme_path=str(tmp_path),
+        largest_parameter=126464 * 4096,  # LLaDA-8B's embedding and output layer
         source=name,
     )
     assert resolved["managed_gradient_accumulation"] is False  # dsdpo owns the boundary
@@ -274,3 +275,17 @@ def test_nvme_path_must_be_an_existing_writable_folder(tmp_path):
             continue  # root writes anywhere
         with pytest.raises(DsdpoError, match=rf"swaps to NVMe: {path} {problem}"):
             resolve_ds_config(raw, world_size=1, total_steps=1, nvme_path=str(path))
+
+
+def test_nvme_swap_buffers_auto_hold_the_largest_parameter_partition(tmp_path):
+    raw = read_ds_config(REPO / "ds_configs" / "rtx4080_nvme.json")
+    assert raw["zero_optimization"]["offload_param"]["buffer_size"] == "auto"
+    for ranks, expected in ((1, 518_000_001), (2, 259_000_001)):  # a partition is ceil(numel / ranks)
+        resolved = resolve_ds_config(
+            raw, world_size=ranks, total_steps=1, nvme_path=str(tmp_path), largest_parameter=518_000_001
+        )
+        assert resolved["zero_optimization"]["offload_param"]["buffer_size"] == expected
+    with pytest.raises(
+        DsdpoError, match=r'cannot fill "auto" for zero_optimization\.offload_param\.buffer_size'
+    ):
+        resolve_ds_config(raw, world_size=1, total_steps=1, nvme_path=str(tmp_path))

@@ -111,12 +111,18 @@ def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, gp
     click.echo(text)
 
 
-def _checked_ds_config(path: str | Path, world_size: int) -> dict:
+def _checked_ds_config(path: str | Path, world_size: int, largest_parameter: int) -> dict:
     """The trainer's own checks of a DeepSpeed config (dsdpo.ds_config), without its NVMe folder."""
     from dsdpo.ds_config import read_ds_config, resolve_ds_config
 
-    raw = read_ds_config(path)
-    return resolve_ds_config(raw, world_size=world_size, total_steps=1, source=str(path), planning=True)
+    return resolve_ds_config(
+        read_ds_config(path),
+        world_size=world_size,
+        total_steps=1,
+        largest_parameter=largest_parameter,
+        source=str(path),
+        planning=True,
+    )
 
 
 def plan_command(
@@ -135,13 +141,13 @@ def plan_command(
     from dsdpo.planner.shapes import lora_parameters, model_shape
 
     the_card = card(card_name)
-    ds_config = _checked_ds_config(ds_config_path, world_size)
+    shape = model_shape(model)
+    ds_config = _checked_ds_config(ds_config_path, world_size, shape.largest_parameter)
     max_length, response = options["max_length"], options.get("response_length")
     if response is not None and response > max_length:
         raise DsdpoError(f"--response-length {response} is longer than --max-length {max_length}")
     if lora_rank and options.get("reference") == "engine":
         options["reference"] = "adapter"  # LoRA's reference is its own model with the adapters off
-    shape = model_shape(model)
     rank = lora_rank or DEFAULT_LORA_RANK
     adapters = lora_parameters(model, rank)
     run = run_shape_from(
@@ -154,7 +160,10 @@ def plan_command(
         return json.dumps(result, indent=2) if as_json else format_plan(result)
     ram_bytes = ram_gib * GIB
     settings = candidate_settings(Path(ds_config_path), lora_rank=lora_rank, reference=run.reference)
-    configs = {setting.config: _checked_ds_config(setting.config, world_size) for setting in settings}
+    configs = {
+        setting.config: _checked_ds_config(setting.config, world_size, shape.largest_parameter)
+        for setting in settings
+    }
     outcomes = compare(
         shape,
         configs,

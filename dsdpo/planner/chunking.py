@@ -2,10 +2,10 @@
 
 auto: the largest chunks (whole rows of --max-length tokens) whose activations, by the planner's
 formulas (dsdpo/planner/memory.py, every response position masked: a bound), fit in 90% of the
-device memory free when training starts, less the model states that come and go during a step
-(gathered parameters, their gradients, the reduce buckets). The same for the forwards without
-gradients, unless --max-tokens-no-grad is given. Unset (the default) means auto on CUDA and 4096
-elsewhere, as before.
+device memory free when training starts, less the model states that come and go during the
+forward and backward calls (gathered parameters, a module's gradients, reduce-scatter's copy of a
+bucket). The same for the forwards without gradients, unless --max-tokens-no-grad is given. Unset
+(the default) means auto on CUDA and 4096 elsewhere, as before.
 
 Out of memory: chunking is exact (docs/design.md, "Exact gradients when the score is chunked"), so a
 step whose chunk ran out of memory can be redone with smaller chunks and give the same gradient.
@@ -59,10 +59,12 @@ def auto_chunk_tokens(model, ds_config: dict, run: RunShape, free_bytes: float) 
     """(tokens with gradients, tokens without, the bytes budget): the largest whole-row chunks that fit."""
     shape = model_shape(model)
     b = dtype_bytes(ds_config)
+    # What the forward and backward add beside activations (resident items are allocated when the
+    # free memory is read; the optimizer boundary comes after the activations are freed).
     transient = sum(
         item.bytes
         for item in model_state_plan(shape, ds_config, reference=run.reference).gpu
-        if not item.name.startswith("persistent")  # already allocated when the free memory is read
+        if item.phase == "backward"
     )
     budget = SAFETY * free_bytes - transient
     most = 2 * run.micro_batch * run.budget  # rows of a micro-batch

@@ -25,24 +25,35 @@ A forward without gradients keeps one block's transients, b·T·(3d + 3f) + 4·T
 layer's logits, their fp32 copy in bf16 and the log-softmax, (b + 4 + 4·[b = 2])·M·V, whichever
 is larger.
 
-Model states (ZeRO-3; P parameters, bf16 b = 2): the GPU holds the persistent small parameters, the
-gathered parameters in flight (at least the largest module, which ZeRO-3 gathers whole, or one block
-plus the prefetch bucket, capped by stage3_max_live_parameters) and their gradient before reduction,
-and the reduce buckets. An offloaded optimizer keeps fp32 master weights, Adam's two moments and
-the gradient partitions in the model dtype (12 + b bytes a parameter; DeepSpeed 0.19 keeps the
-gradient buffer in bf16 with bf16, measured) in CPU RAM or on NVMe; offloaded parameters (b bytes) too.
-NVMe swapping adds pinned buffers in CPU RAM (buffer_count × buffer_size). DeepSpeed's own
-estimator (estimate_zero3_model_states_mem_needs) is printed beside these for a cross-check.
+Model states (ZeRO-3, DeepSpeed 0.19; P parameters, b bytes a model element, W ranks; each item
+cites the DeepSpeed function that allocates it): what DeepSpeed really allocates, per engine.
+The accelerator holds the persistent small parameters, the gathered parameters in flight and their
+gradients, and the reduce bucket, allocated whole at its configured size. The offloaded policy
+keeps in CPU RAM its b-byte parameter partitions, fp32 master weights and Adam's two moments, a
+flat gradient buffer in the accumulation dtype (data_types.grad_accum_dtype; the model's by default,
+fp32 in the recipes), and an fp32 gradient buffer for each optimizer sub-group (b + 12 + a + 4 bytes a
+parameter; 22 in bf16 with fp32 accumulation, 24 with a 16-bit reference engine).
+NVMe swapping adds page-locked buffers in CPU RAM: buffer_count x buffer_size for each engine's
+parameters, buffer_count x the largest sub-group (fp32) for the optimizer, and keeps the first
+max_in_cpu elements of the policy's parameters in CPU RAM. On CUDA, buffers pinned through torch
+(pin_memory) come from its caching host allocator, which rounds each to a power of two. A process
+baseline (Python, torch, DeepSpeed, the communication group), measured, is added to CPU RAM.
+DeepSpeed's own estimator (estimate_zero3_model_states_mem_needs) is printed beside these.
+Not modelled: transients of start-up (a pinned copy briefly beside its source), the CUDA host
+allocator's cache of freed pinned blocks (the reference's partitions reuse the policy's).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
+from dsdpo.ds_config import fill_swap_buffer_size
 from dsdpo.planner.shapes import ModelShape
 
-ADAM_BYTES = 12  # fp32 master weight, exp_avg, exp_avg_sq (the gradient partition is in the model dtype)
+ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # data_types.grad_accum_dtype
+ADAM_BYTES = 12  # fp32 master weight, exp_avg, exp_avg_sq
 
 
 @dataclass(frozen=True)
@@ -110,11 +121,18 @@ def no_grad_activation_bytes(shape: ModelShape, tokens: int, masked: float, b: i
     return max(block, (b + 4 + (4 if b == 2 else 0)) * masked * shape.vocab)
 
 
+# The phases of a training step, in order; the transients of one are freed before the next.
+PHASES = ("backward", "boundary", "step")
+
+
 @dataclass
 class Item:
     name: str
     bytes: float
     basis: str = "formula"  # formula | DeepSpeed estimator | measured
+    # resident: held throughout; backward: during the forward and backward calls; boundary: the
+    # gradients' finalisation after the backward freed its activations; step: the optimizer's update
+    phase: str = "resident"
 
 
 @dataclass
@@ -127,7 +145,10 @@ class MemoryPlan:
 
     @staticmethod
     def total(items: list[Item]) -> float:
-        return sum(item.bytes for item in items)
+        """The peak: what stays resident plus the largest of the transients of one phase."""
+        resident = sum(item.bytes for item in items if item.phase == "resident")
+        phases = [sum(item.bytes for item in items if item.phase == phase) for phase in PHASES]
+        return resident + max(phases)
 
 
 def _offload(zero: dict, block: str) -> str:
@@ -138,48 +159,271 @@ def _number(value, default: float) -> float:
     return default if value in (None, "auto") else float(value)
 
 
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The ZeRO-3 settings that size allocations, with DeepSpeed 0.19's defaults
+    (deepspeed/runtime/zero/config.py, offload_config.py)."""
+
+    params: str  # where parameters are offloaded: none | cpu | nvme
+    optimizer: str
+    persistence_threshold: float
+    prefetch: float
+    max_live: float
+    max_reuse: float
+    reduce_bucket: float
+    contiguous_gradients: bool
+    sub_group_size: float
+    pin_params: bool
+    pin_optimizer: bool
+    param_buffer_count: float
+    param_buffer_size: float
+    max_in_cpu: float
+    optimizer_buffer_count: float
+    aio_alignment: int  # bytes: AIO_ALIGNED_BYTES x intra_op_parallelism (swap_tensor/utils.py)
+    accumulation_bytes: (
+        int  # of the gradient accumulation buffer: data_types.grad_accum_dtype, else the model's
+    )
+
+    @classmethod
+    def of(cls, ds_config: dict, *, largest_parameter: int, world_size: int) -> ZeroSettings:
+        """From a DeepSpeed config, raw or resolved ("auto" swap buffers sized as training sizes them)."""
+        zero = copy.deepcopy(ds_config.get("zero_optimization") or {})
+        fill_swap_buffer_size(zero, largest_parameter, world_size)
+        param, optimizer = zero.get("offload_param") or {}, zero.get("offload_optimizer") or {}
+        return cls(
+            params=_offload(zero, "offload_param"),
+            optimizer=_offload(zero, "offload_optimizer"),
+            persistence_threshold=_number(zero.get("stage3_param_persistence_threshold"), 1e5),
+            prefetch=_number(zero.get("stage3_prefetch_bucket_size"), 5e7),
+            max_live=_number(zero.get("stage3_max_live_parameters"), 1e9),
+            max_reuse=_number(zero.get("stage3_max_reuse_distance"), 1e9),
+            reduce_bucket=_number(zero.get("reduce_bucket_size"), 5e8),
+            contiguous_gradients=zero.get("contiguous_gradients", True),
+            sub_group_size=_number(zero.get("sub_group_size"), 1e9),
+            pin_params=bool(param.get("pin_memory", False)),
+            pin_optimizer=bool(optimizer.get("pin_memory", False)),
+            param_buffer_count=_number(param.get("buffer_count"), 5),
+            param_buffer_size=_number(param.get("buffer_size"), 1e8),
+            max_in_cpu=_number(param.get("max_in_cpu"), 1e9),
+            optimizer_buffer_count=_number(optimizer.get("buffer_count"), 4),
+            aio_alignment=1024 * int((ds_config.get("aio") or {}).get("intra_op_parallelism", 1)),
+            accumulation_bytes=ACCUMULATION_BYTES.get(
+                (ds_config.get("data_types") or {}).get("grad_accum_dtype"), dtype_bytes(ds_config)
+            ),
+        )
+
+
+def sub_group_members(partitions: list[int], sub_group_size: float) -> list[list[int]]:
+    """The parameter partitions of each optimizer sub-group: parameters in order until a group
+    reaches sub_group_size (stage3.DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups)."""
+    if sub_group_size >= sum(partitions):
+        return [list(partitions)]
+    groups, current = [], []
+    for numel in partitions:
+        current.append(numel)
+        if sum(current) >= sub_group_size:
+            groups.append(current)
+            current = []
+    return groups + ([current] if current else [])
+
+
+def sub_groups(partitions: list[int], sub_group_size: float) -> list[int]:
+    """Elements of each optimizer sub-group."""
+    return [sum(group) for group in sub_group_members(partitions, sub_group_size)]
+
+
+def pinned(nbytes: float, accelerator: str) -> float:
+    """Bytes a torch-pinned host buffer holds: on CUDA torch's CachingHostAllocator rounds each
+    allocation up to a power of two (ATen/core/CachingHostAllocator.h, "Round up the allocation to
+    the nearest power of two"), DeepSpeed's default pinning path (DS_PIN_MEMORY_BACKEND=torch,
+    utils/pin_memory.py; its "native" backend does not round, not modelled). DeepSpeed's CPU
+    accelerator pins nothing (cpu_accelerator.pin_memory)."""
+    if accelerator != "cuda" or nbytes <= 0:
+        return nbytes
+    return float(2 ** math.ceil(math.log2(nbytes)))
+
+
+def aligned(numel: float, element: int, alignment: int) -> float:
+    """numel rounded up to whole aio blocks (swap_tensor's _io_aligned_numel)."""
+    step = alignment // element
+    return math.ceil(numel / step) * step
+
+
+# The process before any model: Python, torch, DeepSpeed, dsdpo, the gloo group and DeepSpeed's
+# compiled ops loaded. Measured: peak RSS of a training run of a 0.1M-parameter LLaDA on the CPU
+# (benchmarks/planner_accuracy.py --baseline, 0.44 GiB). A CUDA process adds its driver context.
+PROCESS_BASELINE = 0.44 * 2**30
+
+
 def model_state_plan(
-    shape: ModelShape, ds_config: dict, *, reference: str, world_size: int = 1
+    shape: ModelShape,
+    ds_config: dict,
+    *,
+    reference: str,
+    world_size: int = 1,
+    accelerator: str = "cuda",
+    trainable_parameters: int | None = None,
 ) -> MemoryPlan:
-    """Model states on each device (module docstring), without activations."""
-    plan = MemoryPlan()
-    zero = ds_config.get("zero_optimization") or {}
+    """Model states on each device (module docstring), without activations; `accelerator` is the
+    device DeepSpeed computes on ("cuda", or "cpu" where the accelerator's items are RAM too).
+    With `trainable_parameters` (LoRA's adapters) only those get gradients and optimizer state:
+    DeepSpeed's ZeRO-3 optimizer takes the parameters that require a gradient
+    (stage3._get_trainable_parameter_groups); the adapters, below the persistence threshold, stay
+    whole on the accelerator."""
+    z = ZeroSettings.of(ds_config, largest_parameter=shape.largest_parameter, world_size=world_size)
     b = dtype_bytes(ds_config)
-    params, optimizer = _offload(zero, "offload_param"), _offload(zero, "offload_optimizer")
-    p = shape.parameters
-    threshold = _number(zero.get("stage3_param_persistence_threshold"), 1e5)
-    prefetch = _number(zero.get("stage3_prefetch_bucket_size"), 5e7)
-    live = _number(zero.get("stage3_max_live_parameters"), 1e9)
-    reduce_bucket = _number(zero.get("reduce_bucket_size"), 5e8)
-    # Nothing ZeRO-3 gathers or buckets is larger than the model itself (a small model's buckets).
-    in_flight = min(p, max(shape.largest_module, min(live, shape.block_parameters + prefetch)))
-    reduce_bucket = min(reduce_bucket, p)
-    plan.gpu += [
-        Item("persistent small parameters", b * shape.persistent(threshold)),
-        Item("parameters in flight (largest module, or a block + prefetch)", b * in_flight),
-        Item("their gradients before reduction", b * in_flight),
-        Item("reduce buckets", b * reduce_bucket * (2 if zero.get("overlap_comm") else 1)),
-    ]
-    share = p / world_size
-    where = {"none": plan.gpu, "cpu": plan.cpu, "nvme": plan.nvme}
-    where[params].append(Item(f"policy parameters ({8 * b}-bit partitions)", b * share))
-    where[optimizer].append(Item("fp32 master weights + Adam's two moments", ADAM_BYTES * share))
-    where[optimizer].append(Item(f"gradient partitions ({8 * b}-bit, measured layout)", b * share))
-    if params == "nvme":
-        offload = zero["offload_param"]
-        param_buffers = b * _number(offload.get("buffer_count"), 5) * _number(offload.get("buffer_size"), 1e8)
-        plan.cpu.append(Item("pinned parameter swap buffers (policy)", param_buffers))
-    if optimizer == "nvme":
-        offload = zero["offload_optimizer"]
-        count, group = _number(offload.get("buffer_count"), 4), _number(zero.get("sub_group_size"), 1e9)
-        plan.cpu.append(Item("pinned optimizer swap buffers", 4 * count * group))
-        plan.cpu.append(Item("optimizer sub-group being updated", (ADAM_BYTES + 4) * min(group, share)))
+    partitions = [math.ceil(size / world_size) for size in shape.parameter_sizes]
+    trained = [math.ceil(trainable_parameters / world_size)] if trainable_parameters else partitions
+    plan = MemoryPlan()
+    plan.cpu.append(
+        Item("process baseline (Python, torch, DeepSpeed; measured on the CPU)", PROCESS_BASELINE, "measured")
+    )
+    plan.gpu += _accelerator_items(shape, z, b, reference, accelerator)
+    if trainable_parameters:
+        plan.gpu.append(Item("LoRA adapters (persistent)", b * trainable_parameters))
+    plan.gpu += _boundary_items(z, b, trained, accelerator)
+    _policy_items(plan, z, b, partitions, trained, accelerator)
     if reference == "engine":
-        where[params].append(Item("reference parameters", b * share))
-        if params == "nvme":
-            plan.cpu.append(Item("pinned parameter swap buffers (reference)", param_buffers))
-    plan.cross_check = deepspeed_estimate(shape, params, optimizer, world_size)
+        _reference_items(plan, z, b, partitions, accelerator)
+    plan.cross_check = deepspeed_estimate(shape, z.params, z.optimizer, world_size)
     return plan
+
+
+def _accelerator_items(
+    shape: ModelShape, z: ZeroSettings, b: int, reference: str, accelerator: str
+) -> list[Item]:
+    """What ZeRO-3 holds on the accelerator during the forward and backward calls."""
+    p = shape.parameters
+    # partitioned_param_coordinator: a module's parameters are gathered whole (plus the prefetch
+    # bucket, capped by max_live), and a released module keeps those it uses again within
+    # max_reuse_distance elements of the trace: the last max_reuse/2 of the forward wait for the
+    # backward, and a model no larger than max_reuse stays gathered from one step to the next.
+    working = max(shape.largest_module, min(z.max_live, shape.block_parameters + z.prefetch))
+    kept = p if p <= z.max_reuse else z.max_reuse / 2
+    in_flight = min(p, kept + working)
+    persistent = b * shape.persistent(z.persistence_threshold) * (2 if reference == "engine" else 1)
+    # stage3._setup_for_real_optimizer: torch.empty(reduce_bucket_size) per communication dtype with
+    # contiguous_gradients (the default). CUDA allocates it whole; in RAM only the pages gradients
+    # are copied into become resident (at most the model's gradients).
+    bucket = z.reduce_bucket if z.contiguous_gradients else 0
+    if accelerator != "cuda":
+        bucket = min(bucket, p)
+    return [
+        Item("persistent small parameters (policy and reference)", persistent),
+        Item(
+            "gathered parameters (a module or a block + prefetch; kept for reuse)",
+            b * in_flight,
+            phase="backward",
+        ),
+        Item(
+            "a module's gradients before they reach the reduce bucket",
+            b * shape.largest_module,
+            phase="backward",
+        ),
+        Item("reduce bucket (reduce_bucket_size, allocated whole)", b * bucket),
+        # comm/coalesced_collectives.reduce_scatter_coalesced: torch.cat of the bucket's gradients.
+        Item("reduce-scatter's flat copy of a bucket", b * min(z.reduce_bucket, p), phase="backward"),
+    ]
+
+
+def _boundary_items(z: ZeroSettings, b: int, partitions: list[int], accelerator: str) -> list[Item]:
+    """The offloaded optimizer's gradient boundary, on the accelerator
+    (stage3._finalize_offload_gradient_accumulation), parameter by parameter in order: the gradient
+    partition (in the accumulation dtype) is copied there (CUDA), its norm taken in fp64 in chunks of
+    2.5e8 (_constant_buffered_norm2), then it is cast to fp32 (no new tensor when it is fp32 already).
+    A CPU optimizer copies each cast into its sub-group's buffer at once; for an NVMe optimizer
+    DeepSpeed would keep every cast until one swap-out at the end, and dsdpo swaps each sub-group out
+    as soon as its casts are made (dsdpo.engine.finalize_swapped_gradients), so one sub-group's are kept."""
+    if z.optimizer == "none":
+        return []
+    peak = 0.0
+    for group in sub_group_members(partitions, z.sub_group_size):
+        kept = 0.0
+        for numel in group:
+            copy = z.accumulation_bytes * numel if accelerator == "cuda" else 0  # CPU: .to() is a no-op
+            cast = 4 * numel if z.accumulation_bytes != 4 else 0
+            peak = max(peak, kept + copy + max(8 * min(numel, 2.5e8), cast))
+            if z.optimizer == "nvme":
+                kept += cast or copy  # the fp32 tensor handed to the swapper
+    name = "gradient boundary: fp64 norm chunk, fp32 casts" + (
+        " (a sub-group's, NVMe)" if z.optimizer == "nvme" else ""
+    )
+    return [Item(name, peak, phase="boundary")]
+
+
+def _policy_items(
+    plan: MemoryPlan, z: ZeroSettings, b: int, partitions: list[int], trained: list[int], accelerator: str
+) -> None:
+    """The policy engine's partitions (stage3.DeepSpeedZeroOptimizer_Stage3): every parameter's, and
+    the optimizer's states of those that train (`trained`)."""
+    share = sum(partitions)
+    where = {"none": plan.gpu, "cpu": plan.cpu, "nvme": plan.nvme}
+    cpu_params = min(share, z.max_in_cpu) if z.params == "nvme" else share
+    if z.params != "none":
+        # _create_param_groups_fp16_flat_cpu_memory: one pinned flat buffer; with NVMe it holds the
+        # first max_in_cpu elements and only the rest stays on the drive.
+        plan.cpu.append(
+            Item("policy parameters (16/32-bit flat partition, pinned)", pinned(b * cpu_params, accelerator))
+        )
+        if share > cpu_params:
+            plan.nvme.append(Item("policy parameters beyond max_in_cpu", b * (share - cpu_params)))
+    else:
+        plan.gpu.append(Item("policy parameters (partitions)", b * share))
+    groups = sub_groups(trained, z.sub_group_size)
+    largest = max(groups)
+    trained_share = sum(trained)
+    where[z.optimizer].append(Item("fp32 master weights + Adam's two moments", ADAM_BYTES * trained_share))
+    # _setup_for_real_optimizer: grad_partitions_flat_buffer, in the gradient accumulation dtype
+    # (the model's by default), on the CPU when the optimizer is offloaded, pinned with pin_memory.
+    grad_flat = z.accumulation_bytes * trained_share
+    if z.optimizer != "none" and z.pin_optimizer:
+        grad_flat = pinned(grad_flat, accelerator)
+    (plan.cpu if z.optimizer != "none" else plan.gpu).append(
+        Item(f"gradient partitions (flat, {8 * z.accumulation_bytes}-bit accumulation)", grad_flat)
+    )
+    # initialize_optimizer_states: with a CPU-offloaded optimizer every sub-group gets its own fp32
+    # gradient buffer (pinned with pin_memory); otherwise (and for NVMe-swapped sub-groups) the
+    # sub-groups share one of the largest sub-group's size.
+    if z.optimizer == "cpu":
+        fp32 = sum(pinned(4 * g, accelerator) if z.pin_optimizer else 4 * g for g in groups)
+        plan.cpu.append(Item(f"fp32 gradients of the {len(groups)} optimizer sub-groups", fp32))
+    else:
+        (plan.cpu if z.optimizer == "nvme" else plan.gpu).append(
+            Item("fp32 gradient buffer (largest optimizer sub-group)", 4 * largest)
+        )
+    if z.optimizer == "nvme":
+        # optimizer_utils.OptimizerSwapper: SwapBufferManager, buffer_count page-locked fp32 buffers
+        # of the largest sub-group (aio-aligned).
+        buffers = z.optimizer_buffer_count * 4 * aligned(largest, 4, z.aio_alignment)
+        plan.cpu.append(Item("optimizer swap buffers (buffer_count x largest sub-group, fp32)", buffers))
+        # ops/adam/cpu_adam.DeepSpeedCPUAdam.step creates a swapped sub-group's moments with
+        # zeros_like, outside the swap buffers, at its first step.
+        plan.cpu.append(Item("Adam's moments of a sub-group at its first step", 8 * largest, phase="step"))
+    if z.params == "nvme":
+        plan.cpu.append(Item("parameter swap buffers (policy)", _param_swap_buffers(z, b)))
+        if sum(partitions) > cpu_params:
+            # _create_fp16_partitions_with_defragmentation: reserve_partitioned_swap_space, a
+            # page-locked buffer of the largest sub-group for writing parameters back to NVMe.
+            plan.cpu.append(Item("parameter write-back buffer", b * aligned(largest, b, z.aio_alignment)))
+
+
+def _param_swap_buffers(z: ZeroSettings, b: int) -> float:
+    """partitioned_param_swapper.AsyncPartitionedParameterSwapper._configure_aio: buffer_count
+    page-locked buffers of buffer_size elements (aio-aligned)."""
+    return z.param_buffer_count * b * aligned(z.param_buffer_size, b, z.aio_alignment)
+
+
+def _reference_items(
+    plan: MemoryPlan, z: ZeroSettings, b: int, partitions: list[int], accelerator: str
+) -> None:
+    """The reference engine: ZeRO-3 parameter offload only (parameter_offload.DeepSpeedZeRoOffload)."""
+    if z.params == "nvme":
+        plan.nvme.append(Item("reference parameters", b * sum(partitions)))
+        plan.cpu.append(Item("parameter swap buffers (reference)", _param_swap_buffers(z, b)))
+        return
+    # partition_parameters.Init._partition_param: each partition its own tensor, pinned with pin_memory.
+    size = sum(pinned(b * n, accelerator) if z.pin_params else b * n for n in partitions)
+    (plan.cpu if z.params == "cpu" else plan.gpu).append(Item("reference parameters (partitions)", size))
 
 
 def deepspeed_estimate(shape: ModelShape, params: str, optimizer: str, world_size: int) -> dict[str, float]:
@@ -205,8 +449,17 @@ def chunk_shape(run: RunShape, tokens: int) -> tuple[int, int, float]:
     return rows, rows * width, rows * run.response * run.masked_fraction
 
 
-def memory_plan(shape: ModelShape, ds_config: dict, run: RunShape, world_size: int = 1) -> MemoryPlan:
-    plan = model_state_plan(shape, ds_config, reference=run.reference, world_size=world_size)
+def memory_plan(
+    shape: ModelShape, ds_config: dict, run: RunShape, world_size: int = 1, accelerator: str = "cuda"
+) -> MemoryPlan:
+    plan = model_state_plan(
+        shape,
+        ds_config,
+        reference=run.reference,
+        world_size=world_size,
+        accelerator=accelerator,
+        trainable_parameters=run.trainable_parameters,
+    )
     b = dtype_bytes(ds_config)
     rows, tokens, masked = chunk_shape(run, run.max_tokens_per_forward)
     no_grad_rows, no_grad_tokens, no_grad_masked = chunk_shape(run, run.no_grad_tokens)
@@ -218,6 +471,7 @@ def memory_plan(shape: ModelShape, ds_config: dict, run: RunShape, world_size: i
         Item(
             f"activations of the largest chunk ({label} checkpointing; with or without gradients)",
             max(grad, no_grad),
+            phase="backward",
         )
     )
     plan.chunk = {

@@ -162,7 +162,8 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
         f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}), "
         f"max {run['max_tokens_per_forward']} tokens per forward with gradients, "
         f"{run['max_tokens_no_grad'] or 4 * run['max_tokens_per_forward']} without",
-        "all numbers are formulas (dsdpo/planner/memory.py); [DS] marks DeepSpeed's estimator",
+        "all numbers are formulas (dsdpo/planner/memory.py); [DS] marks DeepSpeed's estimator; a total is "
+        "what stays resident plus the largest [phase] of transients",
         "",
         f"GPU ({card['name']}, {card['memory_bytes'] / GIB:.0f} GiB)",
     ]
@@ -170,7 +171,10 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
         if device != "gpu":
             lines.append({"cpu": "CPU RAM", "nvme": "NVMe"}[device])
         for item in result[device]:
-            lines.append(f"  {item['name']:<78} {_gib(item['bytes'])}")
+            phase = (
+                "" if item["phase"] == "resident" else f" [{item['phase']}]"
+            )  # total: resident + largest phase
+            lines.append(f"  {item['name'] + phase:<78} {_gib(item['bytes'])}")
         total = result["totals"][device]
         note = ""
         if device == "gpu":

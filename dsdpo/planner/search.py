@@ -213,6 +213,11 @@ def train_command(outcome: Outcome, *, model: str, lora_rank: int) -> str:
     return f"{scoring}\n    {' '.join(words)} --reference-scores ref.safetensors"
 
 
+def _describe(setting: Setting) -> str:
+    checkpointing = "on" if setting.checkpointing else "off"
+    return f"{setting.config.name}, reference {setting.reference}, checkpointing {checkpointing}"
+
+
 def _row(outcome: Outcome) -> str:
     setting, result = outcome.setting, outcome.plan
     chunk = result["chunk"]
@@ -245,16 +250,14 @@ def format_comparison(
             lines.append(f"no {label} setting fits; the closest: {best.why_not}")
             continue
         lines += [
-            f"fastest {label} that fits: {best.setting.config.name}, reference {best.setting.reference}, "
-            f"checkpointing {'on' if best.setting.checkpointing else 'off'}: "
-            f"{best.seconds_per_pair:.2f} s per pair",
+            f"fastest {label} that fits: {_describe(best.setting)}: {best.seconds_per_pair:.2f} s per pair",
             f"    {train_command(best, model=model, lora_rank=lora_rank)}",
         ]
         slower = [outcome for outcome in of_kind[1:] if outcome.fits]
         if slower:
             lines.append(
                 f"    the {len(slower)} other fitting {label} settings are slower: the next, "
-                f"{slower[0].setting.config.name} with reference {slower[0].setting.reference}, takes "
+                f"{_describe(slower[0].setting)}, takes "
                 f"{slower[0].seconds_per_pair / best.seconds_per_pair:.2f}x as long"
             )
     return "\n".join(lines)

@@ -42,6 +42,11 @@ class ModelShape:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def largest_parameter(self) -> int:
+        """Elements of the largest parameter (an NVMe parameter swap buffer must hold it)."""
+        return max(self.parameter_sizes)
+
     def persistent(self, threshold: float) -> int:
         """Parameters ZeRO-3 keeps whole on every GPU: those of at most `threshold` elements."""
         return sum(size for size in self.parameter_sizes if size <= threshold)
@@ -117,6 +122,11 @@ def _idle_expert_parameters(block: torch.nn.Module) -> int:
             per_expert = sum(p.numel() for p in experts[0].parameters())
             idle += (len(experts) - top_k) * per_expert
     return idle
+
+
+def largest_parameter(source: str | Path | PretrainedConfig | dict) -> int:
+    """Elements of the model's largest parameter, for any model (no block structure needed)."""
+    return max(p.numel() for p in _meta_model(read_config(source)).parameters())
 
 
 def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
