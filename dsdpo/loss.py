@@ -115,7 +115,8 @@ class PairTerms:
 
 
 def _cap_exp(x: Tensor) -> Tensor:
-    """e^x without overflow to inf (TRL's cap_exp): the exponent is capped at log(max float)."""
+    """e^x without overflow to inf (older TRL's cap_exp): the exponent is capped at log(max float).
+    TRL 1.16 clamps alpha_divergence's exponent at 80 (fp32) and leaves forward_kl's unclamped."""
     return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max)))
 
 
