@@ -33,7 +33,7 @@ from dsdpo.dist import device, world_size
 from dsdpo.draws import pair_draws
 from dsdpo.evaluate import preference_report
 from dsdpo.generate import cut_at_stop, encode_prompt, generate, stop_ids_of
-from dsdpo.loss import LossConfig
+from dsdpo.loss import LossConfig, sft_losses
 from dsdpo.scoring import PairScores, ScoreSettings, engine_terms
 from dsdpo.sft import pad_completions_with_eos
 
@@ -108,7 +108,8 @@ class HeldOutEvaluation:
         lengths = torch.tensor([len(pair.chosen_ids) for pair in self.pairs])
         if self.loss.supervised:
             elbos = chosen.mean(1)
-            return {"eval/logps/chosen": float(elbos.mean()), "eval/loss": float((-elbos / lengths).mean())}
+            loss = sft_losses(elbos, lengths.to(elbos), self.loss.sft_per_response).mean()
+            return {"eval/logps/chosen": float(elbos.mean()), "eval/loss": float(loss)}
         policy_scores = PairScores.of(self.pairs, chosen, rejected)
         reference_scores = (
             None

@@ -1,38 +1,54 @@
 """Preference losses on sequence scores: pure functions of tensors.
 
 Inputs are the scores (ELBO estimates B̂, or any log-likelihoods) of each pair's chosen (w) and
-rejected (l) response under the policy θ and the reference, all of shape [P]. With the log-ratios
-r_w = B̂_θ(y_w) − B̂_ref(y_w), r_l likewise (reference-free: B̂_ref := 0), and h = r_w − r_l:
+rejected (l) response under the policy θ and the reference, all of shape [P], and the response
+lengths |y| (tokens). With the log-ratios r_w = B̂_θ(y_w) − B̂_ref(y_w), r_l likewise (reference-free:
+B̂_ref := 0), the f-scores f_w = f'(r_w), f_l = f'(r_l) of the f-divergence (below) and z = f_w − f_l:
 
-    sigmoid      −log σ(βz)                                     DPO (Rafailov et al. 2023, eq. 7)
-    ipo          (z − 1/(2β))²                                  IPO (Azar et al. 2023, eq. 17; unnormalised)
-    hinge        max(0, 1 − βz)                                 SLiC-HF (Zhao et al. 2023)
-    cdpo         −(1−ε) log σ(βz) − ε log σ(−βz)                conservative DPO, label smoothing ε
-    robust       (−(1−ε) log σ(βz) + ε log σ(−βz)) / (1 − 2ε)   rDPO (Chowdhury et al. 2024, eq. 9)
-    soft         −p log σ(βz) − (1−p) log σ(−βz)                per-pair probability p that y_w ≻ y_l
-    exo_pair     σ(βz)(log σ(βz) − log(1−ε)) + σ(−βz)(log σ(−βz) − log ε)   EXO (Ji et al. 2024, eq. 16)
-    sigmoid_norm −log σ(β h̄), h̄ = r_w/|y_w| − r_l/|y_l|        DPO on length-normalised scores
-    apo_zero     (1 − σ(βr_w)) + σ(βr_l)                        APO (D'Oosterlinck et al. 2024, eq. 7)
-    apo_down     σ(βr_w) + (1 − σ(β(r_w − r_l)))                APO (eq. 8)
-    nca_pair     −log σ(βr_w) − ½ log σ(−βr_w) − ½ log σ(−βr_l)  NCA (Chen et al. 2024)
-    bco_pair     −log σ(βr_w − δ) − log σ(−(βr_l − δ)), δ the mean reward   BCO (Jung et al. 2024)
-    sppo_hard    (r_w − 1/(2β))² + (r_l + 1/(2β))²              SPPO, hard labels (Wu et al. 2024, eq. 4.7)
-    aot          sigmoid on sort(B̂_θ(y_w) − B̂_θ(y_l)) − sort(B̂_ref(y_w) − B̂_ref(y_l))   AOT, paired
-    aot_unpaired sigmoid on sort(r_w) − sort(r_l)               AOT (Melnyk et al. 2024), unpaired
-    discopop     (1−m)·(−log σ(βh)) + m·e^(−βh), m = σ(βh/τ)     DiscoPOP (Chris Lu et al. 2024, eq. 5)
-    sft          −B̂_θ(y_w)/|y_w|                                the chosen response's NLL per token
+    sigmoid        −log σ(βz)                                       DPO (Rafailov et al. 2023, eq. 7)
+    ipo            (f_w/|y_w| − f_l/|y_l| − 1/(2β))²                IPO (Azar et al. 2023, eq. 17), per token
+    ipo_sum        (z − 1/(2β))²                                    IPO eq. 17 on summed scores
+    hinge          max(0, 1 − βz)                                   SLiC-HF (Zhao et al. 2023)
+    cdpo           −(1−ε) log σ(βz) − ε log σ(−βz)                  conservative DPO, label smoothing ε
+    robust         (−(1−ε) log σ(βz) + ε log σ(−βz)) / (1 − 2ε)     rDPO (Chowdhury et al. 2024, eq. 9)
+    soft           −p log σ(βz) − (1−p) log σ(−βz)                  per-pair probability p that y_w ≻ y_l
+    exo_pair       σ(βz)(log σ(βz) − log(1−ε)) + σ(−βz)(log σ(−βz) − log ε)  EXO (Ji et al. 2024, eq 16), ε>0
+    sigmoid_norm   −log σ(β(f_w/|y_w| − f_l/|y_l|))                 DPO on per-token scores
+    apo_zero       (1 − σ(βr_w)) + σ(βr_l)                          APO (D'Oosterlinck et al. 2024, eq. 7)
+    apo_down       σ(βr_w) + (1 − σ(β(r_w − r_l)))                  APO (eq. 8)
+    nca_pair       −log σ(βr_w) − ½ log σ(−βr_w) − ½ log σ(−βr_l)    NCA (Chen et al. 2024)
+    bco_pair       −log σ(βr_w) − log σ(−βr_l)                      BCO (Jung et al. 2024) without its δ
+    bco_pair_batch −log σ(βr_w − δ) − log σ(−(βr_l − δ)), δ the micro-batch's mean reward (no gradient)
+    sppo_hard      (r_w − 1/(2β))² + (r_l + 1/(2β))²                SPPO hard labels (Wu et al. 2024, eq 4.7)
+    aot            sigmoid on sort(B̂_θ(y_w) − B̂_θ(y_l)) − sort(B̂_ref(y_w) − B̂_ref(y_l)), smoothed by ε
+    aot_unpaired   sigmoid on sort(r_w) − sort(r_l), smoothed by ε  AOT (Melnyk et al. 2024)
+    discopop       (1−m)·(−log σ(βz)) + m·e^(−βz), m = σ(βz/τ)       DiscoPOP (Chris Lu et al. 2024, eq. 5)
+    sft            −Σ_pairs B̂_θ(y_w) / Σ_pairs |y_w|               the chosen NLL per token of the micro-batch
 
-z is h under the reverse KL (DPO); an f-divergence (Wang et al. 2023, f-DPO) replaces it for the
-losses of z: JS z = h − (softplus(r_w) − softplus(r_l)); α-divergence z = (e^(−αr_l) − e^(−αr_w))/α,
-forward KL being α = 1. The formulas follow TRL 1.16's DPOTrainer where it has the type (aot_unpaired
-is TRL's "aot_pair"); bco_pair's δ is the mean reward of the micro-batch, where TRL keeps a running
-mean across steps (a state that would need checkpointing; see the closing note of the change).
+f-divergences (Wang et al. 2023, f-DPO), f'(r) of each side: reverse_kl r (DPO); forward_kl 1 − e^(−r);
+js log 2 + log σ(r); alpha (1 − e^(−αr))/α (α → 0: reverse KL, α = 1: forward KL). They apply to the
+losses of z and of the per-token f-scores (F_DIVERGENCE_LOSSES, TRL's list plus cdpo, soft, ipo_sum).
 
-Several types at once (MPO): "sigmoid,bco_pair" with weights, a weighted sum per pair. On top of any
-loss: WPO's weight (Zhou et al. 2024, eq. 2) exp(B̂_θ(y_w)/|y_w| + B̂_θ(y_l)/|y_l|) capped at 1 (the
-ELBO per token stands in for the mean token log-probability; no gradient through it), RPO's NLL term
-(Pang et al. 2024) sft_weight·(−B̂_θ(y_w)/|y_w|), and a floor under the chosen likelihood (after
-DPOP, Pal et al. 2024) chosen_floor·max(0, B̂_ref(y_w) − B̂_θ(y_w)), per token if chosen_floor_per_token.
+TRL. Where a name is one of TRL 1.16's loss types (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss)
+the number is TRL's on the same scores and lengths (tests/test_loss_trl.py against TRL's own code,
+tests/fixtures/trl/build.py): sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
+aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, f-divergences reverse_kl and forward_kl.
+dsdpo's own names: ipo_sum (the IPO paper's equation as written; TRL's ipo divides by the lengths),
+bco_pair_batch (the BCO paper's δ, estimated on the micro-batch; TRL's bco_pair has no δ), cdpo and soft
+(no TRL type), js = TRL's js_divergence, alpha with α = TRL's alpha_divergence with
+f_alpha_divergence_coef 1 − α. e^x is capped below inf (TRL caps alpha's exponent at 80 in fp32,
+forward_kl's not at all): numbers differ only where TRL's overflow. Lengths must be ≥ 1 (TRL clamps
+to 1). `sft` is TRL's mean over the micro-batch's chosen tokens; sft_per_response gives LLaDA's SFT
+normalisation instead, the mean over pairs of −B̂_θ(y_w)/|y_w| (dsdpo.sft).
+
+Several types at once (MPO): "sigmoid,bco_pair" with weights, a weighted sum per pair (TRL's
+loss_weights). On top of any loss: RPO's NLL term (Pang et al. 2024) sft_weight·sft (TRL: loss types
+sigmoid,sft with weights 1,sft_weight); a floor under the chosen likelihood (after DPOP, Pal et al.
+2024) chosen_floor·max(0, B̂_ref(y_w) − B̂_θ(y_w)), per token if chosen_floor_per_token (no TRL
+counterpart); and wpo_unaligned: WPO's weight (Zhou et al. 2024, eq. 2) without its alignment term,
+exp(B̂_θ(y_w)/|y_w| + B̂_θ(y_l)/|y_l|) capped at 1, no gradient through it. TRL's use_weighting also
+subtracts log Σ_v p_v² of every token from its log-probability; a masked diffusion score has no
+per-token distribution of the clean sequence to take it from, so dsdpo does not claim TRL's name.
 
 The implicit rewards are βr_w and βr_l; metrics carry TRL's names.
 """
@@ -79,9 +95,28 @@ class PairTerms:
             raise DsdpoError(f"{name} needs the response lengths of every pair")
         return self.chosen_lengths.to(self.policy_chosen), self.rejected_lengths.to(self.policy_chosen)
 
+    def check(self) -> None:
+        """Refuse what would otherwise broadcast or average silently into a wrong number."""
+        shape = self.policy_chosen.shape
+        if len(shape) != 1 or shape[0] == 0:
+            raise DsdpoError(f"preference_loss: scores must have shape [P] with P >= 1, got {list(shape)}")
+        for name in ("policy_rejected", "ref_chosen", "ref_rejected", "chosen_lengths", "rejected_lengths",
+                     "preference_prob"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value.shape != shape:
+                raise DsdpoError(f"preference_loss: {name} has shape {list(value.shape)}, not {list(shape)}")
+        for name in ("chosen_lengths", "rejected_lengths"):
+            value = getattr(self, name)
+            if value is not None and not bool((value >= 1).all()):
+                raise DsdpoError(f"preference_loss: {name} must be >= 1 token, got {value.tolist()}")
+        p = self.preference_prob
+        if p is not None and not bool(((p >= 0) & (p <= 1)).all()):
+            raise DsdpoError(f"preference_loss: preference_prob must be in [0, 1], got {p.tolist()}")
+
 
 def _cap_exp(x: Tensor) -> Tensor:
-    """e^x without overflow to inf (TRL's cap_exp): the exponent is capped at log(max float)."""
+    """e^x without overflow to inf (older TRL's cap_exp): the exponent is capped at log(max float).
+    TRL 1.16 clamps alpha_divergence's exponent at 80 (fp32) and leaves forward_kl's unclamped."""
     return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max)))
 
 
@@ -90,14 +125,31 @@ def _soft_sigmoid_loss(logits: Tensor, p: Tensor | float) -> Tensor:
     return -p * F.logsigmoid(logits) - (1 - p) * F.logsigmoid(-logits)
 
 
-def _f_logits(t: PairTerms, c: LossConfig) -> Tensor:
-    """z of the module docstring: h under the chosen f-divergence."""
+def _f_prime(ratio: Tensor, c: LossConfig) -> Tensor:
+    """f'(r) of the f-divergence (module docstring), as TRL 1.16's chosen_scores / rejected_scores."""
     if c.f_divergence == "reverse_kl":
-        return t.h
+        return ratio
     if c.f_divergence == "js":
-        return t.h - (F.softplus(t.chosen_ratio) - F.softplus(t.rejected_ratio))
+        return math.log(2) + F.logsigmoid(ratio)
     alpha = 1.0 if c.f_divergence == "forward_kl" else c.f_alpha
-    return (_cap_exp(-alpha * t.rejected_ratio) - _cap_exp(-alpha * t.chosen_ratio)) / alpha
+    return (1 - _cap_exp(-alpha * ratio)) / alpha
+
+
+def _f_scores(t: PairTerms, c: LossConfig) -> tuple[Tensor, Tensor]:
+    return _f_prime(t.chosen_ratio, c), _f_prime(t.rejected_ratio, c)
+
+
+def _f_logits(t: PairTerms, c: LossConfig) -> Tensor:
+    """z of the module docstring: f_w − f_l."""
+    chosen, rejected = _f_scores(t, c)
+    return chosen - rejected
+
+
+def _f_logits_per_token(t: PairTerms, c: LossConfig, name: str) -> Tensor:
+    """f_w/|y_w| − f_l/|y_l|: TRL's ipo and sigmoid_norm divide each side's f-score by its length."""
+    chosen, rejected = _f_scores(t, c)
+    chosen_len, rejected_len = t.per_token(name)
+    return chosen / chosen_len - rejected / rejected_len
 
 
 def _sigmoid(t, c):
@@ -105,6 +157,10 @@ def _sigmoid(t, c):
 
 
 def _ipo(t, c):
+    return (_f_logits_per_token(t, c, "ipo") - 1 / (2 * c.beta)) ** 2
+
+
+def _ipo_sum(t, c):
     return (_f_logits(t, c) - 1 / (2 * c.beta)) ** 2
 
 
@@ -124,19 +180,18 @@ def _robust(t, c):
 def _soft(t, c):
     if t.preference_prob is None:
         raise DsdpoError("loss.type 'soft' needs a preference_prob for every pair in the data")
-    return _soft_sigmoid_loss(c.beta * _f_logits(t, c), t.preference_prob.to(t.h))
+    return _soft_sigmoid_loss(c.beta * _f_logits(t, c), t.preference_prob.to(t.policy_chosen))
 
 
 def _exo_pair(t, c):
-    z, eps = c.beta * _f_logits(t, c), c.label_smoothing or 1e-3  # TRL's default ε
-    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (
+    z, eps = c.beta * _f_logits(t, c), c.label_smoothing
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
         F.logsigmoid(-z) - math.log(eps)
     )
 
 
 def _sigmoid_norm(t, c):
-    chosen_len, rejected_len = t.per_token("sigmoid_norm")
-    return -F.logsigmoid(c.beta * (t.chosen_ratio / chosen_len - t.rejected_ratio / rejected_len))
+    return -F.logsigmoid(c.beta * _f_logits_per_token(t, c, "sigmoid_norm"))
 
 
 def _apo_zero(t, c):
@@ -153,6 +208,12 @@ def _nca_pair(t, c):
 
 
 def _bco_pair(t, c):
+    return -F.logsigmoid(c.beta * t.chosen_ratio) - F.logsigmoid(-c.beta * t.rejected_ratio)
+
+
+def _bco_pair_batch(t, c):
+    # BCO's δ (Jung et al. 2024) is a running mean of the rewards; a constant of the step, so no
+    # gradient flows through it. Here it is the micro-batch's mean (no state to checkpoint).
     chosen, rejected = c.beta * t.chosen_ratio, c.beta * t.rejected_ratio
     delta = torch.cat([chosen, rejected]).mean().detach()
     return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
@@ -179,19 +240,31 @@ def _aot_unpaired(t, c):
 
 
 def _discopop(t, c):
-    z = c.beta * t.h
+    z = c.beta * _f_logits(t, c)
     modulation = torch.sigmoid(z / c.discopop_tau)
-    return -F.logsigmoid(z) * (1 - modulation) + torch.exp(-z) * modulation
+    # e^(−z)·σ(z/τ) as one exponent: the product is inf·0 = NaN at z < −88.7 in fp32.
+    exponential = torch.exp(-z + F.logsigmoid(z / c.discopop_tau))
+    return -F.logsigmoid(z) * (1 - modulation) + exponential
+
+
+def sft_losses(chosen: Tensor, chosen_lengths: Tensor, per_response: bool) -> Tensor:
+    """The chosen side's NLL per token, per pair [P]: TRL's −Σ B̂/Σ|y| of the micro-batch, the same
+    number for every pair (TRL's sft), or −B̂/|y| of each (per_response: LLaDA's SFT, Nie et al. 2025).
+    Both are linear in the scores, so a chunk of draws can backprop its own share (dsdpo.sft)."""
+    if per_response:
+        return -chosen / chosen_lengths
+    return (-chosen.sum() / chosen_lengths.sum()).expand(chosen.shape)
 
 
 def _sft(t, c):
     chosen_len, _ = t.per_token("sft")
-    return -t.policy_chosen / chosen_len
+    return sft_losses(t.policy_chosen, chosen_len, c.sft_per_response)
 
 
 LOSSES: dict[str, Callable[[PairTerms, LossConfig], Tensor]] = {
     "sigmoid": _sigmoid,
     "ipo": _ipo,
+    "ipo_sum": _ipo_sum,
     "hinge": _hinge,
     "cdpo": _cdpo,
     "robust": _robust,
@@ -202,6 +275,7 @@ LOSSES: dict[str, Callable[[PairTerms, LossConfig], Tensor]] = {
     "apo_down": _apo_down,
     "nca_pair": _nca_pair,
     "bco_pair": _bco_pair,
+    "bco_pair_batch": _bco_pair_batch,
     "sppo_hard": _sppo_hard,
     "aot": _aot,
     "aot_unpaired": _aot_unpaired,
@@ -209,12 +283,16 @@ LOSSES: dict[str, Callable[[PairTerms, LossConfig], Tensor]] = {
     "sft": _sft,
 }
 LOSS_TYPES = tuple(LOSSES)
-# The losses that are functions of z (an f-divergence applies to them), and those that use ε.
-F_DIVERGENCE_LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "robust", "soft", "exo_pair")
+# The losses of f-scores (an f-divergence applies: TRL's list, then dsdpo's own), and those using ε.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+F_DIVERGENCE_LOSSES += ("ipo_sum", "cdpo", "soft")
 SMOOTHED_LOSSES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
-# Losses that compare pairs with each other (sorting, a mean reward): not a per-draw objective.
-BATCH_LEVEL_LOSSES = ("aot", "aot_unpaired", "bco_pair")
+# Losses that compare pairs with each other (sorting, a mean reward, a token count): not a per-draw
+# objective. TRL's sft divides by the micro-batch's tokens; with sft_per_response it is per pair.
+BATCH_LEVEL_LOSSES = ("aot", "aot_unpaired", "bco_pair_batch", "sft")
+# WPO's per-pair weights would be misaligned with the losses of sorted pairs (TRL refuses them too).
+SORTED_LOSSES = ("aot", "aot_unpaired")
 OBJECTIVES = ("sequence", "per_draw")
 
 
@@ -230,20 +308,39 @@ class LossConfig:
     type: str = _setting(
         "sigmoid",
         f"one of {', '.join(LOSS_TYPES)}, or several comma-separated (with --loss-weights); sigmoid is "
-        "DPO; formulas in dsdpo/loss.py",
+        "DPO; TRL's names compute TRL 1.16's numbers; formulas, sources and TRL counterparts in "
+        "docs/losses.md",
         flag="--loss",
     )
     beta: float = _setting(0.1, "DPO beta")
-    label_smoothing: float = _setting(0.0, f"epsilon of {', '.join(SMOOTHED_LOSSES)}")
+    label_smoothing: float = _setting(
+        0.0, f"epsilon of {', '.join(SMOOTHED_LOSSES)} (exo_pair needs it > 0; EXO suggests 1e-3)"
+    )
     reference_free: bool = _setting(False, "no reference model")
     weights: str = _setting(
-        "", "comma-separated weight of each --loss type (default 1 each)", flag="--loss-weights"
+        "", "comma-separated weight >= 0 of each --loss type (default 1 each)", flag="--loss-weights"
     )
-    f_divergence: str = _setting("reverse_kl", "divergence of f-DPO (reverse_kl: DPO)", choices=F_DIVERGENCES)
-    f_alpha: float = _setting(1.0, "alpha of --f-divergence alpha")
+    f_divergence: str = _setting(
+        "reverse_kl",
+        "divergence of f-DPO (reverse_kl: DPO; js is TRL's js_divergence, alpha TRL's alpha_divergence "
+        "with coefficient 1 - alpha)",
+        choices=F_DIVERGENCES,
+    )
+    f_alpha: float = _setting(1.0, "alpha of --f-divergence alpha (f-DPO's alpha; 1: forward KL)")
     discopop_tau: float = _setting(0.05, "tau of the discopop loss")
-    wpo: bool = _setting(False, "weight pairs by WPO's policy-probability weight")
-    sft_weight: float = _setting(0.0, "RPO: add this times the chosen NLL per token")
+    wpo_unaligned: bool = _setting(
+        False,
+        "weight pairs by WPO's weight exp(B/|y_w| + B/|y_l|) without TRL's alignment term (not TRL's "
+        "use_weighting; not with aot, aot_unpaired)",
+    )
+    sft_weight: float = _setting(
+        0.0, "RPO: add this times the sft loss (TRL: loss types sigmoid,sft, weights 1,this)"
+    )
+    sft_per_response: bool = _setting(
+        False,
+        "LLaDA's SFT normalisation for the sft loss and RPO's term: the mean over pairs of each chosen "
+        "NLL per token, instead of TRL's NLL per token of the micro-batch's chosen tokens",
+    )
     chosen_floor: float = _setting(
         0.0, "add lambda * max(0, B_ref(chosen) - B_policy(chosen)): keeps the chosen likelihood up"
     )
@@ -271,6 +368,14 @@ class LossConfig:
             return (1.0,) * len(self.types)
         return tuple(float(w) for w in self.weights.split(","))
 
+    @property
+    def batch_level(self) -> set[str]:
+        """The terms in use that compare a micro-batch's pairs with each other."""
+        used = set(self.types) | ({"sft"} if self.sft_weight else set())
+        if self.sft_per_response:
+            used.discard("sft")
+        return used & set(BATCH_LEVEL_LOSSES)
+
     def __post_init__(self):
         for name in self.types:
             if name not in LOSSES:
@@ -281,34 +386,45 @@ class LossConfig:
             raise DsdpoError(f"loss.weights: not comma-separated numbers: {self.weights!r}") from err
         if len(weights) != len(self.types):
             raise DsdpoError(f"loss.weights: {len(weights)} weights for {len(self.types)} loss types")
-        if not self.beta > 0:
-            raise DsdpoError(f"loss.beta must be positive, got {self.beta}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise DsdpoError(f"loss.weights must be finite and >= 0, got {self.weights!r}")
+        for name in ("beta", "f_alpha", "discopop_tau"):
+            _require_finite(name, getattr(self, name), positive=True)
+        for name in ("sft_weight", "chosen_floor"):
+            _require_finite(name, getattr(self, name), positive=False)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise DsdpoError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and not set(self.types) & set(SMOOTHED_LOSSES):
             raise DsdpoError(
                 f"loss.label_smoothing is used by {', '.join(SMOOTHED_LOSSES)} only, not {self.type!r}"
             )
+        if "exo_pair" in self.types and not self.label_smoothing:
+            # log ε of EXO eq. 16 is −inf at 0; TRL 1.16 refuses it too.
+            raise DsdpoError("loss.label_smoothing must be > 0 for exo_pair (the EXO paper suggests 1e-3)")
         if self.f_divergence not in F_DIVERGENCES:
             raise DsdpoError(f"loss.f_divergence: unknown {self.f_divergence!r}; choose from {F_DIVERGENCES}")
         if self.f_divergence != "reverse_kl" and set(self.types) - set(F_DIVERGENCE_LOSSES):
             raise DsdpoError(
                 f"loss.f_divergence {self.f_divergence!r} applies to {', '.join(F_DIVERGENCE_LOSSES)} only"
             )
-        if self.f_divergence == "alpha" and not self.f_alpha > 0:
-            raise DsdpoError(f"loss.f_alpha must be positive, got {self.f_alpha}")
-        if not self.discopop_tau > 0:
-            raise DsdpoError(f"loss.discopop_tau must be positive, got {self.discopop_tau}")
+        if self.wpo_unaligned and set(self.types) & set(SORTED_LOSSES):
+            raise DsdpoError(
+                f"loss.wpo_unaligned: per-pair weights do not apply to {', '.join(SORTED_LOSSES)} "
+            )
         if self.objective not in OBJECTIVES:
             raise DsdpoError(f"loss.objective: unknown {self.objective!r}; choose from {OBJECTIVES}")
-        if self.objective == "per_draw" and set(self.types) & set(BATCH_LEVEL_LOSSES):
+        if self.objective == "per_draw" and not self.supervised and self.batch_level:
+            used = ", ".join(sorted(self.batch_level))
             raise DsdpoError(
-                f"loss.objective per_draw needs a loss of each pair alone, not {self.type!r} "
-                f"({', '.join(BATCH_LEVEL_LOSSES)} compare pairs with each other)"
+                f"loss.objective per_draw needs a loss of each pair alone, not {used} "
+                f"({', '.join(BATCH_LEVEL_LOSSES)} compare pairs with each other; --sft-per-response makes "
+                "sft a loss of each pair)"
             )
-        for name in ("sft_weight", "chosen_floor"):
-            if getattr(self, name) < 0:
-                raise DsdpoError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _require_finite(name: str, value: float, *, positive: bool) -> None:
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise DsdpoError(f"loss.{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
 
 
 @dataclass
@@ -365,10 +481,11 @@ def preference_loss(
         rejected_lengths,
         preference_prob,
     )
+    terms.check()
     weighted = zip(config.types, config.type_weights, strict=True)
     losses = sum(weight * LOSSES[name](terms, config) for name, weight in weighted)
-    if config.wpo:
-        chosen_len, rejected_len = terms.per_token("loss.wpo")
+    if config.wpo_unaligned:
+        chosen_len, rejected_len = terms.per_token("loss.wpo_unaligned")
         weight = torch.exp(policy_chosen / chosen_len + policy_rejected / rejected_len).clamp(max=1)
         losses = losses * weight.detach()
     if config.sft_weight:

@@ -1,14 +1,21 @@
-"""Supervised fine-tuning of a masked diffusion LM: LLaDA's SFT objective, one pass, chunked exactly.
+"""Supervised fine-tuning of a masked diffusion LM on completions, one pass, chunked exactly.
 
 LLaDA (Nie et al. 2025, eq. 5 and its SFT recipe) trains on masked response tokens only, each
-cross-entropy weighted by 1/t and the sum normalised by the response length:
+cross-entropy weighted by 1/t, with the ELBO of a response
 
-    ℓ_SFT(x, y) = −B̂(y | x) / |y|,   B̂ = (1/n) Σ_k Σ_{i masked in draw k} w_k log p_θ(y_i | x, y_masked_k)
+    B̂(y | x) = (1/n) Σ_k Σ_{i masked in draw k} w_k log p_θ(y_i | x, y_masked_k)
 
-with B̂ the Monte Carlo ELBO of dsdpo.diffusion (w_k = 1/t for one_over_t, L/l for l_over_L, the
-lower-variance form of the same bound). The loss is linear in the rows' log-probability sums, so
-each chunk of draws backprops its own part and the sum of the chunks' gradients is exact: no first
-pass, no reference. The same value is the `sft` term of dsdpo.loss on a pair's chosen side.
+(dsdpo.diffusion: w_k = 1/t for one_over_t, L/l for l_over_L, the lower-variance form of the same
+bound). The loss of a micro-batch of P completions is dsdpo.loss.sft_losses, averaged:
+
+    TRL's sft (default)         −Σ_p B̂(y_p) / Σ_p |y_p|       the NLL per token of the micro-batch
+    LLaDA's (sft_per_response)  −(1/P) Σ_p B̂(y_p) / |y_p|     each response's NLL per token, averaged
+
+Both are linear in the rows' log-probability sums, so each chunk of draws backprops its own part and
+the sum of the chunks' gradients is exact: no first pass, no reference. Under gradient accumulation
+and several ranks the step's gradient is the mean over micro-batches of each one's loss, so TRL's token
+count is that of each micro-batch on each rank, as in TRL's DPOTrainer (its compute_loss ignores
+num_items_in_batch). The same value is the `sft` term of dsdpo.loss on a pair's chosen side.
 
 As in LLaDA's SFT (Nie et al. 2025, appendix B), the completions of a micro-batch are padded with EOS
 to the longest of them and the EOS tokens are response tokens like any other (masked, predicted,
@@ -27,6 +34,7 @@ from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
 from dsdpo.gradient import MicroStep
+from dsdpo.loss import sft_losses
 from dsdpo.scoring import padded_calls
 
 
@@ -46,8 +54,10 @@ def sft_micro_step(
     mask_token_id: int,
     max_tokens_per_forward: int,
     loss_scale: float,
+    per_response: bool = False,
 ) -> MicroStep:
-    """Backprop the mean ℓ_SFT of a micro-batch of P completions (rows 0..P-1), chunk by chunk."""
+    """Backprop the SFT loss of a micro-batch of P completions (rows 0..P-1), chunk by chunk:
+    TRL's NLL per token of the micro-batch, or LLaDA's mean NLL per token of each (`per_response`)."""
     responses, device = draws.batch_size, batch.input_ids.device
     lengths = batch.response_lengths.to(device)
     chunks = plan_chunks(batch, draws, max_tokens_per_forward)
@@ -60,12 +70,14 @@ def sft_micro_step(
             policy.backward((sums * 0).sum(), scale_wrt_gas=False)
             continue
         part = draw_terms(sums, draws, rows).mean(1)  # this chunk's share of each B̂
-        chunk_loss = -(part / lengths).sum() / responses
+        chunk_loss = sft_losses(part, lengths, per_response).mean()  # linear in `part`: chunks add up
         if not torch.isfinite(chunk_loss):
             finite, chunk_loss = False, (sums * 0).sum()  # the step is thrown away (see train.py)
         policy.backward(chunk_loss * loss_scale, scale_wrt_gas=False)
         elbos += part.detach()
-    nll = -(elbos / lengths)
-    metrics = {"loss": float(nll.mean()), "logps/chosen": float(elbos.mean())}
+    metrics = {
+        "loss": float(sft_losses(elbos, lengths, per_response).mean()),
+        "logps/chosen": float(elbos.mean()),
+    }
     finite = all_reduce_max([0.0 if finite else 1.0]) == [0.0]
     return MicroStep(finite=finite, metrics=metrics, sweeps=2 * calls)

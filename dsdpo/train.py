@@ -469,6 +469,7 @@ class Trainer:
             result = sft_micro_step(
                 self.policy, scoring, draws, mask_token_id=plan.mask_token_id,
                 max_tokens_per_forward=score.max_tokens_per_forward, loss_scale=loss_scale,
+                per_response=config.loss.sft_per_response,
             )  # fmt: skip
             return result, tokens
         result = preference_micro_step(

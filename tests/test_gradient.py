@@ -60,16 +60,19 @@ def test_smallest_chunking_gives_the_unchunked_step(tiny_gemma_dir, tokenizer, u
 
 
 def test_batch_level_and_per_token_losses_chunk_exactly(tiny_gemma_dir, tokenizer):
-    """AOT sorts over the micro-batch; sigmoid_norm, WPO and the RPO term read response lengths."""
-    loss = LossConfig("aot_unpaired,sigmoid_norm", beta=0.5, weights="1,0.5", wpo=True, sft_weight=0.1)
-    runs = [
-        _train_one_step(tiny_gemma_dir, tokenizer, [[0, 1, 2, 3]], max_tokens=m, loss_config=loss)
-        for m in (1 << 20, 1)
-    ]
-    (before, after_whole, _, whole), (_, after_chunked, _, chunked) = runs
-    assert chunked[0].sweeps > whole[0].sweeps
-    assert max(float((after_whole[k] - before[k]).abs().max()) for k in before) > 1e-3
-    _assert_same_weights(after_chunked, after_whole)
+    """AOT sorts over the micro-batch, bco_pair_batch averages its rewards, TRL's sft term divides by
+    its token count; sigmoid_norm and WPO read response lengths (WPO's weights do not apply to AOT)."""
+    loss = LossConfig("aot_unpaired,sigmoid_norm", beta=0.5, weights="1,0.5", sft_weight=0.1)
+    weighted = LossConfig("bco_pair_batch,ipo", beta=0.5, weights="1,0.5", wpo_unaligned=True, sft_weight=0.1)
+    for config in (loss, weighted):
+        runs = [
+            _train_one_step(tiny_gemma_dir, tokenizer, [[0, 1, 2, 3]], max_tokens=m, loss_config=config)
+            for m in (1 << 20, 1)
+        ]
+        (before, after_whole, _, whole), (_, after_chunked, _, chunked) = runs
+        assert chunked[0].sweeps > whole[0].sweeps
+        assert max(float((after_whole[k] - before[k]).abs().max()) for k in before) > 1e-3
+        _assert_same_weights(after_chunked, after_whole)
 
 
 def test_micro_batch_one_times_four_equals_micro_batch_four(tiny_gemma_dir, tokenizer, unchunked):

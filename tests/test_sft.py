@@ -10,13 +10,13 @@ from dsdpo.draws import sample_draws
 from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig
 from dsdpo.sft import sft_micro_step
-from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
+from tests.ds_helpers import MASK, PAIRS, cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
 INDICES = [0, 1, 2, 3]
 
 
-def _sft_step(model_dir, tokenizer, *, max_tokens, budget=4):
+def _sft_step(model_dir, tokenizer, *, max_tokens, budget=4, per_response=False):
     """One SFT micro-step on the chosen sides of ds_helpers.PAIRS, keyed as the pair path keys them."""
     engines = engines_for(model_dir, cpu_ds_config(micro=len(INDICES)))
     before = full_weights(engines.policy)
@@ -25,10 +25,11 @@ def _sft_step(model_dir, tokenizer, *, max_tokens, budget=4):
     chosen = type(batch).build(batch.input_ids[:P], batch.response_mask[:P], batch.attention_mask[:P])
     draws = sample_draws(P, chosen.response_lengths, budget, "l_over_L", keys=keys[:P])
     result = sft_micro_step(
-        engines.policy, chosen, draws, mask_token_id=MASK, max_tokens_per_forward=max_tokens, loss_scale=1.0
-    )
+        engines.policy, chosen, draws, mask_token_id=MASK, max_tokens_per_forward=max_tokens, loss_scale=1.0,
+        per_response=per_response,
+    )  # fmt: skip
     engines.policy.step()
-    return before, full_weights(engines.policy), result
+    return before, full_weights(engines.policy), result, draws
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def pair_path_sft(tiny_gemma_dir, tokenizer):
 @pytest.mark.parametrize("max_tokens", [1 << 20, 1])
 def test_sft_step_equals_the_sft_loss_of_the_pair_path(tiny_gemma_dir, tokenizer, pair_path_sft, max_tokens):
     expected_weights, expected = pair_path_sft
-    before, after, result = _sft_step(tiny_gemma_dir, tokenizer, max_tokens=max_tokens)
+    before, after, result, _ = _sft_step(tiny_gemma_dir, tokenizer, max_tokens=max_tokens)
     assert result.finite and result.metrics["loss"] == pytest.approx(expected.metrics["loss"], abs=1e-6)
     assert result.metrics["loss"] > 0.5  # a real NLL per token, not a zero that trivially matches
     # One pass: a forward and a backward per chunk (the pair path needs a first pass and a reference).
@@ -52,6 +53,41 @@ def test_sft_step_equals_the_sft_loss_of_the_pair_path(tiny_gemma_dir, tokenizer
     assert moved > 1e-3
     for name in after:
         assert torch.allclose(after[name], expected_weights[name], atol=1e-6, rtol=0), name
+
+
+@torch.no_grad()
+def _elbos_by_hand(model, tokenizer, draws) -> tuple[list[float], list[int]]:
+    """LLaDA's l/L estimate worked out directly: for each draw of completion p, the prompt and the
+    completion with the draw's positions masked, one plain forward of the model (unpadded, so no
+    attention mask), Σ log softmax at the masked positions × L/l; B̂_p the mean over the draws."""
+    elbos, lengths = [], []
+    for p, i in enumerate(INDICES):
+        prompt, completion = tokenizer(PAIRS[i][0]).input_ids, tokenizer(PAIRS[i][1]).input_ids
+        length, total = len(completion), 0.0
+        for row in (draws.example == p).nonzero(as_tuple=True)[0].tolist():
+            masked = [j for j in range(length) if draws.masked[row, j]]
+            ids = torch.tensor(prompt + [MASK if j in masked else t for j, t in enumerate(completion)])
+            logprobs = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+            total += (
+                length / len(masked) * sum(float(logprobs[len(prompt) + j, completion[j]]) for j in masked)
+            )
+        elbos.append(total / draws.budget)
+        lengths.append(length)
+    return elbos, lengths
+
+
+@pytest.mark.parametrize("per_response", [False, True])
+def test_sft_loss_is_the_formula_worked_by_hand(tiny_gemma_dir, tiny_gemma, tokenizer, per_response):
+    """TRL's −Σ B̂ / Σ|y| of the micro-batch, or LLaDA's mean over completions of −B̂/|y| (its SFT
+    normalisation, `--sft-per-response`), against ELBOs computed here without dsdpo's scorer."""
+    _, _, result, draws = _sft_step(tiny_gemma_dir, tokenizer, max_tokens=1, per_response=per_response)
+    elbos, lengths = _elbos_by_hand(tiny_gemma, tokenizer, draws)
+    if per_response:
+        expected = sum(-b / n for b, n in zip(elbos, lengths, strict=True)) / len(elbos)
+    else:
+        expected = -sum(elbos) / sum(lengths)
+    assert len(set(lengths)) > 1  # mixed lengths: the two normalisations differ
+    assert result.metrics["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_completion_rows_and_the_chosen_side_of_pairs_load_for_sft(tmp_path):
