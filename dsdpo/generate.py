@@ -33,7 +33,13 @@ from torch import Tensor, nn
 
 from dsdpo.errors import DsdpoError
 from dsdpo.families import FAMILIES, family_of_model, source_positions
-from dsdpo.logprobs import bidirectional_attention_mask, output_size, positions_per_slice, trunk_and_head
+from dsdpo.logprobs import (
+    bidirectional_attention_mask,
+    output_size,
+    position_slices,
+    positions_per_slice,
+    trunk_and_head,
+)
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
 
@@ -149,9 +155,8 @@ def denoise(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Denoise
     else:
         trunk, head = split
         states = trunk(**_padded_inputs(model, trunk, canvas, attention_mask)).last_hidden_state
-    vocab = states.shape[-1] if isinstance(head, nn.Identity) else output_size(model)
     family = family_of_model(model)
-    return Denoised(states, head, family.logit_shift if family else 0, vocab)
+    return Denoised(states, head, family.logit_shift if family else 0, output_size(model, head, states))
 
 
 def _padded_inputs(model: nn.Module, module: nn.Module, canvas: Tensor, attention_mask: Tensor) -> dict:
@@ -246,7 +251,7 @@ def propose(
     copies exist for one slice only.
     """
     tokens, scores = [], []
-    for part in torch.arange(len(rows), device=rows.device).split(positions_per_slice(denoised.vocab)):
+    for part in position_slices(len(rows), positions_per_slice(denoised.vocab)):
         logits = guided_logits(denoised, rows[part], columns[part], cfg_scale)
         # A revealed token must be a real token: the mask token gets zero probability (MDLM's "zero
         # masking probabilities"); an untrained denoiser would otherwise propose it and stay masked.

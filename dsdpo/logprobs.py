@@ -11,6 +11,7 @@ in backward (docs/design.md, "The output layer a slice at a time").
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dsdpo.dist import all_reduce_max
 from dsdpo.families import attribute, family_of, family_of_model, source_positions
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
@@ -49,13 +51,23 @@ def positions_per_slice(vocab: int, slice_bytes: int = HEAD_SLICE_BYTES) -> int:
     return max(1, slice_bytes // (4 * vocab))
 
 
-def output_size(model: nn.Module) -> int:
-    """The vocabulary of a model's output layer, read from its config (the weights of a ZeRO-3 model are
-    partitioned): LLaDA's `embedding_size` (its output layer's rows) if it has one, else `vocab_size`."""
+def position_slices(positions: int, slice_positions: int) -> list[slice]:
+    """Slices of `slice_positions` positions covering `positions`, as many on every rank: the most any
+    rank needs, the last ones empty on the others. Under ZeRO-3 each call of the head module gathers
+    its weight, a collective that every rank must run equally often."""
+    (count,) = all_reduce_max([max(1, math.ceil(positions / slice_positions))])
+    return [slice(k * slice_positions, (k + 1) * slice_positions) for k in range(int(count))]
+
+
+def output_size(model: nn.Module, head: nn.Module, states: Tensor) -> int:
+    """V of the logits head(states). The states are the logits themselves on the full-logits paths (an
+    identity head); otherwise the config says it (a ZeRO-3 model's weights are partitioned): LLaDA's
+    `embedding_size` (its output layer's rows) if it has one, else `vocab_size`."""
+    if isinstance(head, nn.Identity):
+        return states.shape[-1]
     if hasattr(model, "get_base_model"):  # a PEFT model
         model = model.get_base_model()
-    config = model.config
-    return getattr(config, "embedding_size", None) or config.vocab_size
+    return getattr(model.config, "embedding_size", None) or model.config.vocab_size
 
 
 def _slice_logprobs(head: nn.Module, states: Tensor, targets: Tensor) -> Tensor:
@@ -76,10 +88,8 @@ def target_logprobs(head: nn.Module, states: Tensor, targets: Tensor, slice_posi
         run = partial(checkpoint, _slice_logprobs, use_reentrant=False, preserve_rng_state=False)
     else:
         run = _slice_logprobs
-    # split() gives views (nothing copied) and one empty piece when there are no positions.
-    parts = zip(states.split(slice_positions), targets.split(slice_positions), strict=True)
-    pieces = [run(head, part_states, part_targets) for part_states, part_targets in parts]
-    return torch.cat(pieces)
+    parts = position_slices(len(targets), slice_positions)
+    return torch.cat([run(head, states[part], targets[part]) for part in parts])
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -165,8 +175,7 @@ class MaskedTokenScorer(nn.Module):
             else:
                 head, states = nn.Identity(), self._full_logits(input_ids, attention_mask)
         # The full-logits paths have their logits already: slicing bounds the fp32 copies made from them.
-        vocab = states.shape[-1] if isinstance(head, nn.Identity) else output_size(self.model)
-        slice_positions = positions_per_slice(vocab, self.head_slice_bytes)
+        slice_positions = positions_per_slice(output_size(self.model, head, states), self.head_slice_bytes)
         states, targets = states[rows, sources], targets[rows, positions]
         token_logprobs = target_logprobs(head, states, targets, slice_positions)
         per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
