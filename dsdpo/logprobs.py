@@ -40,9 +40,9 @@ SPLIT_HEAD_MODEL_TYPES = {
 
 
 # Bytes of one slice's fp32 logits. A backward holds about three of them at once (the recomputed
-# log-softmax, its gradient, the logits' gradient), the sampler two fp64 copies: LLaDA's 126464-word
-# vocabulary gives 530 positions a slice, a GEMM still large enough to run at full speed, while the
-# output layer needs about 1 GiB at most whatever the number of masked positions.
+# log-softmax, its gradient, the logits' gradient), the sampler two fp64 copies: about 1 GiB at most
+# whatever the number of masked positions. LLaDA's 126464-word vocabulary gives 530 positions a
+# slice: still a large matrix product, and few slices (each one a gather of the head under ZeRO-3).
 HEAD_SLICE_BYTES = 2**28
 
 
