@@ -57,7 +57,8 @@ class ModelConfig:
     lora_target_modules: str = setting(
         "auto",
         'comma-separated module names, "all-linear", or "auto" (every linear layer of the blocks for '
-        "LLaDA and Dream, all-linear for other models)",
+        "LLaDA and Dream, the same but the routed experts and router for LLaDA-MoE, all-linear for "
+        "other models)",
     )
     freeze: str = setting(
         "",

@@ -22,7 +22,7 @@ from dsdpo.build_locks import clear_stale_build_locks
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import precision, reference_ds_config
 from dsdpo.errors import DsdpoError
-from dsdpo.families import Family, family_of_model
+from dsdpo.families import family_of_model, lora_targets
 from dsdpo.freeze import FreezeReport, freeze
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import disable_dropout, load_model
@@ -82,14 +82,6 @@ class AdapterDisabledReference:
     def __call__(self, **inputs):
         with self.policy.module.model.disable_adapter():
             return self.policy(**inputs)
-
-
-def lora_targets(option: str, family: Family | None) -> str | list[str]:
-    """PEFT's target_modules for --lora-target-modules: "auto" is the family's block layers (never
-    the output layer), or "all-linear" for other models."""
-    if option == "auto":
-        return family.lora_target_modules if family else "all-linear"
-    return option if option == "all-linear" else [name.strip() for name in option.split(",")]
 
 
 def _add_lora(model, model_config: ModelConfig, seed: int):

@@ -38,6 +38,7 @@ from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import build_engines, init_distributed
 from dsdpo.errors import DsdpoError
+from dsdpo.families.routing import router_metrics, take_router_counts
 from dsdpo.faults import crash_point
 from dsdpo.gradient import MicroStep, preference_micro_step
 from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
@@ -488,8 +489,10 @@ class Trainer:
     def step(self, epoch: int, micro_batches: list[list]) -> dict[str, float]:
         """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the
         gradient was not finite); the step's metrics, averaged over micro-batches and ranks. A chunk out
-        of device memory redoes the step's micro-batches with halved chunks (dsdpo/planner/chunking.py)."""
+        of device memory redoes the step's micro-batches with halved chunks (dsdpo/planner/chunking.py).
+        A mixture-of-experts policy adds its router statistics (dsdpo/families/routing.py)."""
         policy = self.policy
+        take_router_counts(policy.module)  # forget the forwards outside training steps (evaluation)
 
         def accumulate() -> tuple[list[MicroStep], int]:
             results, tokens = [], 0
@@ -520,6 +523,8 @@ class Trainer:
         averaged = {name: sum(r.metrics[name] for r in results) / len(results) for name in names}
         averaged["sweeps"] = float(sum(r.sweeps for r in results))
         averaged["tokens"] = float(tokens)
+        if (counts := take_router_counts(policy.module)) is not None:
+            averaged.update(router_metrics(counts))
         merged = all_reduce_mean(averaged)
         merged["finite"] = 1.0 if finite else 0.0
         merged["lr"] = lr

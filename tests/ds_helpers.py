@@ -6,6 +6,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_grad
 
 from dsdpo.config import ModelConfig
 from dsdpo.diffusion import ScoringBatch
@@ -16,7 +17,8 @@ from dsdpo.gradient import preference_micro_step
 from dsdpo.loss import LossConfig
 from dsdpo.reference import as_reference
 
-CPU_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json").read_text())
+REPO = Path(__file__).resolve().parents[1]
+CPU_CONFIG = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
 
 
 def cpu_ds_config(micro: int = 1, accumulation: int = 1, **zero) -> dict:
@@ -48,6 +50,14 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters([param]):
             weights[name] = param.detach().clone().float()
     return weights
+
+
+def full_gradient(engine) -> torch.Tensor:
+    """The step's accumulated gradient, every parameter gathered and flattened into one fp32 vector.
+    With an offloaded optimizer DeepSpeed copies the accumulation buffer into the optimizer's fp32
+    gradient only at the boundary, which engine.step() would then consume: finalize it, read it."""
+    engine.optimizer.finalize_gradient_accumulation_boundary()
+    return torch.cat([safe_get_full_grad(p).float().flatten() for p in engine.module.parameters()])
 
 
 MASK = 4  # the tiny tokenizer's [MASK]

@@ -17,6 +17,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def nvme_available() -> bool:
+    """Whether DeepSpeed's async_io op can build here (NVMe offload needs libaio)."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
+
+
 def train_args(ds_config, model_dir, data_file, output, **options) -> list:
     """launch/train.py arguments: the four paths, then `--name value` for each option (name_with_dashes)."""
     args = ["--ds_config", ds_config, "--model", model_dir, "--data", data_file, "--output", output]

@@ -1,4 +1,5 @@
-"""LLaDA and Dream as published: dsdpo's own implementations against the published code's numbers.
+"""LLaDA, Dream and LLaDA-MoE as published: dsdpo's own implementations against the published code's
+numbers.
 
 tests/fixtures/families/ holds tiny random checkpoints in the published format and what the
 published modelling code (transformers 4.57, see build.py there) computed on them: logits in fp32
@@ -16,9 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from dsdpo.diffusion import exact_elbo
-from dsdpo.engine import lora_targets
 from dsdpo.errors import DsdpoError
-from dsdpo.families import DREAM, LLADA, family_of_model
+from dsdpo.families import DREAM, LLADA, LLADA_MOE, family_of_model, lora_targets
 from dsdpo.generate import denoise
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
@@ -26,7 +26,7 @@ from dsdpo.tiny import build_tokenizer
 from tests.cli_helpers import run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
-FAMILIES = {"llada": LLADA, "dream": DREAM}
+FAMILIES = {"llada": LLADA, "dream": DREAM, "llada_moe": LLADA_MOE}
 # Stands in for the published code files: loading must never import them.
 POISON = "raise RuntimeError('the model folder\\'s own code was run')\n"
 
@@ -196,7 +196,7 @@ def test_unsupported_published_option_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_lora_auto_targets_every_block_linear_and_not_the_output_layer(name):
+def test_lora_auto_targets_every_block_linear_but_the_output_layer_and_routed_experts(name):
     from peft import LoraConfig, get_peft_model
 
     model = load_model(FIXTURES / name)
@@ -208,14 +208,16 @@ def test_lora_auto_targets_every_block_linear_and_not_the_output_layer(name):
         for n, _ in peft.named_modules()
         if n.endswith(".lora_A")
     }
-    head = family.head
-    assert adapted == linear - {head}
+    routed = {n for n in linear if ".mlp.experts." in n or n.endswith(".mlp.gate")}  # LLaDA-MoE's
+    assert bool(routed) == (family is LLADA_MOE)
+    assert adapted == linear - {family.head} - routed
 
 
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory):
-    """A full fine-tuning run on LLaDA and a LoRA run on Dream, each with the trainer's defaults
-    (ZeRO-3 partitioned loading, gradient checkpointing on, a reference engine or adapters off)."""
+    """A full fine-tuning run on LLaDA and LLaDA-MoE and a LoRA run on Dream, each with the trainer's
+    defaults (ZeRO-3 partitioned loading, gradient checkpointing on, a reference engine or adapters
+    off)."""
     from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
     from dsdpo.demo import addition_pairs, write_jsonl
     from dsdpo.train import train
@@ -226,7 +228,7 @@ def trained_runs(tmp_path_factory):
     (folder / "ds.json").write_text(json.dumps(ds_config))
     data = write_jsonl(addition_pairs(8, seed=3), folder / "pairs.jsonl")
     runs = {}
-    for name, extra in (("llada", {}), ("dream", {"lora_rank": 4})):
+    for name, extra in (("llada", {}), ("dream", {"lora_rank": 4}), ("llada_moe", {})):
         model_dir = published_folder(name, folder / f"{name}-model")
         config = Config(
             model=ModelConfig(path=str(model_dir), trust_remote_code=True, **extra),

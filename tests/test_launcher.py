@@ -8,13 +8,7 @@ import pytest
 
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.tiny import init_tiny
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
-
-
-def _nvme_available() -> bool:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
+from tests.run_helpers import REPO, metrics_by_step, nvme_available, run_train, tail, train_args
 
 
 @pytest.fixture(scope="module")
@@ -51,32 +45,45 @@ def test_cpu_offload_run_learns_the_preference(tiny_gemma_dir, data_file, tmp_pa
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a dev extra
 
 
-@pytest.mark.skipif(not _nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
-def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
-    # FFN matrices of 256 x 2048 fp32 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
-    model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
-    config = json.loads((REPO / "ds_configs" / "rtx4080_nvme.json").read_text())
+def _swapping_config(recipe: str, folder, param_buffer_size: float | None = None) -> str:
+    """cpu.json's run with `recipe`'s ZeRO and aio settings, unpinned (no CUDA to pin for)."""
+    config = json.loads((REPO / "ds_configs" / recipe).read_text())
     test_config = copy.deepcopy(json.loads((REPO / "ds_configs" / "cpu.json").read_text()))
     test_config["zero_optimization"] = config["zero_optimization"]
     test_config["aio"] = config["aio"]
     for block in ("offload_param", "offload_optimizer"):
-        test_config["zero_optimization"][block]["pin_memory"] = False  # no CUDA to pin for
-    test_config["zero_optimization"]["offload_param"]["buffer_size"] = 1e6
-    (tmp_path / "nvme.json").write_text(json.dumps(test_config))
+        test_config["zero_optimization"][block]["pin_memory"] = False
+    if param_buffer_size:
+        test_config["zero_optimization"]["offload_param"]["buffer_size"] = param_buffer_size
+    path = folder / recipe
+    path.write_text(json.dumps(test_config))
+    return path
+
+
+@pytest.mark.skipif(not nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+def test_nvme_offload_run_learns_and_really_swaps(data_file, tmp_path):
+    # FFN matrices of 256 x 2048 fp32 (2 MiB): DeepSpeed swaps only parameters over ~1 MiB.
+    model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
+    ds_config = _swapping_config("rtx4080_nvme.json", tmp_path, param_buffer_size=1e6)
     (tmp_path / "swap").mkdir()  # --nvme-path must name an existing folder (a mounted drive), not make one
     # The first use compiles DeepSpeed's async_io op (3-5 minutes on 2 cores).
-    _learn(
-        tmp_path / "nvme.json",
-        model_dir,
-        data_file,
-        tmp_path / "run",
-        "--nvme-path",
-        tmp_path / "swap",
-        timeout=1500,
-    )
+    _learn(ds_config, model_dir, data_file, tmp_path / "run", "--nvme-path", tmp_path / "swap", timeout=1500)
     swapped = list((tmp_path / "swap" / "policy").rglob("*.swp"))
     assert swapped, "no parameter was swapped to NVMe"
     assert list((tmp_path / "swap" / "reference").rglob("*.swp")), "the reference engine did not swap"
+    _assert_learned(tmp_path / "run", steps=16)
+
+
+@pytest.mark.skipif(not nvme_available(), reason="NVMe offload needs libaio (apt-get install libaio-dev)")
+def test_hybrid_run_keeps_parameters_in_ram_and_swaps_the_optimizer_state(data_file, tmp_path):
+    model_dir = init_tiny(tmp_path / "model", hidden_size=256, intermediate_size=2048, num_heads=4)
+    ds_config = _swapping_config("rtx4080_hybrid.json", tmp_path)
+    (tmp_path / "swap").mkdir()
+    _learn(ds_config, model_dir, data_file, tmp_path / "run", "--nvme-path", tmp_path / "swap", timeout=1500)
+    swapped = [path.relative_to(tmp_path / "swap" / "policy") for path in (tmp_path / "swap").rglob("*.swp")]
+    assert swapped, "the optimizer state was not swapped to NVMe"
+    assert all(path.parts[:2] == ("zero_stage_3", "optimizer") for path in swapped), swapped  # no parameter
+    assert not (tmp_path / "swap" / "reference").exists()  # the reference's parameters stay in RAM
     _assert_learned(tmp_path / "run", steps=16)
 
 

@@ -8,7 +8,13 @@ import pytest
 from dsdpo.config import apply_overrides, config_from_dict, load_config_file, parse_assignments
 from dsdpo.data import PairBatcher
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.ds_config import read_ds_config, reference_ds_config, resolve_batch_sizes, resolve_ds_config
+from dsdpo.ds_config import (
+    precision,
+    read_ds_config,
+    reference_ds_config,
+    resolve_batch_sizes,
+    resolve_ds_config,
+)
 from dsdpo.errors import DsdpoError
 from dsdpo.train import step_batches
 from tests.run_helpers import REPO
@@ -94,7 +100,15 @@ def test_batch_sizes_fill_auto_and_reject_inconsistent_triples():
 
 
 @pytest.mark.parametrize(
-    "name", ["cpu.json", "rtx4080.json", "rtx4080_lora.json", "rtx4080_nvme.json", "multi_gpu.json"]
+    "name",
+    [
+        "cpu.json",
+        "rtx4080.json",
+        "rtx4080_lora.json",
+        "rtx4080_nvme.json",
+        "rtx4080_hybrid.json",
+        "multi_gpu.json",
+    ],
 )
 def test_shipped_configs_resolve(name, tmp_path):
     raw = read_ds_config(REPO / "ds_configs" / name)
@@ -113,6 +127,22 @@ def test_shipped_configs_resolve(name, tmp_path):
     if name == "rtx4080_nvme.json":  # each engine swaps to its own folder
         assert resolved["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path / "policy")
         assert reference["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
+def test_shipped_bf16_configs_accumulate_gradients_in_fp32(name):
+    raw = read_ds_config(REPO / "ds_configs" / name)
+    if precision(raw) == "bf16":
+        assert raw["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_bf16_config_without_fp32_accumulation_warns_naming_the_field(caplog):
+    raw = read_ds_config(REPO / "ds_configs" / "rtx4080.json")
+    resolve_ds_config(raw, world_size=1, total_steps=1, source="rtx4080.json")
+    assert "grad_accum_dtype" not in caplog.text  # the shipped file sets it
+    del raw["data_types"]
+    resolve_ds_config(raw, world_size=1, total_steps=1, source="rtx4080.json")
+    assert "rtx4080.json: bf16 without data_types.grad_accum_dtype" in caplog.text
 
 
 @pytest.mark.parametrize(

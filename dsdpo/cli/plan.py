@@ -3,13 +3,22 @@ runs. Defaults are training's: the settings schema's (dsdpo/config.py) and chunk
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
+from pathlib import Path
+
 import click
 
 from dsdpo.config import DataConfig, ScoreConfig
+from dsdpo.errors import DsdpoError
 from dsdpo.planner.cards import CARDS
 from dsdpo.planner.chunking import DEFAULT_TOKENS
 
 DATA, SCORE = DataConfig(), ScoreConfig()
+
+
+POSITIVE = click.IntRange(min=1)
 
 
 @click.command("plan")
@@ -19,43 +28,77 @@ DATA, SCORE = DataConfig(), ScoreConfig()
     type=click.Path(exists=True),
     help="Model folder or its config.json (no weights read).",
 )
-@click.option("--ds_config", "--ds-config", "ds_config", required=True, type=click.Path(exists=True))
+@click.option(
+    "--ds_config",
+    "--ds-config",
+    "ds_config",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The DeepSpeed config to plan (checked as training checks it).",
+)
 @click.option("--card", "card_name", default="rtx4080", show_default=True, type=click.Choice(list(CARDS)))
-@click.option("--budget", type=int, default=SCORE.budget, show_default=True, help="Draws per response.")
+@click.option("--budget", type=POSITIVE, default=SCORE.budget, show_default=True, help="Draws per response.")
 @click.option(
-    "--max-length", type=int, default=DATA.max_length, show_default=True, help="Prompt + response tokens."
+    "--max-length",
+    type=POSITIVE,
+    default=DATA.max_length,
+    show_default=True,
+    help="Prompt + response tokens.",
 )
 @click.option(
-    "--response-length", type=int, default=None, help="Response tokens (default: half of --max-length)."
+    "--response-length",
+    type=POSITIVE,
+    default=None,
+    help="Response tokens, at most --max-length (default: --max-length, the bound: every token of a row "
+    "can be a masked response token).",
 )
 @click.option(
-    "--micro-batch", type=int, default=None, help="Pairs per micro-batch (default: the DeepSpeed config's)."
+    "--micro-batch",
+    type=POSITIVE,
+    default=None,
+    help="Pairs per micro-batch (default: the DeepSpeed config's).",
 )
 @click.option(
-    "--accumulation", type=int, default=None, help="Micro-batches per step (default: the config's)."
+    "--accumulation", type=POSITIVE, default=None, help="Micro-batches per step (default: the config's)."
 )
-@click.option("--max-tokens-per-forward", type=int, default=DEFAULT_TOKENS, show_default=True)
-@click.option("--max-tokens-no-grad", type=int, default=None, help="Default: 4 x --max-tokens-per-forward.")
+@click.option("--max-tokens-per-forward", type=POSITIVE, default=DEFAULT_TOKENS, show_default=True)
+@click.option(
+    "--max-tokens-no-grad", type=POSITIVE, default=None, help="Default: 4 x --max-tokens-per-forward."
+)
 @click.option("--no-gradient-checkpointing", "no_checkpointing", is_flag=True)
 @click.option(
     "--reference",
     type=click.Choice(["engine", "precomputed", "none"]),
     default="engine",
     show_default=True,
-    help="A second ZeRO-3 engine, precomputed scores, or none (reference-free, SFT, LoRA's adapters off).",
+    help="A second ZeRO-3 engine, precomputed scores, or none (reference-free, SFT). With --lora-rank the "
+    "reference is the model with its adapters off.",
 )
 @click.option(
-    "--gpus", type=int, default=1, show_default=True, help="Ranks ZeRO-3 partitions the states over."
+    "--lora-rank",
+    type=POSITIVE,
+    default=None,
+    help="Plan LoRA adapters of this rank (training's --lora-rank, the family's default targets): only they "
+    "get gradients and optimizer state.",
 )
-@click.option("--ram-gib", type=float, default=None, help="CPU RAM of the machine, to say whether it fits.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--gpus", type=POSITIVE, default=1, show_default=True, help="Ranks ZeRO-3 partitions the states over."
+)
+@click.option(
+    "--ram-gib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="CPU RAM of the machine: say whether the plan fits, and compare the placements (the recipes beside "
+    "--ds_config), reference modes, gradient checkpointing and chunk sizes: the fastest setting that fits, "
+    "with the command that runs it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (nothing else on stdout).")
 def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, gpus, **options):
     """Will it fit, and how fast: GPU, CPU RAM and NVMe bytes, parameter sweeps per step and the time per
     pair of a training run, from config.json alone (the model is built on the meta device)."""
-    from dsdpo.planner.report import plan_command
-
-    click.echo(
-        plan_command(
+    # DeepSpeed prints to stdout when it is imported (its accelerator); stdout is the plan's alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        text = plan_command(
             model,
             ds_config,
             card_name=card_name,
@@ -65,4 +108,72 @@ def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, gp
             gradient_checkpointing=not no_checkpointing,
             **options,
         )
+    click.echo(text)
+
+
+def _checked_ds_config(path: str | Path, world_size: int) -> dict:
+    """The trainer's own checks of a DeepSpeed config (dsdpo.ds_config), without its NVMe folder."""
+    from dsdpo.ds_config import read_ds_config, resolve_ds_config
+
+    raw = read_ds_config(path)
+    return resolve_ds_config(raw, world_size=world_size, total_steps=1, source=str(path), planning=True)
+
+
+def plan_command(
+    model, ds_config_path, *, card_name, as_json, ram_gib, world_size=1, lora_rank=None, **options
+) -> str:
+    """`dsdpo plan`'s body: the text (or JSON) to print; with ram_gib, the settings compared too."""
+    from dsdpo.planner.cards import card
+    from dsdpo.planner.report import GIB, format_plan, plan, run_shape_from
+    from dsdpo.planner.search import (
+        DEFAULT_LORA_RANK,
+        candidate_settings,
+        compare,
+        format_comparison,
+        outcome_json,
     )
+    from dsdpo.planner.shapes import lora_parameters, model_shape
+
+    the_card = card(card_name)
+    ds_config = _checked_ds_config(ds_config_path, world_size)
+    max_length, response = options["max_length"], options.get("response_length")
+    if response is not None and response > max_length:
+        raise DsdpoError(f"--response-length {response} is longer than --max-length {max_length}")
+    if lora_rank and options.get("reference") == "engine":
+        options["reference"] = "adapter"  # LoRA's reference is its own model with the adapters off
+    shape = model_shape(model)
+    rank = lora_rank or DEFAULT_LORA_RANK
+    adapters = lora_parameters(model, rank)
+    run = run_shape_from(
+        ds_config,
+        trainable_parameters=adapters if lora_rank else None,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+    result = plan(shape, ds_config, run, the_card, world_size=world_size)
+    if ram_gib is None:
+        return json.dumps(result, indent=2) if as_json else format_plan(result)
+    ram_bytes = ram_gib * GIB
+    settings = candidate_settings(Path(ds_config_path), lora_rank=lora_rank, reference=run.reference)
+    configs = {setting.config: _checked_ds_config(setting.config, world_size) for setting in settings}
+    outcomes = compare(
+        shape,
+        configs,
+        settings,
+        run,
+        the_card,
+        ram_bytes=ram_bytes,
+        world_size=world_size,
+        lora_parameters=adapters,
+    )
+    folder = str(Path(model).parent if Path(model).is_file() else model)
+    if as_json:
+        result["comparison"] = [outcome_json(outcome, model=folder, lora_rank=rank) for outcome in outcomes]
+        result["fastest_fitting"] = {
+            kind: next(
+                (entry for entry in result["comparison"] if entry["fits"] and entry["kind"] == kind), None
+            )
+            for kind in ("full", "lora")
+        }
+        return json.dumps(result, indent=2)
+    comparison = format_comparison(outcomes, card=the_card, ram_bytes=ram_bytes, model=folder, lora_rank=rank)
+    return f"{format_plan(result, ram_bytes=ram_bytes)}\n\n{comparison}"

@@ -9,7 +9,8 @@ transformers does. The conventions are what the scorer, the sampler, LoRA and lo
 - logit shift: Dream predicts token i at position i-1 (its sampler shifts the logits right by one,
   generation_utils.py: `logits = cat([logits[:, :1], logits[:, :-1]])`); LLaDA reads position i;
 - stop tokens: where a generated answer ends (besides the tokenizer's EOS);
-- LoRA targets: every linear layer of the blocks, never the output layer;
+- LoRA targets: every linear layer of the blocks, never the output layer; for LLaDA-MoE, never
+  its routed experts or router either (see LLADA_MOE);
 - trunk and head: where the hidden states end and the output layer starts (the scorer runs the
   head only at masked positions).
 """
@@ -17,6 +18,7 @@ transformers does. The conventions are what the scorer, the sampler, LoRA and lo
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +27,13 @@ from transformers import PretrainedConfig
 
 from dsdpo.families.dream import DreamConfig, DreamModel
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
+from dsdpo.families.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_type: str  # config.json's model_type
+    model_type: str  # config.json's model_type (LLaDA-MoE: see config_key)
     config_class: type
     model_class: type
     mask_token_id: int  # the published one, when config.json names none
@@ -65,12 +68,46 @@ DREAM = Family(
     trunk="model",
     head="lm_head",
 )
-FAMILIES = {family.model_type: family for family in (LLADA, DREAM)}
+# LoRA on LLaDA-MoE adapts attention, the dense MLPs and the shared experts, never the routed
+# experts nor the router `mlp.gate`: the routed experts are most of the parameters (64 per layer in
+# the released model) and each sees only the tokens routed to it (8 of 64), so adapters there would
+# multiply the adapter count by the expert count for a fraction of the tokens each; an adapted
+# router would move the load away from what the (frozen) expert bias balances. Name the experts in
+# --lora-target-modules to include them.
+LLADA_MOE = Family(
+    name="LLaDA-MoE",
+    model_type="lladamoe",  # dllm's name for it; the released config.json says "llada" (config_key)
+    config_class=LLaDAMoEConfig,
+    model_class=LLaDAMoEModelLM,
+    mask_token_id=156895,  # <|mask|> of the released tokenizer (FRONTIER_CONVENTIONS.md, llada_moe)
+    logit_shift=0,  # modeling_lladamoe.py:1141, dllm's sampler right_shift_logits=False
+    stop_tokens=("<|role_end|>", "<|endoftext|>"),  # end of a turn in its (Ling) chat template; EOS
+    lora_target_modules=(
+        r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|(mlp|shared_expert)\.(gate|up|down)_proj)"
+    ),
+    trunk="model",
+    head="lm_head",
+)
+FAMILIES = {family.model_type: family for family in (LLADA, DREAM, LLADA_MOE)}
+
+
+def config_key(model_type: str | None, fields: Mapping[str, object]) -> str | None:
+    """The FAMILIES key of a config: its model_type, except that LLaDA-MoE's released config.json
+    says "llada" like dense LLaDA's; it is the one with MoE fields (`num_experts`, which no dense
+    LLaDA config has: configuration_llada.py), and dllm's copy of it says "lladamoe"."""
+    if model_type == "llada" and "num_experts" in fields:
+        return LLADA_MOE.model_type
+    return model_type
+
+
+def family_of_config_dict(config: Mapping[str, object]) -> Family | None:
+    """The family of a config.json's content (dsdpo plan reads configs this way)."""
+    return FAMILIES.get(config_key(config.get("model_type"), config))
 
 
 def family_of(config: PretrainedConfig | None) -> Family | None:
     """The family of a loaded config (or a model's config), None for any other model."""
-    return FAMILIES.get(getattr(config, "model_type", None))
+    return FAMILIES.get(config_key(getattr(config, "model_type", None), vars(config) if config else {}))
 
 
 def family_of_folder(folder: str | Path) -> Family | None:
@@ -79,13 +116,21 @@ def family_of_folder(folder: str | Path) -> Family | None:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    return FAMILIES.get(config.get("model_type")) if isinstance(config, dict) else None
+    return family_of_config_dict(config) if isinstance(config, dict) else None
 
 
 def family_of_model(model: nn.Module) -> Family | None:
     if hasattr(model, "get_base_model"):  # a PEFT model
         model = model.get_base_model()
     return family_of(getattr(model, "config", None))
+
+
+def lora_targets(option: str, family: Family | None) -> str | list[str]:
+    """PEFT's target_modules for --lora-target-modules: "auto" is the family's block layers (never
+    the output layer), or "all-linear" for other models."""
+    if option == "auto":
+        return family.lora_target_modules if family else "all-linear"
+    return option if option == "all-linear" else [name.strip() for name in option.split(",")]
 
 
 def source_positions(positions: Tensor, shift: int) -> Tensor:

@@ -1,8 +1,9 @@
-"""The pieces LLaDA and Dream share: RMS norm, rotary embeddings, bidirectional attention, gated MLP.
+"""The pieces the families share: RMS norm, rotary embeddings, bidirectional attention, gated MLP.
 
-Both are Llama-shaped transformers without the causal mask. They differ in parameter names, biases
-and one precision detail (where RoPE is applied in fp32), so each family module wires these
-functions into its own module tree, under the parameter names of its published checkpoints.
+LLaDA, Dream and LLaDA-MoE are Llama-shaped transformers without the causal mask. They differ in
+parameter names, biases, q/k norms, partial rotary embeddings and one precision detail (where RoPE
+is applied in fp32), so each family module wires these functions into its own module tree, under
+the parameter names of its published checkpoints.
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, in_fp32: bool) -> Tensor:
-    """x·cos + rotate_half(x)·sin. LLaDA rotates in fp32 (`rope_full_precision`); Dream casts the
-    tables to the activations' dtype first. The two agree in fp32 and differ by rounding in bf16."""
+    """x·cos + rotate_half(x)·sin. LLaDA rotates in fp32 (`rope_full_precision`); Dream and
+    LLaDA-MoE cast the tables to the activations' dtype first. The two agree in fp32 and differ by
+    rounding in bf16. Tables narrower than the head rotate its first dimensions only, the rest pass
+    (partial rotary embeddings, LLaDA-MoE's modeling_lladamoe.py:257-272)."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        rotated = apply_rotary(x[..., :rotary_dim], cos, sin, in_fp32=in_fp32)
+        return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
     if in_fp32:
         rotated = x.float() * cos + _rotate_half(x.float()) * sin
         return rotated.to(x.dtype)
@@ -83,16 +90,21 @@ def self_attention(
     rotary: tuple[Tensor, Tensor],
     rope_in_fp32: bool,
     mask: Tensor | None,
+    qk_norms: tuple[nn.Module, nn.Module] | None = None,
 ) -> Tensor:
     """Non-causal multi-head attention of a normed [B, S, D] input through (q, k, v, out) projections.
 
     Grouped-query attention: query head h reads key/value head h // (num_heads / num_kv_heads), as
-    both published models' repetition of the key/value heads does.
+    the published models' repetition of the key/value heads does. `qk_norms` normalise each head's
+    query and key before RoPE, with one weight shared by the heads (LLaDA-MoE's `qk_layernorm`).
     """
     q_proj, k_proj, v_proj, out_proj = projections
     cos, sin = rotary
-    q = apply_rotary(_split_heads(q_proj(x), num_heads), cos, sin, in_fp32=rope_in_fp32)
-    k = apply_rotary(_split_heads(k_proj(x), num_kv_heads), cos, sin, in_fp32=rope_in_fp32)
+    q, k = _split_heads(q_proj(x), num_heads), _split_heads(k_proj(x), num_kv_heads)
+    if qk_norms is not None:
+        q, k = qk_norms[0](q), qk_norms[1](k)
+    q = apply_rotary(q, cos, sin, in_fp32=rope_in_fp32)
+    k = apply_rotary(k, cos, sin, in_fp32=rope_in_fp32)
     v = _split_heads(v_proj(x), num_kv_heads)
     heads = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=False, enable_gqa=num_kv_heads != num_heads

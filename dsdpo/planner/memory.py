@@ -54,19 +54,22 @@ class RunShape:
     """What the planner needs to know of a run besides the model and the DeepSpeed config."""
 
     max_length: int = 1024  # widest row: prompt + response tokens
-    response_length: int | None = None  # tokens of a response (default: half of max_length)
+    response_length: int | None = None  # tokens of a response (default: max_length, the bound)
     budget: int = 8  # draws per response
     micro_batch: int = 1  # pairs per micro-batch
     accumulation: int = 1
     max_tokens_per_forward: int = 4096
     max_tokens_no_grad: int | None = None  # default 4 × max_tokens_per_forward
     gradient_checkpointing: bool = True
-    reference: str = "engine"  # engine | precomputed | none (reference-free, SFT, or LoRA's adapter)
+    reference: str = (
+        "engine"  # engine | precomputed | adapter (LoRA's adapters off) | none (reference-free, SFT)
+    )
+    trainable_parameters: int | None = None  # LoRA's adapters (None: every parameter trains)
     masked_fraction: float = 1.0  # of response tokens masked in the heaviest chunk (1: a bound)
 
     @property
     def response(self) -> int:
-        return self.response_length or max(1, self.max_length // 2)
+        return self.response_length or self.max_length
 
     @property
     def no_grad_tokens(self) -> int:
@@ -270,7 +273,7 @@ def sweeps_per_step(run: RunShape) -> Sweeps:
     grad_calls = math.ceil(rows / chunk_rows(run.max_tokens_per_forward, run.max_length))
     no_grad_calls = math.ceil(rows / chunk_rows(run.no_grad_tokens, run.max_length))
     one_pass = grad_calls == 1
-    reference = no_grad_calls if run.reference == "engine" else 0
+    reference = no_grad_calls if run.reference in ("engine", "adapter") else 0
     steps = run.accumulation
     return Sweeps(
         reference=steps * reference,

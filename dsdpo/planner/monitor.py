@@ -19,7 +19,7 @@ import torch
 MB = 2**20
 
 
-def _offloads_to_nvme(ds_config: dict) -> bool:
+def offloads_to_nvme(ds_config: dict) -> bool:
     zero = ds_config.get("zero_optimization") or {}
     return any(
         (zero.get(block) or {}).get("device") == "nvme" for block in ("offload_param", "offload_optimizer")
@@ -29,7 +29,7 @@ def _offloads_to_nvme(ds_config: dict) -> bool:
 class ResourceMonitor:
     def __init__(self, ds_config: dict):
         self.process = psutil.Process()
-        self.nvme = _offloads_to_nvme(ds_config)
+        self.nvme = offloads_to_nvme(ds_config)
         self._io = self._io_counters()
 
     def _io_counters(self):

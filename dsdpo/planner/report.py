@@ -13,10 +13,10 @@ the data loader, and the start-up.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dsdpo.ds_config import precision
 from dsdpo.planner.cards import MATMUL_EFFICIENCY, Card
 from dsdpo.planner.memory import (
     ADAM_BYTES,
@@ -41,12 +41,26 @@ class HostRates:
 
 
 def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float) -> float:
-    blocks = shape.layers * shape.block_parameters
     return (
-        2 * blocks * tokens
+        2 * shape.active_block_parameters * tokens
         + 4 * shape.layers * tokens * width * shape.hidden
         + 2 * shape.hidden * shape.vocab * masked
     )
+
+
+def step_flops(shape: ModelShape, run: RunShape, sweeps: Sweeps) -> float:
+    """Floating-point operations of one optimizer step's forwards and backwards (module docstring)."""
+    rows = 2 * run.micro_batch * run.budget
+    tokens = rows * run.max_length
+    masked = rows * run.response * 0.5  # l_over_L masks half the response on average
+    forward = forward_flops(shape, tokens, run.max_length, masked)
+    blocks_forward = 2 * shape.active_block_parameters * tokens
+    no_grad_passes = (1 if run.reference in ("engine", "adapter") else 0) + (0 if sweeps.one_pass else 1)
+    # A backward computes the inputs' gradients (one forward's work) and the weights' (another), but
+    # LoRA's frozen weights need none: their adapters' are negligible.
+    backward = forward if run.trainable_parameters else 2 * forward
+    grad = forward + backward + (blocks_forward if run.gradient_checkpointing else 0)
+    return run.accumulation * (no_grad_passes * forward + grad)
 
 
 def step_seconds(
@@ -56,27 +70,21 @@ def step_seconds(
     b = dtype_bytes(ds_config)
     zero = ds_config.get("zero_optimization") or {}
     params, optimizer = _offload(zero, "offload_param"), _offload(zero, "offload_optimizer")
-    rows = 2 * run.micro_batch * run.budget
-    tokens = rows * run.max_length
-    masked = rows * run.response * 0.5  # l_over_L masks half the response on average
-    forward = forward_flops(shape, tokens, run.max_length, masked)
-    blocks_forward = 2 * shape.layers * shape.block_parameters * tokens
-    no_grad_passes = (1 if run.reference == "engine" else 0) + (0 if sweeps.one_pass else 1)
-    grad = 3 * forward + (blocks_forward if run.gradient_checkpointing else 0)
-    compute = run.accumulation * (no_grad_passes * forward + grad) / (card.bf16_flops * MATMUL_EFFICIENCY)
+    compute = step_flops(shape, run, sweeps) / (card.bf16_flops * MATMUL_EFFICIENCY)
     per_sweep = b * shape.parameters / card.host_bandwidth if params != "none" else 0.0
     if params == "nvme":
         per_sweep = max(per_sweep, b * shape.parameters / rates.nvme_read)
     transfer = sweeps.total * per_sweep
-    update = shape.parameters / rates.cpu_adam_params_per_s if optimizer != "none" else 0.0
+    trained = run.trainable_parameters or shape.parameters
+    update = trained / rates.cpu_adam_params_per_s if optimizer != "none" else 0.0
     if optimizer == "nvme":
-        states = (ADAM_BYTES + b) * shape.parameters
+        states = (ADAM_BYTES + b) * trained
         update += states / rates.nvme_read + states / rates.nvme_write
     return max(compute, transfer) + update, compute + transfer + update, compute, transfer, update
 
 
 def plan(
-    model: str | Path | dict,
+    model: str | Path | dict | ModelShape,
     ds_config: dict,
     run: RunShape,
     card: Card,
@@ -86,22 +94,29 @@ def plan(
 ) -> dict:
     """Everything `dsdpo plan` prints, as plain data (bytes and seconds)."""
     rates = rates or HostRates()
-    shape = model_shape(model)
+    shape = model if isinstance(model, ModelShape) else model_shape(model)
     memory: MemoryPlan = memory_plan(shape, ds_config, run, world_size)
     sweeps = sweeps_per_step(run)
     fast, slow, compute, transfer, update = step_seconds(shape, ds_config, run, sweeps, card, rates)
     pairs = run.micro_batch * run.accumulation * world_size
+    zero = ds_config.get("zero_optimization") or {}
     gpu_total = MemoryPlan.total(memory.gpu)
     return {
         "model": {
             "type": shape.model_type,
             "parameters": shape.parameters,
+            "active_parameters": shape.active_parameters,
             "largest_module": shape.largest_module,
             "layers": shape.layers,
             "hidden": shape.hidden,
             "vocab": shape.vocab,
         },
         "run": asdict(run),
+        "placement": {
+            "parameters": _offload(zero, "offload_param"),
+            "optimizer": _offload(zero, "offload_optimizer"),
+            "dtype": precision(ds_config),
+        },
         "card": asdict(card),
         "rates": asdict(rates),
         "gpu": [asdict(item) for item in memory.gpu],
@@ -135,12 +150,13 @@ def _gib(value: float) -> str:
 def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
     model, run, card = result["model"], result["run"], result["card"]
     chunk, sweeps, seconds = result["chunk"], result["sweeps"], result["seconds"]
-    response = run["response_length"] or run["max_length"] // 2
+    response = run["response_length"] or run["max_length"]
     other = _gib(chunk["activations_other_checkpointing"])
     step, serial = seconds["step_overlapped"], seconds["step_serial"]
     pair, pair_serial = seconds["per_pair_overlapped"], seconds["per_pair_serial"]
     lines = [
-        f"model: {model['type']}, {model['parameters'] / 1e9:.3f} B parameters (counted on the meta device), "
+        f"model: {model['type']}, {model['parameters'] / 1e9:.3f} B parameters (counted on the meta device; "
+        f"{model['active_parameters'] / 1e9:.3f} B active per token), "
         f"{model['layers']} layers, hidden {model['hidden']}, vocabulary {model['vocab']}",
         f"run: micro-batch {run['micro_batch']} pairs x accumulation {run['accumulation']}, budget "
         f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}), "
@@ -191,16 +207,3 @@ def run_shape_from(ds_config: dict, **options) -> RunShape:
     micro = micro if isinstance(micro, int) else 1
     accumulation = accumulation if isinstance(accumulation, int) else 1
     return RunShape(micro_batch=micro, accumulation=accumulation, **options)
-
-
-def plan_command(model, ds_config_path, *, card_name, as_json, ram_gib, world_size=1, **options) -> str:
-    """`dsdpo plan`'s body: the text (or JSON) to print."""
-    from dsdpo.ds_config import read_ds_config
-    from dsdpo.planner.cards import card
-
-    ds_config = read_ds_config(ds_config_path)
-    run = run_shape_from(ds_config, **{k: v for k, v in options.items() if v is not None})
-    result = plan(model, ds_config, run, card(card_name), world_size=world_size)
-    if as_json:
-        return json.dumps(result, indent=2)
-    return format_plan(result, ram_bytes=ram_gib * GIB if ram_gib else None)

@@ -7,6 +7,7 @@ the very module tree training loads, not a formula: tied weights count once, bia
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES
+from dsdpo.families import family_of, family_of_config_dict, lora_targets
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class ModelShape:
     parameters: int  # every parameter once (tied ones once), counted on the meta device
     parameter_sizes: tuple[int, ...]  # numel of each parameter
     largest_module: int  # parameters of the module with the most direct parameters (ZeRO gathers it whole)
-    block_parameters: int  # parameters of one transformer block
+    block_parameters: int  # parameters of the largest transformer block (ZeRO-3 gathers one at a time)
+    active_block_parameters: int  # of all blocks, those one token runs through (MoE: its top-k experts)
+    active_parameters: int  # all parameters but the experts a token's router passes over
 
     @property
     def head_dim(self) -> int:
@@ -62,9 +65,12 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
         except json.JSONDecodeError as err:
             raise DsdpoError(f"{file}: not valid JSON: {err}") from err
         where = str(file)
+    if not isinstance(data, dict):
+        raise DsdpoError(f"{where}: expected a JSON object of model settings, got {type(data).__name__}")
+    family = family_of_config_dict(data)  # by model_type and fields (LLaDA-MoE says "llada" too)
     model_type = data.pop("model_type", None)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type].config_class(**data)
+    if family is not None:
+        return family.config_class(**data)
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError) as err:
@@ -74,16 +80,43 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
 def _meta_model(config: PretrainedConfig):
     from dsdpo.models import build_from_config
 
-    with torch.device("meta"):
-        return build_from_config(config)
+    try:
+        with torch.device("meta"):
+            return build_from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as err:
+        raise DsdpoError(f"model_type {config.model_type!r}: these settings build no model: {err}") from None
 
 
 def _blocks(model) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: its longest ModuleList."""
+    """The model's list of transformer blocks: the ModuleList with the most parameters (a block's list
+    of experts is a ModuleList too, and can be longer)."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise DsdpoError(f"{type(model).__name__}: found no list of transformer blocks")
-    return max(lists, key=len)
+    return max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()))
+
+
+def _mlp_width(config: PretrainedConfig) -> int:
+    """The gated MLP width a token passes through: the config's, or for a mixture of experts its top-k
+    experts and shared expert side by side, or the dense layers' when those are wider."""
+    dense = getattr(config, "intermediate_size", None) or getattr(config, "ffn_size", None)
+    if dense:
+        return dense
+    routed = config.num_experts_per_tok * config.expert_intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", None) or 0
+    return max(routed + shared, getattr(config, "dense_intermediate_size", None) or 0)
+
+
+def _idle_expert_parameters(block: torch.nn.Module) -> int:
+    """Parameters of the experts a token's router passes over in `block`: a mixture-of-experts layer is
+    a module with a list of `experts` and a `top_k` (dsdpo.families.llada_moe)."""
+    idle = 0
+    for module in block.modules():
+        experts, top_k = getattr(module, "experts", None), getattr(module, "top_k", None)
+        if isinstance(experts, torch.nn.ModuleList) and isinstance(top_k, int) and len(experts) > top_k:
+            per_expert = sum(p.numel() for p in experts[0].parameters())
+            idle += (len(experts) - top_k) * per_expert
+    return idle
 
 
 def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
@@ -92,9 +125,10 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
     sizes = tuple(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     blocks = _blocks(model)
+    idle = sum(_idle_expert_parameters(block) for block in blocks)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "kv_heads", None) or heads
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_size")  # noqa: B009
+    intermediate = _mlp_width(config)
     output = model.get_output_embeddings()
     vocab = output.weight.shape[0] if output is not None else config.vocab_size
     return ModelShape(
@@ -108,5 +142,32 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
         parameters=sum(sizes),
         parameter_sizes=sizes,
         largest_module=largest,
-        block_parameters=sum(p.numel() for p in blocks[0].parameters()),
+        block_parameters=max(sum(p.numel() for p in block.parameters()) for block in blocks),
+        active_block_parameters=sum(p.numel() for p in blocks.parameters()) - idle,
+        active_parameters=sum(sizes) - idle,
+    )
+
+
+def lora_parameters(
+    source: str | Path | PretrainedConfig | dict, rank: int, target_modules: str = "auto"
+) -> int:
+    """Parameters of rank-`rank` LoRA adapters, r·(inputs + outputs) for each linear layer PEFT would
+    adapt (its matching rules: a regex matches the whole module name, a list entry its last parts;
+    "all-linear" is every linear layer but the output layer)."""
+    config = read_config(source)
+    model = _meta_model(config)
+    targets = lora_targets(target_modules, family_of(config))
+    output = model.get_output_embeddings()
+
+    def adapted(name: str, module: torch.nn.Module) -> bool:
+        if targets == "all-linear":
+            return module is not output
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == target or name.endswith(f".{target}") for target in targets)
+
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and adapted(name, module)
     )
