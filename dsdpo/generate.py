@@ -5,9 +5,13 @@
 
 The answer starts as `gen_length` mask tokens after the prompt (LLaDA paper, section 2.4: the reverse
 process from t=1 to t=0). The answer is cut into blocks decoded left to right; each block gets
-steps/num_blocks steps and, at each step, the model predicts every masked token and the plan's number
-of them are kept: the most confident ones ('low_confidence' remasking, LLaDA Algorithm 5) or random
-ones ('random', Algorithm 4). The rest stay masked for the next step.
+steps/num_blocks steps and, at each step, the model predicts every still-masked token of the block
+and the plan's number of them are kept: the most confident ones ('low_confidence' remasking, LLaDA
+Algorithm 5) or random ones ('random', Algorithm 4). The rest stay masked for the next step.
+
+Only those positions can be revealed, so the output layer runs on them alone, a slice of positions
+at a time, and the float64 Gumbel noise and softmax are made per slice (docs/design.md, "The output
+layer a slice at a time"): memory does not grow with the canvas times the vocabulary.
 
 Prompts of different lengths are left-padded so every answer starts at the same column. Padding is
 hidden from every query (a key-padding mask, 4D for bidirectional decoders, see
@@ -28,8 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, family_of_model, shift_logits
-from dsdpo.logprobs import bidirectional_attention_mask
+from dsdpo.families import FAMILIES, family_of_model, source_positions
+from dsdpo.logprobs import (
+    bidirectional_attention_mask,
+    output_size,
+    position_slices,
+    positions_per_slice,
+    trunk_and_head,
+)
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
 
@@ -117,29 +127,52 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return getattr(model, "dtype", None) or next(model.parameters(), torch.empty(0)).dtype
 
 
-def denoiser_logits(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits [B, S, V] of one forward pass, entry i predicting token i (a family's shift undone),
-    with left padding hidden and positions per row."""
-    family = family_of_model(model)
-    return shift_logits(_padded_logits(model, canvas, attention_mask), family.logit_shift if family else 0)
+@dataclass(frozen=True)
+class Denoised:
+    """One forward pass over the canvas, stopped before the output layer where the model lets it be
+    split off (dsdpo.logprobs.trunk_and_head): then `states` are the final hidden states and `head` is
+    the output layer; any other model gives its logits as states and an identity head."""
+
+    states: Tensor  # [B, S, d] hidden states, or [B, S, V] logits
+    head: nn.Module
+    shift: int  # the family's logit shift (dsdpo.families)
+    vocab: int
+
+    def logits(self, rows: Tensor, columns: Tensor) -> Tensor:
+        """[n, V] logits of the tokens at (rows, columns): the output layer runs on these positions only."""
+        return self.head(self.states[rows, source_positions(columns, self.shift)])
 
 
-def _padded_logits(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Tensor:
-    if bool(attention_mask.all()):
-        return _as_logits(model(input_ids=canvas))
-    if _ignores_padding(model, canvas):
+def denoise(model: nn.Module, canvas: Tensor, attention_mask: Tensor) -> Denoised:
+    """The model's forward over `canvas`, left padding hidden and positions counted per row."""
+    split = trunk_and_head(model)
+    if not bool(attention_mask.all()) and _ignores_padding(model, canvas):
         unpadded = lambda ids, mask: _as_logits(model(input_ids=ids))  # noqa: E731
-        return logits_without_padding(unpadded, canvas, attention_mask)
+        head, states = nn.Identity(), logits_without_padding(unpadded, canvas, attention_mask)
+    elif split is None:
+        inputs = _padded_inputs(model, model, canvas, attention_mask)
+        head, states = nn.Identity(), _as_logits(model(**inputs))
+    else:
+        trunk, head = split
+        states = trunk(**_padded_inputs(model, trunk, canvas, attention_mask)).last_hidden_state
+    family = family_of_model(model)
+    return Denoised(states, head, family.logit_shift if family else 0, output_size(model, head, states))
+
+
+def _padded_inputs(model: nn.Module, module: nn.Module, canvas: Tensor, attention_mask: Tensor) -> dict:
+    """The inputs of `module` (the model or its trunk) that hide left padding from every query."""
     inputs = {"input_ids": canvas}
+    if bool(attention_mask.all()):
+        return inputs
     if getattr(getattr(model, "config", None), "use_bidirectional_attention", False):
         # A 2D mask with zeros would make this decoder causal (transformers 5.23): pass the 4D one.
         inputs["attention_mask"] = bidirectional_attention_mask(attention_mask, _model_dtype(model))
     else:
         inputs["attention_mask"] = attention_mask
-    if _accepts_position_ids(model):
+    if _accepts_position_ids(module):
         # Each row's first real token is position 0, as if it had been run alone.
         inputs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return _as_logits(model(**inputs))
+    return inputs
 
 
 def _ignores_padding(model: nn.Module, canvas: Tensor) -> bool:
@@ -156,35 +189,38 @@ def _as_logits(output) -> Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def guided_logits(model: nn.Module, batch: Batch, canvas: Tensor, cfg_scale: float) -> Tensor:
-    """Logits, with unsupervised classifier-free guidance when cfg_scale > 0.
-
-    LLaDA (paper section B.3; generate.py): the unconditional pass sees the same canvas with the prompt
-    masked, and logits = uncond + (cfg_scale + 1) * (cond - uncond).
-    """
+def denoise_canvas(model: nn.Module, batch: Batch, canvas: Tensor, cfg_scale: float) -> Denoised:
+    """The forward of one step; with classifier-free guidance (cfg_scale > 0) the rows of the
+    unconditional pass follow those of the canvas: the same canvas with the prompt masked (LLaDA
+    paper, section B.3; generate.py)."""
     if cfg_scale <= 0:
-        return denoiser_logits(model, canvas, batch.attention_mask)
+        return denoise(model, canvas, batch.attention_mask)
     unconditional = canvas.masked_fill(batch.prompt, batch.mask_token_id)
-    both = denoiser_logits(
-        model, torch.cat([canvas, unconditional]), torch.cat([batch.attention_mask, batch.attention_mask])
-    )
-    conditional, unconditional_logits = both.chunk(2)
-    return unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
+    return denoise(model, torch.cat([canvas, unconditional]), batch.attention_mask.repeat(2, 1))
+
+
+def guided_logits(denoised: Denoised, rows: Tensor, columns: Tensor, cfg_scale: float) -> Tensor:
+    """[n, V] logits at (rows, columns); with guidance uncond + (cfg_scale + 1) * (cond - uncond)."""
+    if cfg_scale <= 0:
+        return denoised.logits(rows, columns)
+    unconditional_rows = rows + denoised.states.shape[0] // 2
+    both = denoised.logits(torch.cat([rows, unconditional_rows]), columns.repeat(2))
+    conditional, unconditional = both.chunk(2)
+    return unconditional + (cfg_scale + 1) * (conditional - unconditional)
 
 
 def sample_tokens(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """Gumbel-max sampling from softmax(logits / temperature); argmax at temperature 0.
 
     In float64: low-precision Gumbel noise lowers generation quality for MDMs (arXiv:2409.02908, as
-    LLaDA's generate.py notes). argmax(l + T·g) with g ~ Gumbel(0, 1) samples softmax(l / T).
+    LLaDA's generate.py notes). argmax(l + T·g) with g ~ Gumbel(0, 1) samples softmax(l / T). The
+    noise is built in place: one float64 copy of the logits.
     """
     if temperature == 0:
         return logits.argmax(-1)
-    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device).clamp_(
-        min=torch.finfo(torch.float64).tiny
-    )
-    gumbel = -torch.log(-torch.log(uniform))
-    return (logits.double() + temperature * gumbel).argmax(-1)
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    gumbel = uniform.clamp_(min=torch.finfo(torch.float64).tiny).log_().neg_().log_().neg_()
+    return gumbel.mul_(temperature).add_(logits).argmax(-1)
 
 
 def remasking_scores(
@@ -196,6 +232,34 @@ def remasking_scores(
         probs = F.softmax(logits.double(), dim=-1)
         return probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
     return torch.rand(proposal.shape, generator=generator, dtype=torch.float64, device=proposal.device)
+
+
+def propose(
+    denoised: Denoised,
+    rows: Tensor,
+    columns: Tensor,
+    *,
+    mask_token_id: int,
+    temperature: float,
+    remasking: str,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """([n] proposed tokens, [n] their remasking scores) at the positions (rows, columns).
+
+    A slice of positions at a time (dsdpo.logprobs.HEAD_SLICE_BYTES): the logits and their float64
+    copies exist for one slice only.
+    """
+    tokens, scores = [], []
+    for part in position_slices(len(rows), positions_per_slice(denoised.vocab)):
+        logits = guided_logits(denoised, rows[part], columns[part], cfg_scale)
+        # A revealed token must be a real token: the mask token gets zero probability (MDLM's "zero
+        # masking probabilities"); an untrained denoiser would otherwise propose it and stay masked.
+        logits[:, mask_token_id] = -torch.inf
+        proposal = sample_tokens(logits, temperature, generator)
+        tokens.append(proposal)
+        scores.append(remasking_scores(logits, proposal, remasking, generator))
+    return torch.cat(tokens), torch.cat(scores)
 
 
 def denoise_step(
@@ -210,19 +274,24 @@ def denoise_step(
     cfg_scale: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Reveal `count` masked tokens of the current block in every row; return the revealed positions."""
-    logits = guided_logits(model, batch, canvas, cfg_scale)[:, block].clone()
-    # A revealed token must be a real token: the mask token gets zero probability (MDLM's "zero
-    # masking probabilities"); an untrained denoiser would otherwise propose it and stay masked.
-    logits[..., batch.mask_token_id] = -torch.inf
-    proposal = sample_tokens(logits, temperature, generator)
-    scores = remasking_scores(logits, proposal, remasking, generator)
+    """Reveal `count` masked tokens of the current block in every row; return the revealed positions.
+
+    Only still-masked tokens of this block compete (later blocks wait their turn: semi-autoregressive),
+    so only they are decoded.
+    """
+    denoised = denoise_canvas(model, batch, canvas, cfg_scale)
     masked = canvas[:, block] == batch.mask_token_id
-    # Only still-masked tokens of this block compete; later blocks wait their turn (semi-autoregressive).
-    scores = scores.masked_fill(~masked, -torch.inf)
-    chosen = scores.topk(count, dim=-1).indices
+    rows, columns = masked.nonzero(as_tuple=True)
+    proposal, scores = propose(
+        denoised, rows, block.start + columns,
+        mask_token_id=batch.mask_token_id, temperature=temperature, remasking=remasking,
+        cfg_scale=cfg_scale, generator=generator,
+    )  # fmt: skip
+    priority = torch.full(masked.shape, -torch.inf, dtype=torch.float64, device=canvas.device)
+    chosen = priority.index_put_((rows, columns), scores).topk(count, dim=-1).indices
     revealed_in_block = torch.zeros_like(masked).scatter_(1, chosen, True)
-    canvas[:, block] = torch.where(revealed_in_block, proposal, canvas[:, block])
+    proposals = canvas[:, block].index_put((rows, columns), proposal)
+    canvas[:, block] = torch.where(revealed_in_block, proposals, canvas[:, block])
     revealed = torch.zeros_like(canvas, dtype=torch.bool)
     revealed[:, block] = revealed_in_block
     return revealed

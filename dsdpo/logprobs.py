@@ -3,17 +3,23 @@
 The output layer of a diffusion LM is its largest activation (LLaDA: 126k vocabulary), and an ELBO
 term only needs it where tokens are masked. Where the model's structure is known to be
 "trunk -> linear head" the head runs on those positions alone; any other model gets full logits,
-gathered afterwards (correct, only heavier).
+gathered afterwards (correct, only heavier). Either way log p(y_i) is computed a slice of positions
+at a time (`target_logprobs`), so at most one slice of [positions, V] logits exists, in forward and
+in backward (docs/design.md, "The output layer a slice at a time").
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from dsdpo.dist import all_reduce_max
 from dsdpo.families import attribute, family_of, family_of_model, source_positions
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
@@ -33,12 +39,67 @@ SPLIT_HEAD_MODEL_TYPES = {
 }
 
 
-def _trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+# Bytes of one slice's fp32 logits. A backward holds about three of them at once (the recomputed
+# log-softmax, its gradient, the logits' gradient), the sampler two fp64 copies: about 1 GiB at most
+# whatever the number of masked positions. LLaDA's 126464-word vocabulary gives 530 positions a
+# slice: still a large matrix product, and few slices (each one a gather of the head under ZeRO-3).
+HEAD_SLICE_BYTES = 2**28
+
+
+def positions_per_slice(vocab: int, slice_bytes: int = HEAD_SLICE_BYTES) -> int:
+    """How many positions' logits fit one slice of `slice_bytes` bytes in fp32 (at least one)."""
+    return max(1, slice_bytes // (4 * vocab))
+
+
+def position_slices(positions: int, slice_positions: int) -> list[slice]:
+    """Slices of `slice_positions` positions covering `positions`, as many on every rank: the most any
+    rank needs, the last ones empty on the others. Under ZeRO-3 each call of the head module gathers
+    its weight, a collective that every rank must run equally often."""
+    (count,) = all_reduce_max([max(1, math.ceil(positions / slice_positions))])
+    return [slice(k * slice_positions, (k + 1) * slice_positions) for k in range(int(count))]
+
+
+def output_size(model: nn.Module, head: nn.Module, states: Tensor) -> int:
+    """V of the logits head(states). The states are the logits themselves on the full-logits paths (an
+    identity head); otherwise the config says it (a ZeRO-3 model's weights are partitioned): LLaDA's
+    `embedding_size` (its output layer's rows) if it has one, else `vocab_size`."""
+    if isinstance(head, nn.Identity):
+        return states.shape[-1]
+    if hasattr(model, "get_base_model"):  # a PEFT model
+        model = model.get_base_model()
+    return getattr(model.config, "embedding_size", None) or model.config.vocab_size
+
+
+def _slice_logprobs(head: nn.Module, states: Tensor, targets: Tensor) -> Tensor:
+    # log p(y_i) in fp32 whatever the model's dtype: the ELBO sums hundreds of these.
+    return -F.cross_entropy(head(states).float(), targets, reduction="none")
+
+
+def target_logprobs(head: nn.Module, states: Tensor, targets: Tensor, slice_positions: int) -> Tensor:
+    """[M] log softmax(head(states[i]))[targets[i]], the head applied to `slice_positions` rows at a time.
+
+    With gradients each slice is checkpointed: forward keeps only its inputs, and backward recomputes
+    its logits when it reaches them, one slice after the other (autograd runs the later slice's nodes
+    first), so backward too holds one slice of logits. The head module is called on each slice, which
+    is where ZeRO-3 gathers its weight.
+    """
+    if torch.is_grad_enabled():
+        # Nothing random in a linear layer and a log-softmax: no RNG state to keep for the recompute.
+        run = partial(checkpoint, _slice_logprobs, use_reentrant=False, preserve_rng_state=False)
+    else:
+        run = _slice_logprobs
+    parts = position_slices(len(targets), slice_positions)
+    return torch.cat([run(head, states[part], targets[part]) for part in parts])
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the base model
         model = model.get_base_model()
     config = getattr(model, "config", None)
     family = family_of(config)
-    names = (family.trunk, family.head) if family else SPLIT_HEAD_MODEL_TYPES.get(config.model_type)
+    # A model without a config (any module returning logits) has no known split.
+    model_type = getattr(config, "model_type", None)
+    names = (family.trunk, family.head) if family else SPLIT_HEAD_MODEL_TYPES.get(model_type)
     if names is None or getattr(config, "final_logit_softcapping", None) is not None:
         return None
     if family is not None and config.tie_word_embeddings:
@@ -75,10 +136,11 @@ class MaskedTokenScorer(nn.Module):
     run without padding (dsdpo.padding).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, head_slice_bytes: int = HEAD_SLICE_BYTES):
         super().__init__()
         self.model = model
-        self._split = _trunk_and_head(model)
+        self.head_slice_bytes = head_slice_bytes
+        self._split = trunk_and_head(model)
         family = family_of_model(model)
         self._shift = family.logit_shift if family else 0
         self._bidirectional_decoder = bool(
@@ -103,18 +165,19 @@ class MaskedTokenScorer(nn.Module):
                     type(self.model).__name__,
                 )
         if self.ignores_padding and not bool(attention_mask.all()):
-            logits = logits_without_padding(self._full_logits, input_ids, attention_mask)[rows, sources]
+            head, states = nn.Identity(), logits_without_padding(self._full_logits, input_ids, attention_mask)
         else:
             if self._bidirectional_decoder:
                 attention_mask = bidirectional_attention_mask(attention_mask, self.model.dtype)
             if self._split is not None:
                 trunk, head = self._split
-                hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                logits = head(hidden[rows, sources])
+                states = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             else:
-                logits = self._full_logits(input_ids, attention_mask)[rows, sources]
-        # log p(y_i) in fp32 whatever the model's dtype: the ELBO sums hundreds of these.
-        token_logprobs = -F.cross_entropy(logits.float(), targets[rows, positions], reduction="none")
+                head, states = nn.Identity(), self._full_logits(input_ids, attention_mask)
+        # The full-logits paths have their logits already: slicing bounds the fp32 copies made from them.
+        slice_positions = positions_per_slice(output_size(self.model, head, states), self.head_slice_bytes)
+        states, targets = states[rows, sources], targets[rows, positions]
+        token_logprobs = target_logprobs(head, states, targets, slice_positions)
         per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
         return per_row.index_add(0, rows, token_logprobs)
 

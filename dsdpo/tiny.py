@@ -35,9 +35,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level fast tokenizer: special tokens first, then printable ASCII."""
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS.values(), *CHARACTERS])}
+def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer: special tokens first, then printable ASCII.
+
+    vocab_size: fill the vocabulary with never-produced tokens up to this size, for a model with a
+    real model's output layer (LLaDA-8B's 126464 words) and a tiny trunk.
+    """
+    tokens = [*SPECIAL_TOKENS.values(), *CHARACTERS]
+    tokens += [f"[UNUSED{index}]" for index in range(len(tokens), vocab_size or len(tokens))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()

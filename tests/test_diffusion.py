@@ -169,6 +169,51 @@ def test_head_on_masked_positions_only_equals_full_logits(request, fixture, tiny
         assert torch.allclose(split(**inputs), full(**inputs), atol=1e-5)
 
 
+def _sums_and_gradients(model, inputs, row_weights, *, slice_bytes, split):
+    model.zero_grad(set_to_none=True)
+    scorer = MaskedTokenScorer(model, head_slice_bytes=slice_bytes)
+    if not split:
+        scorer._split = None  # the full-logits path, sliced after the gather
+    sums = scorer(**inputs)
+    (sums * row_weights).sum().backward()
+    return sums.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("path", ["split", "full logits", "lora"])
+def test_output_layer_in_slices_gives_the_same_scores_and_gradients(tiny_gemma_dir, batch, path):
+    """The head a few positions at a time (each slice checkpointed) against all positions at once."""
+    from peft import LoraConfig, get_peft_model
+
+    from dsdpo.models import load_model
+
+    model = load_model(tiny_gemma_dir).train()
+    vocab = model.config.vocab_size
+    if path == "lora":  # adapters on every block linear (not the output layer), B not zero: every
+        # adapter weight gets a gradient
+        adapters = LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(model, adapters)
+    ids, response, attention = batch
+    draws = sample_draws(2, response.sum(1), 4, "l_over_L")
+    inputs = forward_rows(
+        ScoringBatch.build(ids, response, attention), draws, torch.arange(draws.num_rows), MASK
+    )
+    positions = int(inputs["scored"].sum())
+    assert positions % 7 and positions > 7  # slices of 7 leave a shorter last one
+    row_weights = torch.randn(draws.num_rows, generator=torch.Generator().manual_seed(0))
+    split = path != "full logits"
+    whole_sums, whole_grads = _sums_and_gradients(
+        model, inputs, row_weights, slice_bytes=4 * vocab * positions, split=split
+    )
+    assert whole_grads and all(bool(grad.any()) for grad in whole_grads)
+    for slice_positions in (7, 1):
+        sums, grads = _sums_and_gradients(
+            model, inputs, row_weights, slice_bytes=4 * vocab * slice_positions, split=split
+        )
+        assert torch.allclose(sums, whole_sums, atol=1e-5)
+        for whole, sliced in zip(whole_grads, grads, strict=True):  # fp32 sums in another order
+            assert torch.allclose(sliced, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_shared_draws_cancel_noise_in_the_policy_reference_difference(tiny_gemma, tiny_gemma_dir, batch):
     """Antithetic sampling (VRPO): Var[B̂_θ − B̂_ref] with shared draws ≪ with independent draws."""
     from dsdpo.models import load_model

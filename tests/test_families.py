@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from dsdpo.diffusion import exact_elbo
 from dsdpo.errors import DsdpoError
 from dsdpo.families import DREAM, LLADA, LLADA_MOE, family_of_model, lora_targets
-from dsdpo.generate import denoiser_logits
+from dsdpo.generate import denoise
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 from dsdpo.tiny import build_tokenizer
@@ -123,8 +123,9 @@ def test_dream_sampler_reads_the_logits_shifted_by_one():
     tensors, _ = expected("dream")
     ids = tensors["input_ids"]
     model = load_model(FIXTURES / "dream").eval()
+    rows, columns = torch.ones_like(ids).nonzero(as_tuple=True)
     with torch.no_grad():
-        logits = denoiser_logits(model, ids, torch.ones_like(ids))
+        logits = denoise(model, ids, torch.ones_like(ids)).logits(rows, columns).view(*ids.shape, -1)
     raw = tensors["logits_fp32"]
     published = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)  # generation_utils.py's _sample
     assert torch.allclose(logits, published, atol=1e-5)
@@ -344,11 +345,12 @@ def test_a_remote_model_that_ignores_padding_is_scored_without_padding(ignores_p
     assert "ignores the padding mask" in caplog.text
     assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
     with torch.no_grad():  # the sampler too (left padding)
-        left = denoiser_logits(
-            model, torch.tensor([[0, 0, 10, 11, mask_id]]), torch.tensor([[0, 0, 1, 1, 1]])
-        )
-        single = denoiser_logits(model, torch.tensor([[10, 11, mask_id]]), torch.ones(1, 3, dtype=torch.long))
-    assert torch.allclose(left[0, 2:], single[0], atol=1e-5)
+        left = denoise(model, torch.tensor([[0, 0, 10, 11, mask_id]]), torch.tensor([[0, 0, 1, 1, 1]]))
+        single = denoise(model, torch.tensor([[10, 11, mask_id]]), torch.ones(1, 3, dtype=torch.long))
+        columns = torch.arange(3)
+    assert torch.allclose(
+        left.logits(columns * 0, columns + 2), single.logits(columns * 0, columns), atol=1e-5
+    )
 
 
 def test_a_model_that_honours_padding_is_not_flagged():

@@ -1,13 +1,19 @@
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import dsdpo.generate
 from dsdpo.errors import DsdpoError
+from dsdpo.families import family_of_model
 from dsdpo.generate import check_schedule, cut_at_stop, generate, generate_text, reveal_plan
 from dsdpo.models import load_model
 
 MASK = 4  # the tiny tokenizer's [MASK]; the target models below only need it to differ from targets
 VOCAB = 32
+FAMILY_FIXTURES = Path(__file__).parent / "fixtures" / "families"
 
 
 class TargetModel(nn.Module):
@@ -176,3 +182,49 @@ def test_bad_sampler_settings_are_clear_errors(tiny_gemma):
         generate(tiny_gemma, [[10]], temperature=-1.0, **common)
     with pytest.raises(DsdpoError, match="no prompts"):
         generate(tiny_gemma, [], **common)
+
+
+def llada_greedy(model, prompt, *, gen_length, block_length, steps, cfg_scale):
+    """LLaDA's generate.py at temperature 0 with low-confidence remasking, written from the paper: full
+    logits of one unpadded prompt, float64 softmax over the whole canvas, the mask token never proposed
+    (dsdpo's rule), Dream's logits read one position to the left (its own sampler's shift)."""
+    family = family_of_model(model)
+    canvas = torch.tensor([[*prompt] + [MASK] * gen_length])
+    blocks = gen_length // block_length
+    for block in range(blocks):
+        start = len(prompt) + block * block_length
+        for count in reveal_plan(block_length, steps // blocks):
+            if cfg_scale > 0:
+                unconditional = canvas.clone()
+                unconditional[0, : len(prompt)] = MASK
+                cond, uncond = model(input_ids=torch.cat([canvas, unconditional])).logits.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(input_ids=canvas).logits
+            if family.logit_shift:
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            logits[..., MASK] = -torch.inf
+            proposal = logits.argmax(-1)
+            probability = F.softmax(logits.double(), -1).gather(-1, proposal[..., None])[..., 0]
+            confidence = torch.full_like(probability, -torch.inf)
+            in_block = slice(start, start + block_length)
+            still_masked = canvas[:, in_block] == MASK
+            confidence[:, in_block] = probability[:, in_block].masked_fill(~still_masked, -torch.inf)
+            chosen = confidence[0].topk(count).indices
+            canvas[0, chosen] = proposal[0, chosen]
+    return canvas[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_greedy_answers_equal_full_logits_decoding(family, cfg_scale, monkeypatch):
+    """The output layer on the block's still-masked positions, 3 at a time (padded batch), against
+    full logits of each prompt alone."""
+    monkeypatch.setattr(dsdpo.generate, "positions_per_slice", lambda vocab: 3)
+    model = load_model(FAMILY_FIXTURES / family).eval()
+    prompts = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
+    schedule = dict(gen_length=8, block_length=4, steps=4, cfg_scale=cfg_scale)
+    with torch.no_grad():
+        answers = generate(model, prompts, mask_token_id=MASK, **schedule)
+        for row, prompt in enumerate(prompts):
+            assert answers[row].tolist() == llada_greedy(model, prompt, **schedule)

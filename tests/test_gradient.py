@@ -11,11 +11,22 @@ from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, mic
 
 
 def _train_one_step(
-    model_dir, tokenizer, micro_batches, *, max_tokens, budget=4, estimator="l_over_L", loss_config=None
+    model_dir,
+    tokenizer,
+    micro_batches,
+    *,
+    max_tokens,
+    budget=4,
+    estimator="l_over_L",
+    loss_config=None,
+    head_slice_positions=None,
 ):
     engines = engines_for(
         model_dir, cpu_ds_config(micro=len(micro_batches[0]), accumulation=len(micro_batches))
     )
+    if head_slice_positions is not None:  # the scorers' output layer a few positions at a time
+        for engine in (engines.policy, engines.reference):
+            engine.module.head_slice_bytes = 4 * tokenizer.vocab_size * head_slice_positions
     before = full_weights(engines.policy)
     results = []
     for indices in micro_batches:
@@ -57,6 +68,16 @@ def test_smallest_chunking_gives_the_unchunked_step(tiny_gemma_dir, tokenizer, u
     moved = max(float((after_whole[k] - before[k]).abs().max()) for k in before)
     assert moved > 1e-3  # the step did something, so equality below is not trivial
     _assert_same_weights(after_chunked, after_whole)
+
+
+def test_the_output_layer_in_slices_gives_the_same_step_under_zero3(tiny_gemma_dir, tokenizer, unchunked):
+    """ZeRO-3 gathers the output layer's weight at each slice's call, and again for its recompute."""
+    _, after_whole, _, whole = unchunked
+    _, after_sliced, _, sliced = _train_one_step(
+        tiny_gemma_dir, tokenizer, [[0, 1, 2, 3]], max_tokens=1 << 20, head_slice_positions=3
+    )
+    assert sliced[0].metrics["loss"] == pytest.approx(whole[0].metrics["loss"], abs=1e-6)
+    _assert_same_weights(after_sliced, after_whole)
 
 
 def test_batch_level_and_per_token_losses_chunk_exactly(tiny_gemma_dir, tokenizer):

@@ -196,6 +196,24 @@ def test_activation_estimate_is_within_a_quarter_of_the_measured_peak(checkpoint
     assert 0.75 < predicted / measured_activation_bytes(model, inputs, grad=False) < 1.25
 
 
+@pytest.mark.parametrize("slice_positions", [40, 256])
+def test_the_output_layer_is_measured_one_slice_at_a_time(slice_positions):
+    """A vocabulary large enough for the output layer to dominate, 256 masked positions: in slices of 40
+    (backward included) the peak is that of one slice, as the formula says; in one slice, of all."""
+    vocab = 8192
+    config = tiny_llada(vocab_size=vocab, embedding_size=vocab, mask_token_id=vocab - 1)
+    torch.manual_seed(0)
+    model, shape = LLaDAModelLM(config).train(), model_shape(config)
+    inputs = scored_inputs(vocab, 4, 128, 64, mask_token_id=vocab - 1)
+    slice_bytes = 4 * vocab * slice_positions
+    predicted = activation_bytes(shape, 512, 256, 4, checkpointing=False, slice_bytes=slice_bytes)
+    measured = measured_activation_bytes(model, inputs, slice_bytes=slice_bytes)
+    assert 0.75 < predicted / measured < 1.25
+    predicted = no_grad_activation_bytes(shape, 512, 256, 4, slice_bytes=slice_bytes)
+    measured = measured_activation_bytes(model, inputs, grad=False, slice_bytes=slice_bytes)
+    assert 0.75 < predicted / measured < 1.25
+
+
 def test_the_measurement_sees_checkpointed_block_inputs():
     """Each checkpointed block keeps its input (b·T·d): more layers, more memory."""
 

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
@@ -138,13 +137,6 @@ def source_positions(positions: Tensor, shift: int) -> Tensor:
     """Where the logits of the tokens at `positions` are read: `positions - shift`, and position 0
     reads itself (Dream's rule; a response never starts at 0, a prompt token precedes it)."""
     return (positions - shift).clamp(min=0) if shift else positions
-
-
-def shift_logits(logits: Tensor, shift: int) -> Tensor:
-    """[B, S, V] logits re-indexed so that entry i predicts token i (Dream's sampler, see above)."""
-    if not shift:
-        return logits
-    return torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)
 
 
 def attribute(model: nn.Module, path: str) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dsdpo.logprobs import MaskedTokenScorer
+from dsdpo.logprobs import HEAD_SLICE_BYTES, MaskedTokenScorer
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -82,9 +82,12 @@ def scored_inputs(vocab: int, rows: int, width: int, masked: int, *, mask_token_
     }
 
 
-def measured_activation_bytes(model, inputs: dict, *, grad: bool = True) -> int:
-    """Peak bytes beyond parameters and their gradients of scoring `inputs` (and its backward)."""
-    scorer = MaskedTokenScorer(model)
+def measured_activation_bytes(
+    model, inputs: dict, *, grad: bool = True, slice_bytes: int = HEAD_SLICE_BYTES
+) -> int:
+    """Peak bytes beyond parameters and their gradients of scoring `inputs` (and its backward), the
+    output layer in slices of `slice_bytes` (dsdpo.logprobs)."""
+    scorer = MaskedTokenScorer(model, head_slice_bytes=slice_bytes)
     model.zero_grad(set_to_none=True)
     mode = LiveTensorBytes()
     mode.ignore([*model.parameters(), *model.buffers(), *inputs.values()])

@@ -12,8 +12,11 @@ dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
     gated MLP           4b·T·f           gate, up, silu(gate), their product
     layer = 2 norms + attention + MLP
 
-    output layer        12·M·V           M masked positions only (dsdpo.logprobs): fp32 log-softmax saved,
-                                         its gradient and the gradient of the logits
+    output layer        12·m·V           m = min(M, s): of the M masked positions (the head runs at
+                                         those only) one slice of s positions exists at a time
+                                         (dsdpo.logprobs, s·4·V ≤ HEAD_SLICE_BYTES), in backward too:
+                                         the recomputed fp32 log-softmax, its gradient and the
+                                         gradient of the logits
     with checkpointing  N·b·T·d + max(norm + output layer, layer + b·T·(2d + 2f))
                         (each block keeps its input; one block is recomputed at a time)
     without             N·layer + norm + output layer
@@ -21,9 +24,9 @@ dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
 These were checked tensor by tensor with autograd's saved-tensor hooks on dsdpo's LLaDA block, and
 against measured peaks (benchmarks/planner_accuracy.py).
 
-A forward without gradients keeps one block's transients, b·T·(3d + 3f) + 4·T·d, or the output
-layer's logits, their fp32 copy in bf16 and the log-softmax, (b + 4 + 4·[b = 2])·M·V, whichever
-is larger.
+A forward without gradients keeps one block's transients, b·T·(3d + 3f) + 4·T·d, or one slice of
+the output layer's logits, their fp32 copy in bf16 and the log-softmax, (b + 4 + 4·[b = 2])·m·V,
+whichever is larger.
 
 Model states (ZeRO-3, DeepSpeed 0.19; P parameters, b bytes a model element, W ranks; each item
 cites the DeepSpeed function that allocates it): what DeepSpeed really allocates, per engine.
@@ -50,6 +53,7 @@ import math
 from dataclasses import dataclass, field
 
 from dsdpo.ds_config import fill_swap_buffer_size
+from dsdpo.logprobs import HEAD_SLICE_BYTES, positions_per_slice
 from dsdpo.planner.shapes import ModelShape
 
 ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # data_types.grad_accum_dtype
@@ -103,22 +107,38 @@ def layer_bytes(shape: ModelShape, tokens: int, b: int) -> float:
     return 2 * _norm(shape, tokens, b) + attention + mlp
 
 
-def head_bytes(shape: ModelShape, masked: float) -> float:
-    return 12 * masked * shape.vocab
+def head_positions(shape: ModelShape, masked: float, slice_bytes: int = HEAD_SLICE_BYTES) -> float:
+    """m: the masked positions whose logits exist at once, one slice of the output layer at most."""
+    return min(masked, positions_per_slice(shape.vocab, slice_bytes))
 
 
-def activation_bytes(shape: ModelShape, tokens: int, masked: float, b: int, *, checkpointing: bool) -> float:
+def head_bytes(shape: ModelShape, masked: float, slice_bytes: int = HEAD_SLICE_BYTES) -> float:
+    return 12 * head_positions(shape, masked, slice_bytes) * shape.vocab
+
+
+def activation_bytes(
+    shape: ModelShape,
+    tokens: int,
+    masked: float,
+    b: int,
+    *,
+    checkpointing: bool,
+    slice_bytes: int = HEAD_SLICE_BYTES,
+) -> float:
     """Peak bytes of one forward and backward with gradients (module docstring)."""
-    head = _norm(shape, tokens, b) + head_bytes(shape, masked) + 8 * tokens * shape.head_dim
+    head = _norm(shape, tokens, b) + head_bytes(shape, masked, slice_bytes) + 8 * tokens * shape.head_dim
     if not checkpointing:
         return shape.layers * layer_bytes(shape, tokens, b) + head
     recompute = layer_bytes(shape, tokens, b) + b * tokens * (2 * shape.hidden + 2 * shape.intermediate)
     return shape.layers * b * tokens * shape.hidden + max(head, recompute)
 
 
-def no_grad_activation_bytes(shape: ModelShape, tokens: int, masked: float, b: int) -> float:
+def no_grad_activation_bytes(
+    shape: ModelShape, tokens: int, masked: float, b: int, slice_bytes: int = HEAD_SLICE_BYTES
+) -> float:
     block = b * tokens * (3 * shape.hidden + 3 * shape.intermediate) + 4 * tokens * shape.hidden
-    return max(block, (b + 4 + (4 if b == 2 else 0)) * masked * shape.vocab)
+    head = (b + 4 + (4 if b == 2 else 0)) * head_positions(shape, masked, slice_bytes) * shape.vocab
+    return max(block, head)
 
 
 # The phases of a training step, in order; the transients of one are freed before the next.

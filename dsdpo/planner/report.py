@@ -190,9 +190,9 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
         "",
         f"chunk with gradients: {chunk['rows']} rows, {chunk['tokens']} tokens, {chunk['masked']:.0f} masked "
         f"positions: activations {_gib(chunk['activations'])} ({other} "
-        f"{'without' if run['gradient_checkpointing'] else 'with'} checkpointing), output layer at masked "
-        f"positions {_gib(chunk['output_layer'])}; chunk without gradients: {chunk['no_grad_rows']} rows, "
-        f"{_gib(chunk['activations_no_grad'])}",
+        f"{'without' if run['gradient_checkpointing'] else 'with'} checkpointing), output layer (a slice of "
+        f"the masked positions) {_gib(chunk['output_layer'])}; chunk without gradients: "
+        f"{chunk['no_grad_rows']} rows, {_gib(chunk['activations_no_grad'])}",
         f"sweeps per optimizer step: {sweeps['total']} (reference {sweeps['reference']}, policy without "
         f"gradients {sweeps['policy_no_grad']}, policy with gradients {sweeps['policy_grad']} forward + "
         f"{sweeps['policy_grad']} backward; {'one pass' if sweeps['one_pass'] else 'two passes'})",
