@@ -343,6 +343,13 @@ def _accelerator_items(
         Item("reduce bucket (reduce_bucket_size, allocated whole)", b * bucket),
         # comm/coalesced_collectives.reduce_scatter_coalesced: torch.cat of the bucket's gradients.
         Item("reduce-scatter's flat copy of a bucket", b * min(z.reduce_bucket, p), phase="backward"),
+        # stage3.__avg_scatter_contiguous_grads: a reduced bucket is cast to the accumulation dtype
+        # when that is not the communication dtype (the model's): fp32 accumulation of bf16 gradients.
+        Item(
+            "the reduced bucket in the accumulation dtype",
+            z.accumulation_bytes * min(z.reduce_bucket, p) if z.accumulation_bytes != b else 0,
+            phase="backward",
+        ),
     ]
 
 
