@@ -261,6 +261,11 @@ def generate(
     device: where the canvas lives (default: the model's first parameter's device; a ZeRO-3 engine's
     partitioned parameters do not say it).
     """
+    family = family_of_model(model)
+    if family is not None and family.block_size_field is not None:
+        # Its blocks count from position 0 of each row, denoised one after the other with a KV cache
+        # of the finished ones (SDAR's generate.py): not this sampler's left-padded canvas.
+        raise DsdpoError(f"{family.name}'s block sampler is not implemented yet: dsdpo cannot sample from it")
     steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
