@@ -230,13 +230,14 @@ def pair_draws(
     steps: int | None = None,
     chosen_only: bool = False,
     role: str = "",
-    block_size: int | None = None,
-    response_starts: Sequence[int] | Tensor | None = None,
+    block_size: int | None,
+    response_starts: Sequence[int] | Tensor,
 ) -> Draws:
     """The draws of a PairBatch's 2P responses, keyed by draw_keys_for. Training, evaluation and the
     precomputed reference all take their draws here, so they see the same masks. With chosen_only
-    (SFT) those of the P chosen responses alone, the same as in a preference batch. A block model
-    gives its block_size and the responses' start positions (see sample_draws)."""
+    (SFT) those of the P chosen responses alone, the same as in a preference batch. block_size: the
+    model's (dsdpo.families.block_size_of; None but for a block model), with the responses' start
+    positions (see sample_draws); required, so that no caller scores a block model's responses whole."""
     keys = draw_keys_for(example_ids, seed, epoch, role)
     if chosen_only:
         keys = keys[: len(example_ids)]

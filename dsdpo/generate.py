@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, family_of_model, shift_logits
+from dsdpo.families import FAMILIES, Family, family_of_model, shift_logits
 from dsdpo.logprobs import bidirectional_attention_mask
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
@@ -235,6 +235,14 @@ def _every_row_stopped(answer: Tensor, stop_token_ids: Sequence[int]) -> bool:
     return bool(torch.isin(answer, stops).any(dim=1).all())
 
 
+def check_sampler(family: Family | None) -> None:
+    """Refuse a block-diffusion model by name: its blocks count from position 0 of each row and are
+    denoised one after another given the finished ones (SDAR's generate.py), not on this sampler's
+    left-padded canvas; its own sampler is not implemented yet."""
+    if family is not None and family.block_size_field is not None:
+        raise DsdpoError(f"{family.name}'s block sampler is not implemented yet: dsdpo cannot sample from it")
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -261,11 +269,7 @@ def generate(
     device: where the canvas lives (default: the model's first parameter's device; a ZeRO-3 engine's
     partitioned parameters do not say it).
     """
-    family = family_of_model(model)
-    if family is not None and family.block_size_field is not None:
-        # Its blocks count from position 0 of each row, denoised one after the other with a KV cache
-        # of the finished ones (SDAR's generate.py): not this sampler's left-padded canvas.
-        raise DsdpoError(f"{family.name}'s block sampler is not implemented yet: dsdpo cannot sample from it")
+    check_sampler(family_of_model(model))
     steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
