@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsdpo.block_sampler import block_generate
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, Family, family_of_model, shift_logits
+from dsdpo.families import FAMILIES, family_of_model, shift_logits
 from dsdpo.logprobs import bidirectional_attention_mask
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
@@ -235,12 +236,43 @@ def _every_row_stopped(answer: Tensor, stop_token_ids: Sequence[int]) -> bool:
     return bool(torch.isin(answer, stops).any(dim=1).all())
 
 
-def check_sampler(family: Family | None) -> None:
-    """Refuse a block-diffusion model by name: its blocks count from position 0 of each row and are
-    denoised one after another given the finished ones (SDAR's generate.py), not on this sampler's
-    left-padded canvas; its own sampler is not implemented yet."""
-    if family is not None and family.block_size_field is not None:
-        raise DsdpoError(f"{family.name}'s block sampler is not implemented yet: dsdpo cannot sample from it")
+def _block_model_answers(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    mask_token_id: int,
+    gen_length: int,
+    block_length: int,
+    steps_per_block: int,
+    temperature: float,
+    remasking: str,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+    stop_token_ids: Sequence[int],
+    device: torch.device | None,
+) -> Tensor:
+    """[B, gen_length] answers of a block model by its own sampler (dsdpo.block_sampler), one prompt at
+    a time: its blocks count from position 0 of each row, so rows of other prompt lengths do not align.
+    This sampler's options map onto it: 'low_confidence' keeps the plan's number of most confident
+    tokens a step (its 'low_confidence_static'), temperature 0 is its greedy (top_k 1). The canvas
+    ends at a block boundary; its tokens past gen_length are dropped, and after an early stop the
+    answer is filled with the first stop token, as LLaDA's is."""
+    if remasking != "low_confidence" or cfg_scale:
+        raise DsdpoError(
+            "a block model's sampler has low_confidence remasking only and no guidance (cfg_scale 0)"
+        )
+    answers = torch.full((len(prompt_ids), gen_length), mask_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        canvas = block_generate(
+            model, prompt, mask_token_id=mask_token_id, block_length=block_length, gen_length=gen_length,
+            denoising_steps=steps_per_block, temperature=temperature or 1.0, top_k=0 if temperature else 1,
+            remasking="low_confidence_static", stop_token_ids=stop_token_ids, generator=generator,
+            device=device,
+        )  # fmt: skip
+        answers[row] = canvas[len(prompt) : len(prompt) + gen_length].cpu()
+    if stop_token_ids:
+        answers[answers == mask_token_id] = stop_token_ids[0]
+    return answers.to(device if device is not None else next(model.parameters()).device)
 
 
 @torch.no_grad()
@@ -269,12 +301,18 @@ def generate(
     device: where the canvas lives (default: the model's first parameter's device; a ZeRO-3 engine's
     partitioned parameters do not say it).
     """
-    check_sampler(family_of_model(model))
     steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
     if temperature < 0:
         raise DsdpoError(f"temperature must be >= 0, got {temperature}")
+    family = family_of_model(model)
+    if family is not None and family.block_size_field is not None:
+        return _block_model_answers(
+            model, prompt_ids, mask_token_id=mask_token_id, gen_length=gen_length, block_length=block_length,
+            steps_per_block=steps_per_block, temperature=temperature, remasking=remasking,
+            cfg_scale=cfg_scale, generator=generator, stop_token_ids=stop_token_ids, device=device,
+        )  # fmt: skip
     device = device if device is not None else next(model.parameters()).device
     batch = left_padded_batch(prompt_ids, gen_length=gen_length, mask_token_id=mask_token_id, device=device)
     canvas = batch.canvas.clone()

@@ -38,10 +38,9 @@ from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import build_engines, init_distributed
 from dsdpo.errors import DsdpoError
-from dsdpo.families import block_size_of, family_of
+from dsdpo.families import block_size_of
 from dsdpo.families.routing import router_metrics, take_router_counts
 from dsdpo.faults import crash_point
-from dsdpo.generate import check_sampler
 from dsdpo.gradient import MicroStep, preference_micro_step
 from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
@@ -167,8 +166,6 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
 
     eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
     eval_problems = _held_out_problems(config)
-    if eval_problems is not None:
-        check_sampler(family_of(hf_config))  # before training, not at its first evaluation
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
     if len(pairs) < batch_sizes["train_batch_size"]:

@@ -181,17 +181,6 @@ def test_padded_and_unpadded_scores_agree(family_dir):
     assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
-def test_the_sampler_refuses_a_block_model_by_name():
-    """SDAR's own block sampler is not implemented: LLaDA's canvas would give it another distribution."""
-    from dsdpo.generate import generate
-
-    model = load_model(FIXTURES / "sdar").eval()
-    with pytest.raises(DsdpoError, match="SDAR's block sampler is not implemented"):
-        generate(
-            model, [[10, 11, 12]], mask_token_id=build_tokenizer().mask_token_id, gen_length=4, block_length=4
-        )
-
-
 def test_mask_token_falls_back_to_the_published_one(tmp_path):
     folder = published_folder("llada", tmp_path / "llada")
     config = json.loads((folder / "config.json").read_text())
