@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from dsdpo.block_sampler import block_generate
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, family_of_model, shift_logits
+from dsdpo.families import FAMILIES, block_size_of_model, family_of_model, shift_logits
 from dsdpo.logprobs import bidirectional_attention_mask
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
@@ -242,8 +242,7 @@ def _block_model_answers(
     *,
     mask_token_id: int,
     gen_length: int,
-    block_length: int,
-    steps_per_block: int,
+    steps: int,
     temperature: float,
     remasking: str,
     cfg_scale: float,
@@ -253,18 +252,22 @@ def _block_model_answers(
 ) -> Tensor:
     """[B, gen_length] answers of a block model by its own sampler (dsdpo.block_sampler), one prompt at
     a time: its blocks count from position 0 of each row, so rows of other prompt lengths do not align.
-    This sampler's options map onto it: 'low_confidence' keeps the plan's number of most confident
-    tokens a step (its 'low_confidence_static'), temperature 0 is its greedy (top_k 1). The canvas
-    ends at a block boundary; its tokens past gen_length are dropped, and after an early stop the
-    answer is filled with the first stop token, as LLaDA's is."""
+    This sampler's options map onto it: the blocks are the model's own (config.json's block size,
+    whatever block_length says: a block model denoises no other), `steps` keep their number per answer
+    token (steps · block size / gen_length a block, at least one), 'low_confidence' keeps the plan's
+    number of most confident tokens a step (its 'low_confidence_static'), temperature 0 is its greedy
+    (top_k 1). The canvas ends at a block boundary; its tokens past gen_length are dropped, and after
+    an early stop the answer is filled with the first stop token, as LLaDA's is."""
     if remasking != "low_confidence" or cfg_scale:
         raise DsdpoError(
             "a block model's sampler has low_confidence remasking only and no guidance (cfg_scale 0)"
         )
+    block_size = block_size_of_model(model)
+    steps_per_block = min(block_size, max(1, steps * block_size // gen_length))
     answers = torch.full((len(prompt_ids), gen_length), mask_token_id, dtype=torch.long)
     for row, prompt in enumerate(prompt_ids):
         canvas = block_generate(
-            model, prompt, mask_token_id=mask_token_id, block_length=block_length, gen_length=gen_length,
+            model, prompt, mask_token_id=mask_token_id, block_length=block_size, gen_length=gen_length,
             denoising_steps=steps_per_block, temperature=temperature or 1.0, top_k=0 if temperature else 1,
             remasking="low_confidence_static", stop_token_ids=stop_token_ids, generator=generator,
             device=device,
@@ -301,7 +304,6 @@ def generate(
     device: where the canvas lives (default: the model's first parameter's device; a ZeRO-3 engine's
     partitioned parameters do not say it).
     """
-    steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
     if temperature < 0:
@@ -309,10 +311,11 @@ def generate(
     family = family_of_model(model)
     if family is not None and family.block_size_field is not None:
         return _block_model_answers(
-            model, prompt_ids, mask_token_id=mask_token_id, gen_length=gen_length, block_length=block_length,
-            steps_per_block=steps_per_block, temperature=temperature, remasking=remasking,
-            cfg_scale=cfg_scale, generator=generator, stop_token_ids=stop_token_ids, device=device,
+            model, prompt_ids, mask_token_id=mask_token_id, gen_length=gen_length, steps=steps,
+            temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, generator=generator,
+            stop_token_ids=stop_token_ids, device=device,
         )  # fmt: skip
+    steps_per_block = check_schedule(gen_length, block_length, steps)
     device = device if device is not None else next(model.parameters()).device
     batch = left_padded_batch(prompt_ids, gen_length=gen_length, mask_token_id=mask_token_id, device=device)
     canvas = batch.canvas.clone()

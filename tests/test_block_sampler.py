@@ -58,5 +58,8 @@ def test_dsdpo_generate_runs_the_block_sampler_greedy_at_temperature_zero(model)
     assert answers[0].tolist() == run["canvas"][len(prompt) : len(prompt) + 8]
     alone = generate(model, [prompt[:2]], mask_token_id=MASK, gen_length=8, block_length=4, steps=8)
     assert torch.equal(answers[1], alone[0])  # rows of other prompt lengths decode as alone
-    with pytest.raises(DsdpoError, match="block size 4"):
-        generate(model, [prompt], mask_token_id=MASK, gen_length=8, block_length=8, steps=8)
+    # Its own blocks whatever block_length says (held-out evaluation's default is the whole answer).
+    whole = generate(model, [prompt], mask_token_id=MASK, gen_length=8, block_length=8, steps=8)
+    assert torch.equal(whole[0], answers[0])
+    with pytest.raises(DsdpoError, match="block size 4"):  # called directly, it names the mismatch
+        block_generate(model, prompt, mask_token_id=MASK, block_length=8, gen_length=8, denoising_steps=4)
