@@ -167,6 +167,11 @@ def row_logprob_sums(
             f"the draws were made for response lengths {draws.lengths.tolist()}, "
             f"but the batch has {batch.response_lengths.tolist()}"
         )
+    if draws.block_size != _block_size(model):
+        raise DsdpoError(
+            f"the draws were made for block size {draws.block_size}, but the model's is {_block_size(model)} "
+            "(None: not a block model)"
+        )
     scorer = as_scorer(model)
     chunks = plan_chunks(batch, draws, max_tokens_per_forward)
     return torch.cat([scorer(**forward_rows(batch, draws, rows, mask_token_id)) for rows in chunks])

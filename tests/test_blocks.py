@@ -12,6 +12,7 @@ import torch
 from dsdpo.blocks import response_segments
 from dsdpo.diffusion import ScoringBatch, draw_terms, elbo, exact_elbo, row_logprob_sums
 from dsdpo.draws import DrawKey, sample_draws
+from dsdpo.errors import DsdpoError
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_model
 from dsdpo.tiny import build_tokenizer
@@ -165,3 +166,10 @@ def test_chunked_gradient_equals_the_unchunked_one_through_zero3_engines(tokeniz
     assert max(float((whole[k] - before[k]).abs().max()) for k in before) > 1e-3
     for name in whole:
         assert torch.allclose(chunked[name], whole[name], atol=1e-6, rtol=0), name
+
+
+def test_draws_made_for_another_block_size_are_refused(model):
+    batch = right_padded(EXPECTED["cases"][:1])
+    whole = sample_draws(1, batch.response_lengths, 2)  # drawn as if SDAR were no block model
+    with pytest.raises(DsdpoError, match="block size None, but the model's is 4"):
+        row_logprob_sums(model, batch, whole, mask_token_id=MASK)
