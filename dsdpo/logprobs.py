@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsdpo.errors import DsdpoError
 from dsdpo.families import attribute, block_size_of_model, family_of, family_of_model, source_positions
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
@@ -97,6 +98,11 @@ class MaskedTokenScorer(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, targets: Tensor, position_ids=None
     ) -> Tensor:
+        if (self.block_size is None) != (position_ids is None):  # every scoring path comes through here
+            raise DsdpoError(
+                "a block-diffusion model scores [noised ; clean] rows of block draws, any other model plain "
+                "rows: these draws were made for another kind of model (dsdpo.draws, block_size)"
+            )
         rows, positions = scored.nonzero(as_tuple=True)
         # Only block rows carry positions (both copies share them); remote code may not take the argument.
         positions_given = {} if position_ids is None else {"position_ids": position_ids}

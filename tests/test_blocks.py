@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsdpo.blocks import response_segments
-from dsdpo.diffusion import ScoringBatch, draw_terms, elbo, exact_elbo, row_logprob_sums
+from dsdpo.diffusion import ScoringBatch, draw_terms, elbo, exact_elbo, plan_chunks, row_logprob_sums
 from dsdpo.draws import DrawKey, sample_draws
 from dsdpo.errors import DsdpoError
 from dsdpo.logprobs import MaskedTokenScorer
@@ -173,3 +173,14 @@ def test_draws_made_for_another_block_size_are_refused(model):
     whole = sample_draws(1, batch.response_lengths, 2)  # drawn as if SDAR were no block model
     with pytest.raises(DsdpoError, match="block size None, but the model's is 4"):
         row_logprob_sums(model, batch, whole, mask_token_id=MASK)
+
+
+def test_a_row_counts_twice_its_length_in_the_token_budget():
+    """A forward holds [noised ; clean]: a budget of 2 × the sequence takes one row, 4 × two."""
+    batch = right_padded(EXPECTED["cases"][:1])
+    draws = sample_draws(
+        1, batch.response_lengths, 4, block_size=BLOCK, response_starts=batch.response_starts
+    )
+    width = int(batch.sequence_ends[0])
+    assert [len(rows) for rows in plan_chunks(batch, draws, 2 * width)] == [1, 1, 1, 1]
+    assert [len(rows) for rows in plan_chunks(batch, draws, 4 * width)] == [2, 2]
