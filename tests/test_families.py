@@ -232,17 +232,33 @@ def trained_runs(tmp_path_factory):
     ds_config = {key: value for key, value in CPU_CONFIG.items() if key != "scheduler"}  # lr from step 1
     (folder / "ds.json").write_text(json.dumps(ds_config))
     data = write_jsonl(addition_pairs(8, seed=3), folder / "pairs.jsonl")
+    problems = [
+        {"question": row["prompt"], "answer": int(row["chosen"])} for row in addition_pairs(2, seed=4)
+    ]
+    # SDAR also evaluates held-out pairs (its block ELBO) and problems (its own sampler) at start and end.
+    eval_pairs = [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(2, seed=5)]
+    held_out = {
+        "eval_data": str(write_jsonl(eval_pairs, folder / "eval_pairs.jsonl")),
+        "eval_problems": str(write_jsonl(problems, folder / "problems.jsonl")),
+    }
     runs = {}
     for name, extra in (("llada", {}), ("dream", {"lora_rank": 4}), ("llada_moe", {}), ("sdar", {})):
         model_dir = published_folder(name, folder / f"{name}-model")
         config = Config(
             model=ModelConfig(path=str(model_dir), trust_remote_code=True, **extra),
             data=DataConfig(path=str(data)),
-            train=TrainConfig(output=str(folder / f"{name}-run")),
+            train=TrainConfig(output=str(folder / f"{name}-run"), **(held_out if name == "sdar" else {})),
         )
         train(config, folder / "ds.json")
         runs[name] = (model_dir, folder / f"{name}-run", data)
     return runs
+
+
+def test_a_block_model_run_evaluates_held_out_pairs_and_problems(trained_runs):
+    _, run_dir, _ = trained_runs["sdar"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "eval/accuracy" in row]
+    assert len(evaluated) >= 2 and all("eval/loss" in row for row in evaluated), rows
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
