@@ -9,7 +9,8 @@ docs/design.md, "The score of a response".
 returns logits or an output with `.logits`), a MaskedTokenScorer, or a DeepSpeed engine around one.
 Only response tokens are ever masked; the prompt is always visible; padding never counts.
 The rows of all draws go through the model in as few forward calls as `max_tokens_per_forward`
-allows (rows × sequence length per call), never one forward per draw.
+allows (rows × sequence length per call), never one forward per draw. A block model's rows go as
+[noised ; clean] (dsdpo.blocks), twice the length: every block is scored in the same forward.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
+from dsdpo.blocks import block_diffusion_inputs, response_segments
 from dsdpo.draws import DrawKey, Draws, sample_draws
 from dsdpo.errors import DsdpoError
 from dsdpo.logprobs import as_scorer
@@ -68,6 +70,12 @@ class ScoringBatch:
         return torch.where(valid, order, self.input_ids.shape[1])
 
     @cached_property
+    def response_starts(self) -> Tensor:
+        """[B] the sequence position of each response's first token (where a block model's blocks
+        are counted from: position 0)."""
+        return self.response_positions[:, 0].cpu()
+
+    @cached_property
     def sequence_ends(self) -> Tensor:
         """[B] one past the last attended token: columns beyond it are padding for that row."""
         columns = torch.arange(1, self.input_ids.shape[1] + 1, device=self.input_ids.device)
@@ -75,14 +83,18 @@ class ScoringBatch:
 
 
 def _scatter_to_sequence(relative: Tensor, positions: Tensor, width: int) -> Tensor:
-    """Response-relative bool columns -> sequence columns (the padded index S lands in a dropped column)."""
-    out = torch.zeros(relative.shape[0], width + 1, dtype=torch.bool, device=positions.device)
+    """Response-relative columns -> sequence columns (the padded index S lands in a dropped column)."""
+    out = torch.zeros(relative.shape[0], width + 1, dtype=relative.dtype, device=positions.device)
     out.scatter_(1, positions[:, : relative.shape[1]], relative.to(positions.device))
     return out[:, :width]
 
 
 def forward_rows(batch: ScoringBatch, draws: Draws, rows: Tensor, mask_token_id: int) -> dict[str, Tensor]:
-    """The model inputs of some rows of `draws`: masked input ids, attention, scored positions, targets."""
+    """The model inputs of some rows of `draws`: masked input ids, attention, scored positions, targets.
+
+    Block draws: [noised ; clean] ids, their positions and the block-diffusion mask (dsdpo.blocks);
+    `scored` and `targets` cover the noised copy only (the first S columns): the clean copy is context.
+    """
     device = batch.input_ids.device
     rows = rows.to(draws.example.device)
     example = draws.example[rows].to(device)
@@ -91,12 +103,17 @@ def forward_rows(batch: ScoringBatch, draws: Draws, rows: Tensor, mask_token_id:
     masked = _scatter_to_sequence(draws.masked[rows], positions, batch.input_ids.shape[1])[:, :width]
     scored = _scatter_to_sequence(draws.scored[rows], positions, batch.input_ids.shape[1])[:, :width]
     targets = batch.input_ids[example, :width]
-    return {
-        "input_ids": targets.masked_fill(masked, mask_token_id),
-        "attention_mask": batch.attention_mask[example, :width],
-        "scored": scored,
-        "targets": targets,
-    }
+    noised, attention = targets.masked_fill(masked, mask_token_id), batch.attention_mask[example, :width]
+    inputs = {"input_ids": noised, "attention_mask": attention}
+    if draws.block_size is not None:
+        inputs = block_diffusion_inputs(noised, targets, attention, draws.block_size)
+    return {**inputs, "scored": scored, "targets": targets}
+
+
+def row_widths(batch: ScoringBatch, draws: Draws) -> Tensor:
+    """[R] each row's width in a forward: its sequence, twice over for a block model ([noised ; clean])."""
+    copies = 1 if draws.block_size is None else 2
+    return batch.sequence_ends[draws.example] * copies
 
 
 def plan_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int | None) -> list[Tensor]:
@@ -106,7 +123,7 @@ def plan_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int |
     """
     if max_tokens_per_forward is None or draws.num_rows == 0:
         return [torch.arange(draws.num_rows)]
-    ends = batch.sequence_ends[draws.example].tolist()
+    ends = row_widths(batch, draws).tolist()
     chunks, start, width = [], 0, 0
     for row, end in enumerate(ends):
         new_width = max(width, end)
@@ -135,6 +152,12 @@ def draw_terms(row_sums: Tensor, draws: Draws, rows: Tensor | None = None) -> Te
     return terms.view(draws.batch_size, draws.budget)
 
 
+def _block_size(model: nn.Module) -> int | None:
+    """The block length of a block model (its scorer knows), None for any other."""
+    scorer = as_scorer(model)
+    return getattr(scorer, "module", scorer).block_size
+
+
 def row_logprob_sums(
     model: nn.Module, batch: ScoringBatch, draws: Draws, *, mask_token_id: int, max_tokens_per_forward=None
 ) -> Tensor:
@@ -143,6 +166,11 @@ def row_logprob_sums(
         raise DsdpoError(
             f"the draws were made for response lengths {draws.lengths.tolist()}, "
             f"but the batch has {batch.response_lengths.tolist()}"
+        )
+    if draws.block_size != _block_size(model):
+        raise DsdpoError(
+            f"the draws were made for block size {draws.block_size}, but the model's is {_block_size(model)} "
+            "(None: not a block model)"
         )
     scorer = as_scorer(model)
     chunks = plan_chunks(batch, draws, max_tokens_per_forward)
@@ -185,13 +213,16 @@ def elbo(
     """[B] Monte Carlo estimate of each response's ELBO B_θ(y|x) with `budget` keyed draws.
 
     Give `draws` to score exact, shared masks (policy and reference); otherwise they are sampled
-    from `keys` (default: seed `seed`, example id = batch index, epoch 0).
+    from `keys` (default: seed `seed`, example id = batch index, epoch 0), per block for a block model.
     """
     if draws is None:
         if keys is None:
             keys = [DrawKey(seed, index) for index in range(input_ids.shape[0])]
-        lengths = response_mask.bool().sum(1).cpu()
-        draws = sample_draws(input_ids.shape[0], lengths, budget, estimator, keys=keys, steps=steps)
+        batch = ScoringBatch.build(input_ids, response_mask, attention_mask)
+        draws = sample_draws(
+            input_ids.shape[0], batch.response_lengths, budget, estimator, keys=keys, steps=steps,
+            block_size=_block_size(model), response_starts=batch.response_starts,
+        )  # fmt: skip
     terms = elbo_terms(
         model,
         input_ids,
@@ -213,25 +244,34 @@ def standard_error(terms: Tensor) -> Tensor:
     return terms.std(-1, correction=1) / math.sqrt(n)
 
 
-def enumeration_draws(response_lengths: Sequence[int]) -> Draws:
-    """Every non-empty mask set M of every response as one row, weighted 1/(|M| · C(L, |M|)).
+def enumeration_draws(
+    response_lengths: Sequence[int],
+    block_size: int | None = None,
+    response_starts: Sequence[int] | None = None,
+) -> Draws:
+    """Every non-empty mask set M of every response as one row, weighted 1/(|M| · C(L, |M|)); for a
+    block model, of every block's L_b response tokens, weighted 1/(|M| · C(L_b, |M|)).
 
-    Summed, these rows give the ELBO exactly (docs/design.md, "Exact value for small L"): 2^L - 1 rows a
-    response, so only for short ones.
+    Summed, these rows give the ELBO exactly (docs/design.md, "Exact value for small L" and "The
+    block-diffusion ELBO"): 2^L - 1 rows a response (a block), so only for short ones.
     """
     lengths = torch.as_tensor(list(response_lengths), dtype=torch.long)
+    starts = [0] * len(lengths) if response_starts is None else list(response_starts)
     width = int(lengths.max())
-    if width > 16:
-        raise DsdpoError(f"exact ELBO enumerates 2^L mask sets; L={width} is too long (at most 16)")
     example, masked, weight = [], [], []
-    for b, length in enumerate(lengths.tolist()):
-        for size in range(1, length + 1):
-            for subset in itertools.combinations(range(length), size):
-                row = torch.zeros(width, dtype=torch.bool)
-                row[list(subset)] = True
-                example.append(b)
-                masked.append(row)
-                weight.append(1.0 / (size * math.comb(length, size)))
+    for b, (length, start) in enumerate(zip(lengths.tolist(), starts, strict=True)):
+        for first, end in response_segments(start, length, block_size):
+            if end - first > 16:
+                raise DsdpoError(
+                    f"exact ELBO enumerates 2^L mask sets; L={end - first} is too long (at most 16)"
+                )
+            for size in range(1, end - first + 1):
+                for subset in itertools.combinations(range(first, end), size):
+                    row = torch.zeros(width, dtype=torch.bool)
+                    row[list(subset)] = True
+                    example.append(b)
+                    masked.append(row)
+                    weight.append(1.0 / (size * math.comb(end - first, size)))
     mask_rows = torch.stack(masked)
     return Draws(
         example=torch.tensor(example),
@@ -241,6 +281,7 @@ def enumeration_draws(response_lengths: Sequence[int]) -> Draws:
         weight=torch.tensor(weight, dtype=torch.float64),
         lengths=lengths,
         budget=1,
+        block_size=block_size,
     )
 
 
@@ -254,13 +295,18 @@ def exact_elbo(
     attention_mask: Tensor | None = None,
     max_tokens_per_forward: int | None = 65536,
 ) -> Tensor:
-    """[B] the ELBO by enumerating every mask set: the number Monte Carlo estimates must converge to."""
+    """[B] the ELBO by enumerating every mask set (of every block, for a block model): the number
+    Monte Carlo estimates must converge to."""
+    batch = ScoringBatch.build(input_ids, response_mask, attention_mask)
+    draws = enumeration_draws(  # one "draw": the exact sum
+        batch.response_lengths.tolist(), _block_size(model), batch.response_starts.tolist()
+    )
     return elbo(
         model,
         input_ids,
         response_mask,
         mask_token_id=mask_token_id,
-        draws=enumeration_draws(response_mask.bool().sum(1).tolist()),  # one "draw": the exact sum
+        draws=draws,
         attention_mask=attention_mask,
         max_tokens_per_forward=max_tokens_per_forward,
     )

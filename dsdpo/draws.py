@@ -18,6 +18,11 @@ VRPO (LLaDA 1.5): the n draws use n distinct mask counts / timesteps, one mask e
 draw k takes its l or t from the k-th of n equal strata. Every random number of draw k comes from a
 generator keyed on (seed, example id, epoch, k) and nothing else, so the policy and the reference
 see the same masks (antithetic), and a resumed run reproduces them.
+
+Block models (docs/design.md, "The block-diffusion ELBO"): each block's response tokens are a
+response of their own to the estimator (L_b tokens, its own stratified l or t, weight L_b/l or 1/t),
+drawn one block after the other from draw k's generator; a row masks every block at once, and its
+per-position weights (`scored` as floats) carry each block's weight, since a row's blocks differ.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsdpo.blocks import response_segments
 from dsdpo.errors import DsdpoError
 
 ESTIMATORS = ("l_over_L", "one_over_t", "trajectory")
@@ -78,10 +84,13 @@ class Draws:
     example: Tensor  # [R] long: the batch row (response) each forward row belongs to
     draw: Tensor  # [R] long: the draw index k in 0..budget-1
     masked: Tensor  # [R, Lmax] bool: response positions replaced by the mask token
-    scored: Tensor  # [R, Lmax] bool: positions whose log-probability enters the sum (⊆ masked)
+    # [R, Lmax] positions whose log-probability enters the sum (⊆ masked): bool, or float64 weights
+    # of each position's log-probability (0 = not scored) for block models
+    scored: Tensor
     weight: Tensor  # [R] float64
     lengths: Tensor  # [B] long: the response lengths the draws were made for
     budget: int
+    block_size: int | None = None  # a block model's: rows are scored as [noised ; clean] (dsdpo.blocks)
 
     @property
     def num_rows(self) -> int:
@@ -119,6 +128,26 @@ def _rows_for_draw(
     return [(group >= s, group == s, 1.0) for s in range(num_steps)]
 
 
+def _block_rows_for_draw(
+    estimator: str, segments, length: int, k: int, n: int, generator: torch.Generator, steps, stratified
+) -> list[tuple[Tensor, Tensor, float]]:
+    """Draw k's rows for a block model: each block's rows as for a response of its own, row s of
+    every block merged into one row, the block weights moved onto its positions."""
+    per_block = [
+        _rows_for_draw(estimator, end - first, k, n, generator, steps or end - first, stratified)
+        for first, end in segments
+    ]
+    merged = []
+    for s in range(max(len(rows) for rows in per_block)):
+        masked, scored = torch.zeros(length, dtype=torch.bool), torch.zeros(length, dtype=torch.float64)
+        for (first, end), rows in zip(segments, per_block, strict=True):
+            if s < len(rows):
+                block_masked, block_scored, block_weight = rows[s]
+                masked[first:end], scored[first:end] = block_masked, block_scored * block_weight
+        merged.append((masked, scored, 1.0))
+    return merged
+
+
 def sample_draws(
     batch_size: int,
     response_lengths: Sequence[int] | Tensor,
@@ -128,12 +157,18 @@ def sample_draws(
     keys: Sequence[DrawKey] | None = None,
     steps: int | None = None,
     stratified: bool = True,
+    block_size: int | None = None,
+    response_starts: Sequence[int] | Tensor | None = None,
 ) -> Draws:
     """Draw `budget` keyed ELBO estimates for each of `batch_size` responses.
 
     keys: one DrawKey per response (default: seed 0, example id = batch index, epoch 0).
-    steps: the number T of unmasking steps of the "trajectory" estimator (default: L, exact AO-AR).
+    steps: the number T of unmasking steps of the "trajectory" estimator (default: L, exact AO-AR),
+        per block for a block model.
     stratified: take draw k's mask count / timestep from the k-th of `budget` strata (VRPO).
+    block_size, response_starts: a block model's block length (None for any other model) and the
+        sequence position of each response's first token (blocks count from position 0 of prompt +
+        response; ignored without block_size).
     """
     lengths = torch.as_tensor(response_lengths, dtype=torch.long).reshape(-1)
     if lengths.numel() != batch_size:
@@ -150,14 +185,22 @@ def sample_draws(
         keys = draw_keys(range(batch_size))
     elif len(keys) != batch_size:
         raise DsdpoError(f"sample_draws: {len(keys)} keys for batch_size {batch_size}")
+    if block_size is not None and response_starts is None:
+        raise DsdpoError("sample_draws: a block model's draws need the responses' start positions")
+    starts = [0] * batch_size if block_size is None else torch.as_tensor(response_starts).tolist()
 
     width = int(lengths.max()) if batch_size else 0
     example, draw, masked, scored, weight = [], [], [], [], []
-    for b, (key, length) in enumerate(zip(keys, lengths.tolist(), strict=False)):
+    for b, (key, length, start) in enumerate(zip(keys, lengths.tolist(), starts, strict=False)):
         for k in range(budget):
-            rows = _rows_for_draw(
-                estimator, length, k, budget, draw_generator(key, k), steps or length, stratified
-            )
+            generator = draw_generator(key, k)
+            if block_size is None:
+                rows = _rows_for_draw(estimator, length, k, budget, generator, steps or length, stratified)
+            else:
+                segments = response_segments(start, length, block_size)
+                rows = _block_rows_for_draw(
+                    estimator, segments, length, k, budget, generator, steps, stratified
+                )
             for row_masked, row_scored, row_weight in rows:
                 example.append(b)
                 draw.append(k)
@@ -172,6 +215,7 @@ def sample_draws(
         weight=torch.tensor(weight, dtype=torch.float64),
         lengths=lengths,
         budget=budget,
+        block_size=block_size,
     )
 
 
@@ -186,11 +230,18 @@ def pair_draws(
     steps: int | None = None,
     chosen_only: bool = False,
     role: str = "",
+    block_size: int | None,
+    response_starts: Sequence[int] | Tensor,
 ) -> Draws:
     """The draws of a PairBatch's 2P responses, keyed by draw_keys_for. Training, evaluation and the
     precomputed reference all take their draws here, so they see the same masks. With chosen_only
-    (SFT) those of the P chosen responses alone, the same as in a preference batch."""
+    (SFT) those of the P chosen responses alone, the same as in a preference batch. block_size: the
+    model's (dsdpo.families.block_size_of; None but for a block model), with the responses' start
+    positions (see sample_draws); required, so that no caller scores a block model's responses whole."""
     keys = draw_keys_for(example_ids, seed, epoch, role)
     if chosen_only:
         keys = keys[: len(example_ids)]
-    return sample_draws(len(keys), response_lengths, budget, estimator, keys=keys, steps=steps)
+    return sample_draws(
+        len(keys), response_lengths, budget, estimator, keys=keys, steps=steps,
+        block_size=block_size, response_starts=response_starts,
+    )  # fmt: skip

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsdpo.block_sampler import block_generate
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, family_of_model, source_positions
+from dsdpo.families import FAMILIES, block_size_of_model, family_of_model, source_positions
 from dsdpo.logprobs import (
     bidirectional_attention_mask,
     output_size,
@@ -304,6 +305,48 @@ def _every_row_stopped(answer: Tensor, stop_token_ids: Sequence[int]) -> bool:
     return bool(torch.isin(answer, stops).any(dim=1).all())
 
 
+def _block_model_answers(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    mask_token_id: int,
+    gen_length: int,
+    steps: int,
+    temperature: float,
+    remasking: str,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+    stop_token_ids: Sequence[int],
+    device: torch.device | None,
+) -> Tensor:
+    """[B, gen_length] answers of a block model by its own sampler (dsdpo.block_sampler), one prompt at
+    a time: its blocks count from position 0 of each row, so rows of other prompt lengths do not align.
+    This sampler's options map onto it: the blocks are the model's own (config.json's block size,
+    whatever block_length says: a block model denoises no other), `steps` keep their number per answer
+    token (steps · block size / gen_length a block, at least one), 'low_confidence' keeps the plan's
+    number of most confident tokens a step (its 'low_confidence_static'), temperature 0 is its greedy
+    (top_k 1). The canvas ends at a block boundary; its tokens past gen_length are dropped, and after
+    an early stop the answer is filled with the first stop token, as LLaDA's is."""
+    if remasking != "low_confidence" or cfg_scale:
+        raise DsdpoError(
+            "a block model's sampler has low_confidence remasking only and no guidance (cfg_scale 0)"
+        )
+    block_size = block_size_of_model(model)
+    steps_per_block = min(block_size, max(1, steps * block_size // gen_length))
+    answers = torch.full((len(prompt_ids), gen_length), mask_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        canvas = block_generate(
+            model, prompt, mask_token_id=mask_token_id, block_length=block_size, gen_length=gen_length,
+            denoising_steps=steps_per_block, temperature=temperature or 1.0, top_k=0 if temperature else 1,
+            remasking="low_confidence_static", stop_token_ids=stop_token_ids, generator=generator,
+            device=device,
+        )  # fmt: skip
+        answers[row] = canvas[len(prompt) : len(prompt) + gen_length].cpu()
+    if stop_token_ids:
+        answers[answers == mask_token_id] = stop_token_ids[0]
+    return answers.to(device if device is not None else next(model.parameters()).device)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -330,11 +373,18 @@ def generate(
     device: where the canvas lives (default: the model's first parameter's device; a ZeRO-3 engine's
     partitioned parameters do not say it).
     """
-    steps_per_block = check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise DsdpoError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
     if temperature < 0:
         raise DsdpoError(f"temperature must be >= 0, got {temperature}")
+    family = family_of_model(model)
+    if family is not None and family.block_size_field is not None:
+        return _block_model_answers(
+            model, prompt_ids, mask_token_id=mask_token_id, gen_length=gen_length, steps=steps,
+            temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, generator=generator,
+            stop_token_ids=stop_token_ids, device=device,
+        )  # fmt: skip
+    steps_per_block = check_schedule(gen_length, block_length, steps)
     device = device if device is not None else next(model.parameters()).device
     batch = left_padded_batch(prompt_ids, gen_length=gen_length, mask_token_id=mask_token_id, device=device)
     canvas = batch.canvas.clone()

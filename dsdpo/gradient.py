@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks, row_weights, standard_error
+from dsdpo.diffusion import (
+    ScoringBatch,
+    draw_terms,
+    forward_rows,
+    plan_chunks,
+    row_weights,
+    row_widths,
+    standard_error,
+)
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import Draws
 from dsdpo.loss import LossConfig, LossOutput, preference_loss
@@ -51,7 +59,7 @@ def plan_unit_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: 
     tokens each unless one unit alone is larger: a unit's chosen and rejected rows of draw k go together."""
     pairs = draws.batch_size // 2
     unit = (draws.example % pairs) * draws.budget + draws.draw
-    ends = batch.sequence_ends[draws.example]
+    ends = row_widths(batch, draws)
     chunks, current, count, width = [], [], 0, 0
     for u in unit.unique().tolist():
         rows = (unit == u).nonzero(as_tuple=True)[0]

@@ -54,6 +54,7 @@ class HeldOutEvaluation:
         mask_token_id: int,
         pad_token_id: int,
         eos_token_id: int | None = None,
+        block_size: int | None = None,
     ):
         self.pairs = list(pairs)
         if loss.supervised:  # completions padded with EOS per batch, as SFT trains on them (dsdpo.sft)
@@ -67,6 +68,7 @@ class HeldOutEvaluation:
         self.max_tokens = max_tokens_no_grad
         self.mask_token_id = mask_token_id
         self.pad_token_id = pad_token_id
+        self.block_size = block_size  # a block model's: its draws are made per block
 
     def _terms(self, engine, pairs: list[TokenizedPair]) -> Tensor:
         """[2P, n] (or [P, n] for SFT) per-draw ELBO terms of a batch, on the CPU in float64."""
@@ -84,6 +86,8 @@ class HeldOutEvaluation:
             epoch=self.settings.epoch,
             steps=self.settings.steps,
             chosen_only=supervised,
+            block_size=self.block_size,
+            response_starts=scoring.response_starts,
         )
         terms, _ = engine_terms(
             engine, scoring, draws, mask_token_id=self.mask_token_id, max_tokens=self.max_tokens

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dsdpo.dist import all_reduce_max
-from dsdpo.families import attribute, family_of, family_of_model, source_positions
+from dsdpo.errors import DsdpoError
+from dsdpo.families import attribute, block_size_of_model, family_of, family_of_model, source_positions
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
 
@@ -128,12 +129,14 @@ def _logits(output) -> Tensor:
 
 
 class MaskedTokenScorer(nn.Module):
-    """Wraps a denoiser; forward returns, per row, Σ log p(targets[i] | input) over scored positions i.
+    """Wraps a denoiser; forward returns, per row, Σ log p(targets[i] | input) over scored positions i
+    (Σ w_i log p(...) when `scored` holds float weights w_i: a block model's per-block weights).
 
     This is the module a DeepSpeed engine wraps, so that ZeRO-3's hooks see one root forward call.
     A family's logit shift is applied here (Dream reads token i's logits at position i-1). A model
     with its own code is probed once for whether it ignores the padding mask; if it does, its rows
-    run without padding (dsdpo.padding).
+    run without padding (dsdpo.padding). A block model's rows come as [noised ; clean] with their
+    positions and a ready 4-D mask (dsdpo.blocks): the scored positions are in the noised copy.
     """
 
     def __init__(self, model: nn.Module, head_slice_bytes: int = HEAD_SLICE_BYTES):
@@ -143,6 +146,7 @@ class MaskedTokenScorer(nn.Module):
         self._split = trunk_and_head(model)
         family = family_of_model(model)
         self._shift = family.logit_shift if family else 0
+        self.block_size = block_size_of_model(model)  # the draws of a block model are made per block
         self._bidirectional_decoder = bool(
             getattr(getattr(model, "config", None), "use_bidirectional_attention", False)
         )
@@ -150,11 +154,20 @@ class MaskedTokenScorer(nn.Module):
         # rank alike, where ZeRO-3 has the parameters at hand.
         self.ignores_padding: bool | None = None if is_remote_code(model) else False
 
-    def _full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return _logits(self.model(input_ids=input_ids, attention_mask=attention_mask))
+    def _full_logits(self, input_ids: Tensor, attention_mask: Tensor, **positions) -> Tensor:
+        return _logits(self.model(input_ids=input_ids, attention_mask=attention_mask, **positions))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, targets: Tensor) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, targets: Tensor, position_ids=None
+    ) -> Tensor:
+        if (self.block_size is None) != (position_ids is None):  # every scoring path comes through here
+            raise DsdpoError(
+                "a block-diffusion model scores [noised ; clean] rows of block draws, any other model plain "
+                "rows: these draws were made for another kind of model (dsdpo.draws, block_size)"
+            )
         rows, positions = scored.nonzero(as_tuple=True)
+        # Only block rows carry positions (both copies share them); remote code may not take the argument.
+        positions_given = {} if position_ids is None else {"position_ids": position_ids}
         sources = source_positions(positions, self._shift)
         if self.ignores_padding is None:
             self.ignores_padding = ignores_padding(self._full_logits, input_ids)
@@ -171,13 +184,17 @@ class MaskedTokenScorer(nn.Module):
                 attention_mask = bidirectional_attention_mask(attention_mask, self.model.dtype)
             if self._split is not None:
                 trunk, head = self._split
-                states = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                states = trunk(
+                    input_ids=input_ids, attention_mask=attention_mask, **positions_given
+                ).last_hidden_state
             else:
-                head, states = nn.Identity(), self._full_logits(input_ids, attention_mask)
+                head, states = nn.Identity(), self._full_logits(input_ids, attention_mask, **positions_given)
         # The full-logits paths have their logits already: slicing bounds the fp32 copies made from them.
         slice_positions = positions_per_slice(output_size(self.model, head, states), self.head_slice_bytes)
         states, targets = states[rows, sources], targets[rows, positions]
         token_logprobs = target_logprobs(head, states, targets, slice_positions)
+        if scored.is_floating_point():  # a block model's per-position weights L_b / l (dsdpo.blocks)
+            token_logprobs = token_logprobs * scored[rows, positions].float()
         per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
         return per_row.index_add(0, rows, token_logprobs)
 

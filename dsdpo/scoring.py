@@ -22,10 +22,18 @@ from tqdm import tqdm
 
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import ScoringBatch, draw_terms, elbo_terms, forward_rows, plan_chunks, standard_error
+from dsdpo.diffusion import (
+    ScoringBatch,
+    draw_terms,
+    forward_rows,
+    plan_chunks,
+    row_logprob_sums,
+    standard_error,
+)
 from dsdpo.dist import all_reduce_max
 from dsdpo.draws import ESTIMATORS, Draws, pair_draws
 from dsdpo.errors import DsdpoError
+from dsdpo.families import block_size_of_model
 
 
 def padded_calls(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
@@ -161,29 +169,33 @@ def score_pairs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    block_size = block_size_of_model(model)
     chosen, rejected = [], []
     try:
         with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not settings.progress) as bar:
             for start in range(0, len(pairs), settings.batch_size):
                 batch = collate_pairs(list(pairs[start : start + settings.batch_size]), pad_token_id)
+                scoring = ScoringBatch.build(
+                    batch.input_ids.to(device),
+                    batch.response_mask.to(device),
+                    batch.attention_mask.to(device),
+                )
                 draws = pair_draws(
                     batch.example_ids,
-                    batch.response_mask.sum(1),
+                    scoring.response_lengths,
                     settings.budget,
                     settings.estimator,
                     seed=settings.seed,
                     epoch=settings.epoch,
                     steps=settings.steps,
+                    block_size=block_size,
+                    response_starts=scoring.response_starts,
                 )
-                terms = elbo_terms(
-                    model,
-                    batch.input_ids.to(device),
-                    batch.response_mask.to(device),
-                    mask_token_id=mask_token_id,
-                    draws=draws,
-                    attention_mask=batch.attention_mask.to(device),
+                sums = row_logprob_sums(
+                    model, scoring, draws, mask_token_id=mask_token_id,
                     max_tokens_per_forward=settings.max_tokens_per_forward,
-                ).to("cpu", torch.float64)
+                )  # fmt: skip
+                terms = draw_terms(sums, draws).to("cpu", torch.float64)
                 chosen.append(terms[: batch.num_pairs])
                 rejected.append(terms[batch.num_pairs :])
                 bar.update(batch.num_pairs)

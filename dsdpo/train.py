@@ -38,6 +38,7 @@ from dsdpo.draws import pair_draws
 from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
 from dsdpo.engine import build_engines, finalize_swapped_gradients, init_distributed
 from dsdpo.errors import DsdpoError
+from dsdpo.families import block_size_of
 from dsdpo.families.routing import router_metrics, take_router_counts
 from dsdpo.faults import crash_point
 from dsdpo.gradient import MicroStep, preference_micro_step
@@ -402,6 +403,7 @@ class Trainer:
             mask_token_id=plan.mask_token_id,
             pad_token_id=plan.tokenizer.pad_token_id or 0,
             eos_token_id=plan.tokenizer.eos_token_id,
+            block_size=block_size_of(plan.hf_config),
         )
 
     def _held_out_accuracy(self) -> HeldOutAccuracy | None:
@@ -460,6 +462,7 @@ class Trainer:
             return pair_draws(
                 batch.example_ids, scoring.response_lengths, score.budget, score.estimator,
                 seed=config.train.seed, epoch=epoch, steps=score.steps, chosen_only=chosen_only, role=role,
+                block_size=block_size_of(plan.hf_config), response_starts=scoring.response_starts,
             )  # fmt: skip
 
         draws = draws_for(chosen_only=supervised)

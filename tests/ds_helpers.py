@@ -95,10 +95,15 @@ def micro_step(
     estimator="l_over_L",
     loss_scale=1.0,
     loss_config=None,
+    block_size=None,
 ):
-    """One preference micro-step (forward and backward, no optimizer step) on PAIRS[indices]."""
+    """One preference micro-step (forward and backward, no optimizer step) on PAIRS[indices]; the
+    draws per block of `block_size` for a block model."""
     batch, keys = pair_batch(tokenizer, indices)
-    draws = sample_draws(len(keys), batch.response_lengths, budget, estimator, keys=keys)
+    draws = sample_draws(
+        len(keys), batch.response_lengths, budget, estimator, keys=keys, block_size=block_size,
+        response_starts=batch.response_starts,
+    )  # fmt: skip
     result = preference_micro_step(
         engines.policy,
         as_reference(engines.reference),

@@ -94,7 +94,7 @@ def test_chosen_and_rejected_draw_k_share_stratum_k(estimator):
 
     n, length = 4, 40
     draws = pair_draws(
-        ["a", "b"], [length] * 4, n, estimator, seed=3, epoch=0
+        ["a", "b"], [length] * 4, n, estimator, seed=3, epoch=0, block_size=None, response_starts=[0] * 4
     )  # rows: a, b chosen; a, b rejected
     fraction = draws.masked.sum(1).double() / length  # ≈ the stratum's u (l/L) or t
     for row in range(draws.num_rows):

@@ -12,7 +12,9 @@ transformers does. The conventions are what the scorer, the sampler, LoRA and lo
 - LoRA targets: every linear layer of the blocks, never the output layer; for LLaDA-MoE, never
   its routed experts or router either (see LLADA_MOE);
 - trunk and head: where the hidden states end and the output layer starts (the scorer runs the
-  head only at masked positions).
+  head only at masked positions);
+- blocks: a block-diffusion model (SDAR) names the config field of its block length; its score is
+  the block-diffusion ELBO (dsdpo.blocks, docs/design.md, "The block-diffusion ELBO").
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import PretrainedConfig
 from dsdpo.families.dream import DreamConfig, DreamModel
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
 from dsdpo.families.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
+from dsdpo.families.sdar import SDARConfig, SDARForCausalLM
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Family:
     lora_target_modules: str  # a PEFT regex over module names
     trunk: str  # attribute path of the module whose output is the final hidden states
     head: str  # attribute path of the output layer
+    block_size_field: str | None = None  # a block-diffusion model's config field of its block length
 
 
 LLADA = Family(
@@ -88,7 +92,22 @@ LLADA_MOE = Family(
     trunk="model",
     head="lm_head",
 )
-FAMILIES = {family.model_type: family for family in (LLADA, DREAM, LLADA_MOE)}
+# SDAR's LoRA targets are Dream's (the same Qwen decoder layer names): every linear layer of the
+# decoder layers (q/k/v/o and the gated MLP), never lm_head; its q/k norms are not linear layers.
+SDAR = Family(
+    name="SDAR",
+    model_type="sdar",
+    config_class=SDARConfig,
+    model_class=SDARForCausalLM,
+    mask_token_id=151669,  # config.json's mask_token_id (FRONTIER_CONVENTIONS.md, sdar)
+    logit_shift=0,  # modeling_sdar.py:1210; generate.py reads the block's own positions (132-144)
+    stop_tokens=("<|im_end|>", "<|endoftext|>"),  # Qwen3's end of turn and EOS (its chat template)
+    lora_target_modules=DREAM.lora_target_modules,
+    trunk="model",
+    head="lm_head",
+    block_size_field="block_size",  # config.json; generate.py's block_length (4 in the chat models)
+)
+FAMILIES = {family.model_type: family for family in (LLADA, DREAM, LLADA_MOE, SDAR)}
 
 
 def config_key(model_type: str | None, fields: Mapping[str, object]) -> str | None:
@@ -123,6 +142,20 @@ def family_of_model(model: nn.Module) -> Family | None:
     if hasattr(model, "get_base_model"):  # a PEFT model
         model = model.get_base_model()
     return family_of(getattr(model, "config", None))
+
+
+def block_size_of(config: PretrainedConfig | None) -> int | None:
+    """A block-diffusion model's block length (its family names the config field), else None."""
+    family = family_of(config)
+    if family is None or family.block_size_field is None:
+        return None
+    return int(getattr(config, family.block_size_field))
+
+
+def block_size_of_model(model: nn.Module) -> int | None:
+    if hasattr(model, "get_base_model"):  # a PEFT model
+        model = model.get_base_model()
+    return block_size_of(getattr(model, "config", None))
 
 
 def lora_targets(option: str, family: Family | None) -> str | list[str]:

@@ -1,4 +1,4 @@
-"""SDAR (SDAR-1.7B/4B/8B/30B Chat, TraDo) as a native transformers model: the network only.
+"""SDAR (SDAR-1.7B/4B/8B/30B Chat, TraDo) as a native transformers model.
 
 It reads the published checkpoints as they are (config.json with model_type "sdar", Qwen3 weight
 names `model.layers.N.self_attn.q_norm` ...) and runs no remote code. The computation is the
@@ -10,10 +10,11 @@ published sampler's mask (generate.py:79-87); logits of token i at position i (1
 norm is flash-attn's fused kernel (51, 366-367): the weight is applied in fp32 and the result rounded
 once, where LLaDA's and Dream's round before the weight.
 
-Not yet a dsdpo family: its score is the block-diffusion ELBO (each block denoised given the clean
-blocks before it), which the scorer does not compute yet; scoring it as a fully-masked-canvas
-model would give a different number. The published model takes the block mask from its caller and
-ignores a 2-D padding mask; this one builds the block-causal mask itself and hides padded keys.
+Its score is the block-diffusion ELBO (each block denoised given the clean blocks before it), which
+the scorer computes from [noised ; clean] rows under the block-diffusion mask (dsdpo.blocks), as
+SDAR's own training does (prepare_for_bd_training, 1069-1110): given a ready 4-D mask, the model
+uses it as it is. The published model takes every mask from its caller and ignores a 2-D padding
+mask; given none or a 2-D one, this one builds the block-causal mask itself and hides padded keys.
 """
 
 from __future__ import annotations
@@ -162,7 +163,10 @@ class SDARModel(SDARPreTrainedModel):
         x = self.embed_tokens(input_ids)
         positions = default_positions(input_ids, position_ids)
         rotary = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        mask = block_causal_mask(positions, attention_mask, self.config.block_size)
+        if attention_mask is not None and attention_mask.dim() == 4:  # ready: [B, 1, S, S], True = attend
+            mask = attention_mask.bool()
+        else:
+            mask = block_causal_mask(positions, attention_mask, self.config.block_size)
         for layer in self.layers:
             x = layer(x, rotary, mask)
         return BaseModelOutput(last_hidden_state=self.norm(x))
