@@ -180,9 +180,22 @@ def best_checkpoint_name(output: Path) -> str | None:
     return name if STEP_PATTERN.match(name) else None
 
 
+def _named_best(folder: Path) -> str | None:
+    """The best checkpoint as of `folder`'s step (its state's best_step), which a resume from
+    `folder` points `best` at; None when it names none or its state cannot be read."""
+    try:
+        step = json.loads((folder / STATE_FILE).read_text())["state"].get("best_step")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return step_tag(step) if isinstance(step, int) else None
+
+
 def _prune(output: Path, *, keep: int, protect: str) -> None:
+    """Remove all but the newest `keep` checkpoints, sparing `protect`, the current best, and the
+    best that each kept checkpoint names (a resume from it points `best` there again)."""
     complete = sorted(complete_checkpoints(output))
-    kept = {protect, best_checkpoint_name(output)}
+    retained = complete[-keep:]
+    kept = {protect, best_checkpoint_name(output)} | {_named_best(folder) for folder in retained}
     for folder in complete[:-keep]:
         if folder.name not in kept:
             shutil.rmtree(folder, ignore_errors=True)
