@@ -24,10 +24,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dsdpo.checkpoint import cast_weight, is_checkpoint, resolve_checkpoint, weight_sources
+from dsdpo.checkpoint import cast_weight, is_checkpoint, resolve_checkpoint, verify_checkpoint, weight_sources
 from dsdpo.errors import DsdpoError
 from dsdpo.families import family_of, family_of_folder
-from dsdpo.safe_load import check_checkpoint_pickles
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ def load_checkpoint_model(
 ) -> PreTrainedModel:
     """The trained policy of a checkpoint as a plain transformers model (for eval and scoring)."""
     folder = resolve_checkpoint(checkpoint)
-    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
+    verify_checkpoint(folder, trust_checkpoint=trust_checkpoint)
     config = load_config(folder / "hf", trust_remote_code=trust_remote_code)
     model = build_from_config(config, trust_remote_code=trust_remote_code)
     weights = {

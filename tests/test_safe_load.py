@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from dsdpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from dsdpo.checkpoint import STATE_FILE, TrainState, file_digests, load_checkpoint, save_checkpoint
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
@@ -62,6 +62,9 @@ def poisoned(trained, tmp_path):
     marker = tmp_path / "code_ran"
     shard["payload"] = CreatesFile(marker)
     torch.save(shard, folder / MODEL_SHARD)
+    meta = json.loads((folder / STATE_FILE).read_text())  # an attacker rewrites the digests too
+    meta["digests"] = file_digests(folder)
+    (folder / STATE_FILE).write_text(json.dumps(meta))
     return folder, marker
 
 
