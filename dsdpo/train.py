@@ -57,6 +57,7 @@ from dsdpo.run_folder import (
     check_writable,
     clear_run,
     cut_metrics_to,
+    run_lock,
     set_aside_later_checkpoints,
 )
 from dsdpo.scoring import ScoreSettings
@@ -290,7 +291,10 @@ def train(
     """Run (or resume) training; return the last step's metrics. `trust_checkpoint` lets the
     checkpoint resumed from hold pickled code (dsdpo.safe_load)."""
     plan = plan_run(config, ds_config_path, nvme_path=nvme_path, resume=resume)
-    return Trainer(config, plan, resuming=resume is not None, trust_checkpoint=trust_checkpoint).run()
+    with run_lock(plan.output, enabled=plan.rank == 0) as note:
+        if note:
+            plan.notes.append(note)
+        return Trainer(config, plan, resuming=resume is not None, trust_checkpoint=trust_checkpoint).run()
 
 
 class Trainer:
