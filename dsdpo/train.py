@@ -117,10 +117,10 @@ def _prepare_output(output: Path, checkpoint: Path | None, *, resuming: bool, ov
     notes = []
     if moved := set_aside_later_checkpoints(output, step):
         notes.append(f"checkpoints after step {step} moved to {output / ABANDONED}: {', '.join(moved)}")
-    if dropped := cut_metrics_to(output, step):
-        notes.append(
-            f"{METRICS_FILE}: {dropped} lines after step {step} (or cut short) removed; they are logged again"
-        )
+    # Without a checkpoint the run starts over, its step-0 evaluation included: no line is kept.
+    if dropped := cut_metrics_to(output, step if checkpoint is not None else -1):
+        kept = f"after step {step}" if checkpoint is not None else "of a run that saved no checkpoint"
+        notes.append(f"{METRICS_FILE}: {dropped} lines {kept} (or cut short) removed; they are logged again")
     return notes
 
 

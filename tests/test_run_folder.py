@@ -150,3 +150,21 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_naming_its_pid(tiny_gem
     assert resumed.returncode == 0, tail(resumed)
     assert f"note: {lock}: pid {first.pid} died while running here; its lock is taken over" in resumed.stdout
     assert lock.read_text() == ""  # a run that ended leaves no pid behind
+
+
+def test_a_resume_before_the_first_checkpoint_logs_step_0_once(tiny_gemma_dir, tmp_path):
+    """Issue 20: killed after step 1 (the step-0 evaluation logged, no checkpoint yet), `--resume auto`
+    starts over and logged step 0 a second time."""
+    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
+    held = [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(4, seed=5)]
+    held_out = write_jsonl(held, tmp_path / "held.jsonl")
+    options = dict(budget=2, max_steps=2, eval_data=held_out, eval_every=3, save_every=3)
+    args = train_args(REPO / "ds_configs" / "cpu.json", tiny_gemma_dir, data, tmp_path / "run", **options)
+    killed = run_train(args, env={"DSDPO_FAULT": "after_step:1"})
+    assert killed.returncode == -9, tail(killed)
+    resumed = run_train([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, tail(resumed)
+    logged = [
+        json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == [0, 1, 2]
