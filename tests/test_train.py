@@ -251,6 +251,22 @@ def test_bad_input_to_the_trainer_is_one_line_before_any_distributed_start_up(ti
             lambda c: c.update(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": "10"}}),
             r"scheduler\.params\.warmup_num_steps must be a number, got '10'",
         ),
+        (
+            lambda c: c["optimizer"]["params"].update(lr=-1e-3),
+            r"optimizer\.params\.lr must be a finite number >= 0, got -0\.001$",
+        ),
+        (
+            lambda c: c["scheduler"]["params"].update(warmup_max_lr=-2e-3),
+            r"scheduler\.params\.warmup_max_lr must be a finite number >= 0, got -0\.002$",
+        ),
+        (
+            lambda c: c.update(gradient_clipping=-1.0),
+            r"gradient_clipping must be a finite number >= 0, got -1\.0$",
+        ),
+        (
+            lambda c: c.update(gradient_clipping=float("nan")),
+            r"gradient_clipping must be a finite number >= 0, got nan$",
+        ),
     ],
 )
 def test_what_deepspeed_would_refuse_after_start_up_is_refused_before_it(change, message):
