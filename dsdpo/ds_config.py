@@ -226,19 +226,16 @@ def _check_non_negative(config: dict[str, Any], source: str) -> None:
     DeepSpeed takes gradient_clipping -1 silently and a negative rate fails only after start-up."""
     optimizer_params = (config.get("optimizer") or {}).get("params") or {}
     scheduler_params = (config.get("scheduler") or {}).get("params") or {}
-    values = {f"optimizer.params.{key}": value for key, value in optimizer_params.items() if key == "lr"}
-    values |= {
+    values = {
         f"scheduler.params.{key}": value for key, value in scheduler_params.items() if key.endswith("lr")
     }
+    if "lr" in optimizer_params:
+        values["optimizer.params.lr"] = optimizer_params["lr"]
     if "gradient_clipping" in config:
         values["gradient_clipping"] = config["gradient_clipping"]
     for name, value in values.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not value >= 0
-            or value == math.inf
-        ):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 0 <= value < math.inf:  # NaN fails the comparison too
             raise DsdpoError(f"{source}: {name} must be a finite number >= 0, got {value!r}")
 
 
