@@ -159,22 +159,29 @@ def resolve_mask_token_id(
     explicit: int | None, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
 ) -> int:
     """The mask token: an explicit option, else the config's `mask_token_id`, else the published one
-    of the model's family (LLaDA 126336, Dream 151666), else the tokenizer's."""
+    of the model's family (LLaDA 126336, Dream 151666), else the tokenizer's. One given by the option,
+    the config or the tokenizer is refused, naming where it came from, when it is no id of the
+    vocabulary (the first forward would fail on it); a family's published id is its released models'."""
+    mask, source = _mask_token_id_and_source(explicit, config, tokenizer)
+    vocabulary = max(getattr(config, "vocab_size", 0) or 0, getattr(config, "embedding_size", 0) or 0)
+    if source is not None and vocabulary and not 0 <= mask < vocabulary:
+        raise DsdpoError(f"{source} {mask} is outside the model's vocabulary (ids 0 to {vocabulary - 1})")
+    return mask
+
+
+def _mask_token_id_and_source(
+    explicit: int | None, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[int, str | None]:
     if explicit is not None:
-        vocabulary = max(getattr(config, "vocab_size", 0) or 0, getattr(config, "embedding_size", 0) or 0)
-        if vocabulary and not 0 <= explicit < vocabulary:
-            raise DsdpoError(
-                f"--mask-token-id {explicit} is outside the model's vocabulary (ids 0 to {vocabulary - 1})"
-            )
-        return int(explicit)
+        return int(explicit), "--mask-token-id"
     from_config = getattr(config, "mask_token_id", None)
     if from_config is not None:
-        return int(from_config)
+        return int(from_config), f"{Path(config.name_or_path or '.') / 'config.json'}: mask_token_id"
     family = family_of(config)
     if family is not None:
-        return family.mask_token_id
+        return family.mask_token_id, None
     if tokenizer is not None and tokenizer.mask_token_id is not None:
-        return int(tokenizer.mask_token_id)
+        return int(tokenizer.mask_token_id), "the tokenizer's mask token"
     raise DsdpoError(
         "no mask token id: the model config has no mask_token_id and the tokenizer no mask token; "
         "give it with --mask-token-id (LLaDA uses 126336)"
