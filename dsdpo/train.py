@@ -191,6 +191,8 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     reference_scores = _precomputed_reference(
         config, pairs, tokenizer, precision(ds_config), -(-total_steps // len(batcher))
     )
+    if reference_scores is not None and eval_pairs is not None:
+        reference_scores.check_held_out(eval_pairs, config.train.eval_data)
     data_digest = examples_digest(examples)
     check_writable(output)
     checkpoint, resume_note = find_resume_checkpoint(output, resume) if resume else (None, None)
@@ -434,7 +436,7 @@ class Trainer:
 
     def run_evaluations(self, step: int) -> dict[str, float]:
         """The held-out metrics of this step: preference scores and/or generation accuracy."""
-        results = self.evaluation.run(self.policy, self.reference.model) if self.evaluation else {}
+        results = self.evaluation.run(self.policy, self.reference) if self.evaluation else {}
         if self.accuracy_evaluation is not None:
             accuracy, records = self.accuracy_evaluation.run(self.policy)
             results.update(accuracy)
