@@ -36,7 +36,6 @@ from dsdpo.generate import cut_at_stop, encode_prompt, generate, stop_ids_of
 from dsdpo.loss import LossConfig, sft_losses
 from dsdpo.reference import PrecomputedReference, Reference
 from dsdpo.scoring import PairScores, ScoreSettings, engine_terms
-from dsdpo.sft import pad_completions_with_eos
 
 EVAL_BATCH = 8  # held-out pairs scored together (and problems answered together)
 GENERATIONS = "eval_generations"  # --eval-problems: OUTPUT/eval_generations/step_NNNNNN.jsonl
@@ -54,15 +53,8 @@ class HeldOutEvaluation:
         max_tokens_no_grad: int,
         mask_token_id: int,
         pad_token_id: int,
-        eos_token_id: int | None = None,
     ):
-        self.pairs = list(pairs)
-        if loss.supervised:  # completions padded with EOS per batch, as SFT trains on them (dsdpo.sft)
-            self.pairs = [
-                padded
-                for start in range(0, len(pairs), EVAL_BATCH)
-                for padded in pad_completions_with_eos(self.pairs[start : start + EVAL_BATCH], eos_token_id)
-            ]
+        self.pairs = list(pairs)  # SFT: completions already padded with EOS (plan_run, dsdpo.sft)
         self.loss = loss
         self.settings = replace(settings, epoch=0)  # the same draws at every evaluation
         self.max_tokens = max_tokens_no_grad

@@ -164,6 +164,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
     )
     pairs, truncated = tokenize_pairs(examples, tokenizer, **config.data.tokenize_options())
+    pairs = _sft_canvas(config, pairs, tokenizer)
 
     eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
     eval_problems = _held_out_problems(config)
@@ -236,6 +237,7 @@ def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list |
         config.train.eval_data, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
     )
     pairs, _ = tokenize_pairs(examples, tokenizer, **config.data.tokenize_options())
+    pairs = _sft_canvas(config, pairs, tokenizer)
     shared = [pair.example_id for pair in pairs if pair.example_id in training_ids]
     if shared:
         raise DsdpoError(
@@ -243,6 +245,13 @@ def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list |
             f"in {config.data.path}); held-out data must be other rows"
         )
     return pairs
+
+
+def _sft_canvas(config: Config, pairs: list, tokenizer) -> list:
+    """SFT: each data set's completions padded with EOS once, before batching (dsdpo.sft)."""
+    if not config.loss.supervised:
+        return pairs
+    return pad_completions_with_eos(pairs, tokenizer.eos_token_id, config.data.max_length)
 
 
 def _held_out_problems(config: Config) -> list | None:
@@ -407,7 +416,6 @@ class Trainer:
             max_tokens_no_grad=config.score.no_grad_tokens,
             mask_token_id=plan.mask_token_id,
             pad_token_id=plan.tokenizer.pad_token_id or 0,
-            eos_token_id=plan.tokenizer.eos_token_id,
         )
 
     def _held_out_accuracy(self) -> HeldOutAccuracy | None:
@@ -455,8 +463,6 @@ class Trainer:
         """Forward and backward of one micro-batch (no update); and the tokens it holds."""
         config, plan = self.config, self.plan
         score, supervised = config.score, config.loss.supervised
-        if supervised:
-            pairs = pad_completions_with_eos(pairs, plan.tokenizer.eos_token_id)
         batch = collate_pairs(pairs, pad_token_id=plan.tokenizer.pad_token_id or 0, chosen_only=supervised)
         scoring = ScoringBatch.build(
             batch.input_ids.to(device()), batch.response_mask.to(device()), batch.attention_mask.to(device())
