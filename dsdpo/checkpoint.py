@@ -423,8 +423,14 @@ def _lora_scale(hf_files: Path) -> float | None:
     adapter = hf_files / ADAPTER_CONFIG
     if not adapter.is_file():
         return None
-    settings = json.loads(adapter.read_text())
-    return settings["lora_alpha"] / settings["r"]
+    try:
+        settings = json.loads(adapter.read_text())
+        alpha, rank = settings["lora_alpha"], settings["r"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DsdpoError(f"{adapter}: not a LoRA adapter config ({err})") from None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
+        raise DsdpoError(f"{adapter}: r must be a positive integer and lora_alpha a number, got r={rank!r}")
+    return alpha / rank
 
 
 def weight_sources(folder: Path) -> dict[str, tuple[torch.Size, Callable[[], torch.Tensor]]]:

@@ -22,7 +22,7 @@ from dsdpo.checkpoint import (
     weight_sources,
 )
 from dsdpo.errors import DsdpoError
-from dsdpo.models import DTYPES, load_checkpoint_model
+from dsdpo.models import DTYPES, check_config_fits_weights, load_checkpoint_model
 
 # Re-exported: checkpoint reading lives in dsdpo.checkpoint, model building in dsdpo.models.
 __all__ = ["export_checkpoint", "is_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
@@ -50,6 +50,7 @@ def export_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
 
     sources = weight_sources(folder)
+    check_config_fits_weights(folder, sources)
     empty = {name: torch.empty(shape, dtype=DTYPES[dtype]) for name, (shape, _) in sources.items()}
     split = split_torch_state_dict_into_shards(
         empty, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size

@@ -200,10 +200,9 @@ def load_checkpoint_model(
     verify_checkpoint(folder, trust_checkpoint=trust_checkpoint)
     config = load_config(folder / "hf", trust_remote_code=trust_remote_code)
     model = build_from_config(config, trust_remote_code=trust_remote_code)
-    weights = {
-        name: cast_weight(make(), dtype or torch.float32)
-        for name, (_, make) in weight_sources(folder).items()
-    }
+    sources = weight_sources(folder)
+    check_weights_fit(model, sources, folder)
+    weights = {name: cast_weight(make(), dtype or torch.float32) for name, (_, make) in sources.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     model.tie_weights()
     tied = {name for name in missing if _is_tied(model, name)}
@@ -213,6 +212,30 @@ def load_checkpoint_model(
             f"unexpected {sorted(unexpected)[:5]})"
         )
     return model.to(dtype) if dtype is not None else model
+
+
+def check_weights_fit(model: torch.nn.Module, sources: dict, folder: Path) -> None:
+    """Every weight of the checkpoint has the shape its hf/config.json gives it: a config edited or
+    copied from another size is this one line, not a traceback from load_state_dict."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, (shape, _) in sources.items():
+        if name in shapes and shapes[name] != tuple(shape):
+            raise DsdpoError(
+                f"{folder / 'hf' / 'config.json'} does not describe the checkpoint's weights: {name} is "
+                f"{tuple(shape)} in the shards, {shapes[name]} by the config"
+            )
+
+
+def check_config_fits_weights(folder: Path, sources: dict) -> None:
+    """check_weights_fit against a model of hf/config.json built on the meta device (no memory); a
+    model that needs its own code is not built (exporting runs no code from the checkpoint)."""
+    try:
+        config = load_config(folder / "hf")
+    except DsdpoError:
+        return
+    with torch.device("meta"):
+        model = build_from_config(config)
+    check_weights_fit(model, sources, folder)
 
 
 def _is_tied(model: PreTrainedModel, name: str) -> bool:
