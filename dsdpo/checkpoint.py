@@ -257,8 +257,8 @@ def latest_checkpoint(output: Path) -> tuple[Path | None, str | None]:
     complete = complete_checkpoints(output)
     newest = complete[-1] if complete else None
     latest = output / LATEST_FILE
-    if not latest.is_file():
-        return newest, None
+    if not latest.is_file():  # deleted by hand, or a crash between a rename and its write
+        return newest, newest and f"{latest} is missing; using the newest complete checkpoint, {newest.name}"
     try:
         name = latest.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -35,6 +35,12 @@ def test_latest_is_trusted_only_when_it_names_a_complete_checkpoint_inside_the_f
     assert why in note and "using the newest complete checkpoint, step_000003" in note
     (output / LATEST_FILE).write_text("step_000001")
     assert find_resume_checkpoint(output, "auto") == (output / "step_000001", None)
+    (output / LATEST_FILE).unlink()  # issue 20: a deleted `latest` was passed over without a word
+    assert find_resume_checkpoint(output, "auto") == (
+        output / "step_000003",
+        f"{output / LATEST_FILE} is missing; using the newest complete checkpoint, step_000003",
+    )
+    assert find_resume_checkpoint(tmp_path / "empty", "auto") == (None, None)  # a fresh run: no note
 
 
 def test_a_resume_cuts_the_log_back_and_drops_a_torn_line(tmp_path):
