@@ -109,6 +109,21 @@ def load_model(
     return cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def check_finite_weights(folder: str | Path) -> None:
+    """Every floating-point tensor of a model folder's safetensors files is finite, read one tensor at
+    a time: a NaN in the starting weights is this error, not a run of skipped steps."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise DsdpoError(
+                        f"{path}: {name} holds NaN or infinite values; the model's weights are broken"
+                    )
+
+
 def build_from_config(config: PretrainedConfig, *, trust_remote_code: bool = False) -> PreTrainedModel:
     """A randomly initialised model of `config`'s architecture (weights come afterwards)."""
     cls = model_class_for(config, trust_remote_code=trust_remote_code)

@@ -43,7 +43,13 @@ from dsdpo.faults import crash_point
 from dsdpo.gradient import MicroStep, preference_micro_step
 from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
-from dsdpo.models import copy_code_files, load_config, load_tokenizer, resolve_mask_token_id
+from dsdpo.models import (
+    check_finite_weights,
+    copy_code_files,
+    load_config,
+    load_tokenizer,
+    resolve_mask_token_id,
+)
 from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.monitor import ResourceMonitor
 from dsdpo.planner.shapes import largest_parameter
@@ -160,6 +166,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
     hf_config = load_config(config.model.path, trust_remote_code=config.model.trust_remote_code)
     mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
+    check_finite_weights(config.model.path)
     examples, skipped = load_preference_data(
         config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
     )

@@ -114,3 +114,22 @@ def test_a_skipped_step_drops_the_gradient_of_its_finite_micro_batches(
     assert metrics_by_step(tmp_path / "second" / "run")[3]["skipped_steps"] == 1
     assert all(torch.equal(second[k], both[k]) for k in second)
     assert any(not torch.equal(second[k], _weights(tmp_path / "both" / "run", 1)[k]) for k in second)
+
+
+def test_nan_in_the_starting_weights_is_refused_before_start_up(tiny_gemma_dir, tmp_path):
+    """Issue 20: NaN in the model's weights was not checked at load (every step was then skipped)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gemma_dir, model)
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[3]
+    weights[name].view(-1)[5] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DsdpoError) as refused:
+        _run(tmp_path, model, steps=1, max_bad_steps=3)
+    assert str(refused.value) == (
+        f"{model / 'model.safetensors'}: {name} holds NaN or infinite values; the model's weights are broken"
+    )
