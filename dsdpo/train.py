@@ -80,16 +80,28 @@ class TrainingStopped(Exception):
         self.checkpoint = checkpoint
 
 
+class StoppedAtOnce(DsdpoError):
+    """A second stop request: the step in progress is abandoned (a checkpoint being written stays a
+    .partial folder that nothing reads)."""
+
+    def __init__(self):
+        super().__init__(
+            "stopped at once by a second signal: the step in progress is lost; --resume auto "
+            "continues from the last checkpoint"
+        )
+
+
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary and save; a second one of either
+    stops at once (a step can take minutes, and a scheduler's SIGTERM is often followed by SIGKILL)."""
 
     def __init__(self):
         self.requested = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+    def _handle(self, _signum, _frame):
+        if self.requested:
+            raise StoppedAtOnce
         self.requested = True
 
     def restore(self):

@@ -305,3 +305,21 @@ def test_nvme_swap_buffers_auto_hold_the_largest_parameter_partition(tmp_path):
         DsdpoError, match=r'cannot fill "auto" for zero_optimization\.offload_param\.buffer_size'
     ):
         resolve_ds_config(raw, world_size=1, total_steps=1, nvme_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_stops_at_once(second):
+    """Issue 20: a second SIGTERM waited for the step boundary (minutes with a large --budget)."""
+    import os
+    import signal
+
+    from dsdpo.train import StoppedAtOnce, StopRequest
+
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested  # the first one: stop and save at the next step boundary
+        with pytest.raises(StoppedAtOnce, match="stopped at once by a second signal"):
+            os.kill(os.getpid(), getattr(signal, second))
+    finally:
+        stop.restore()
