@@ -5,7 +5,17 @@ import os
 
 import pytest
 
-from dsdpo.config import apply_overrides, config_from_dict, load_config_file, parse_assignments
+from dsdpo.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    ScoreConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config_file,
+    parse_assignments,
+)
 from dsdpo.data import PairBatcher
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.ds_config import (
@@ -323,3 +333,31 @@ def test_a_second_stop_signal_stops_at_once(second):
             os.kill(os.getpid(), getattr(signal, second))
     finally:
         stop.restore()
+
+
+def test_a_budget_whose_draws_cannot_fit_is_refused_before_start_up(tiny_gemma_dir, tmp_path):
+    """Issue 20: --budget 1000000 was accepted and grew memory for minutes without a step."""
+    import psutil
+
+    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.train import DRAW_ROW_BYTES, plan_run
+
+    data = write_jsonl(addition_pairs(8), tmp_path / "pairs.jsonl")
+    free = psutil.virtual_memory().available
+    per_row, overhead = DRAW_ROW_BYTES
+    budget = int(free / (2 * (per_row * 1024 + overhead)))  # 1 pair a micro-batch: all the free memory
+    config = Config(
+        model=ModelConfig(path=str(tiny_gemma_dir)),
+        data=DataConfig(path=str(data)),
+        score=ScoreConfig(budget=budget),
+        train=TrainConfig(output=str(tmp_path / "run")),
+    )
+    ds = read_ds_config(REPO / "ds_configs" / "cpu.json")
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(
+        DsdpoError, match=rf"^--budget {budget}: a micro-batch's draws alone take .* lower --budget$"
+    ):
+        plan_run(config, tmp_path / "ds.json", nvme_path=None, resume=None)
+    config.score.budget = 8
+    assert plan_run(config, tmp_path / "ds.json", nvme_path=None, resume=None).total_steps > 0
