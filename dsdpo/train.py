@@ -274,9 +274,10 @@ DRAW_ROW_BYTES = (
 
 
 def _check_draws_fit(config: Config, micro_batch: int) -> None:
-    """A micro-batch's draws (dsdpo.draws: 2 responses × P pairs × budget rows of max_length positions,
-    at least) fit in half the free memory: an absurd --budget is refused here, not minutes of growing
-    memory before the first step."""
+    """A micro-batch's draws (dsdpo.draws: 2 responses × P pairs × budget rows, counted as max_length
+    positions wide) fit in half the free memory: an absurd --budget is refused here, not after minutes
+    of growing memory before the first step. An estimate, per rank: rows counted at max_length (an
+    upper bound), a trajectory estimator's extra rows per draw not counted."""
     import psutil
 
     rows = 2 * micro_batch * config.score.budget
