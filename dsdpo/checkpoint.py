@@ -9,6 +9,7 @@ Layout under the run's output folder:
     latest                  the name of the newest complete checkpoint, replaced atomically
     best                    with --keep-best: the name of the best evaluated checkpoint (never pruned)
 
+The state file records a SHA-256 digest of every other file; readers verify them before loading.
 `latest` moves only after the state file exists, so a process killed while writing leaves the
 previous checkpoint as the one that resumes. `latest` is trusted only when it names a complete
 checkpoint inside the folder (it could hold anything: random bytes, a path to another run);
@@ -20,6 +21,7 @@ restoring the batcher's position restores them exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -126,6 +128,7 @@ def save_checkpoint(
                 "world_size": world_size,
                 "state": asdict(state),
                 "config": config,
+                "digests": file_digests(partial),
             }
             _atomic_write(partial / STATE_FILE, json.dumps(meta, indent=1))
             _fsync_tree(partial)
@@ -166,6 +169,45 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under a checkpoint folder but its state file (which
+    holds them): a flipped byte in a shard is then found at load, not trained on."""
+    return {
+        str(path.relative_to(folder)): _file_digest(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != STATE_FILE
+    }
+
+
+def verify_checkpoint(folder: Path, *, trust_checkpoint: bool) -> None:
+    """Before any shard is read: every file matches the digest recorded at save (an error naming the
+    first that does not), and holds only data unless `trust_checkpoint` (dsdpo.safe_load)."""
+    digests = check_checkpoint(folder).get("digests")
+    if digests is None:
+        print(
+            f"note: {folder} was saved without file digests (by an older dsdpo): its files are not verified",
+            file=sys.stderr,
+        )
+    for name, digest in (digests or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise DsdpoError(f"{path} is missing: the checkpoint is incomplete; resume from an earlier one")
+        if _file_digest(path) != digest:
+            raise DsdpoError(
+                f"{path} is corrupt: its contents differ from the digest recorded when it was saved; "
+                "resume from an earlier checkpoint"
+            )
+    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
+
+
 def write_best(output: Path, tag: str) -> None:
     """Point `best` at checkpoint `tag` (atomically)."""
     _atomic_write(output / BEST_FILE, tag)
@@ -180,9 +222,22 @@ def best_checkpoint_name(output: Path) -> str | None:
     return name if STEP_PATTERN.match(name) else None
 
 
+def _named_best(folder: Path) -> str | None:
+    """The best checkpoint as of `folder`'s step (its state's best_step), which a resume from
+    `folder` points `best` at; None when it names none or its state cannot be read."""
+    try:
+        step = json.loads((folder / STATE_FILE).read_text())["state"].get("best_step")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return step_tag(step) if isinstance(step, int) else None
+
+
 def _prune(output: Path, *, keep: int, protect: str) -> None:
+    """Remove all but the newest `keep` checkpoints, sparing `protect`, the current best, and the
+    best that each kept checkpoint names (a resume from it points `best` there again)."""
     complete = sorted(complete_checkpoints(output))
-    kept = {protect, best_checkpoint_name(output)}
+    retained = complete[-keep:]
+    kept = {protect, best_checkpoint_name(output)} | {_named_best(folder) for folder in retained}
     for folder in complete[:-keep]:
         if folder.name not in kept:
             shutil.rmtree(folder, ignore_errors=True)
@@ -202,8 +257,8 @@ def latest_checkpoint(output: Path) -> tuple[Path | None, str | None]:
     complete = complete_checkpoints(output)
     newest = complete[-1] if complete else None
     latest = output / LATEST_FILE
-    if not latest.is_file():
-        return newest, None
+    if not latest.is_file():  # deleted by hand, or a crash between a rename and its write
+        return newest, newest and f"{latest} is missing; using the newest complete checkpoint, {newest.name}"
     try:
         name = latest.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -269,7 +324,7 @@ def convert_to_universal(checkpoint: Path, out: Path, *, trust_checkpoint: bool 
     """DeepSpeed's universal checkpoint of `checkpoint`, plus dsdpo's files: resumable on any number
     of ranks with the same train_batch_size. The state file is written last, as in a save."""
     meta = check_checkpoint(checkpoint)
-    check_checkpoint_pickles(checkpoint, trusted=trust_checkpoint)
+    verify_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     if meta.get("universal"):
         raise DsdpoError(f"{checkpoint} is already a universal checkpoint")
     command = [
@@ -285,7 +340,9 @@ def convert_to_universal(checkpoint: Path, out: Path, *, trust_checkpoint: bool 
     if result.returncode != 0:
         raise DsdpoError(f"{checkpoint}: DeepSpeed's conversion failed: {result.stderr.strip()[-500:]}")
     shutil.copytree(checkpoint / "hf", out / "hf", dirs_exist_ok=True)
-    _atomic_write(out / STATE_FILE, json.dumps({**meta, "universal": True}, indent=1))
+    _atomic_write(
+        out / STATE_FILE, json.dumps({**meta, "universal": True, "digests": file_digests(out)}, indent=1)
+    )
     return out
 
 
@@ -306,7 +363,7 @@ def load_checkpoint(
             "result, or resume with "
             f"world size {meta['world_size']}"
         )
-    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
+    verify_checkpoint(folder, trust_checkpoint=trust_checkpoint)
     try:
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     except (RuntimeError, OSError, KeyError, ValueError) as err:
@@ -366,8 +423,14 @@ def _lora_scale(hf_files: Path) -> float | None:
     adapter = hf_files / ADAPTER_CONFIG
     if not adapter.is_file():
         return None
-    settings = json.loads(adapter.read_text())
-    return settings["lora_alpha"] / settings["r"]
+    try:
+        settings = json.loads(adapter.read_text())
+        alpha, rank = settings["lora_alpha"], settings["r"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DsdpoError(f"{adapter}: not a LoRA adapter config ({err})") from None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
+        raise DsdpoError(f"{adapter}: r must be a positive integer and lora_alpha a number, got r={rank!r}")
+    return alpha / rank
 
 
 def weight_sources(folder: Path) -> dict[str, tuple[torch.Size, Callable[[], torch.Tensor]]]:

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,25 @@ def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
     _parse_with_deepspeed(config, source)
     _check_optimizer(config.get("optimizer") or {}, source)
     _check_scheduler(config.get("scheduler"), source)
+    _check_non_negative(config, source)
+
+
+def _check_non_negative(config: dict[str, Any], source: str) -> None:
+    """Learning rates (the optimizer's and a scheduler's *_lr) and gradient_clipping are numbers >= 0:
+    DeepSpeed takes gradient_clipping -1 silently and a negative rate fails only after start-up."""
+    optimizer_params = (config.get("optimizer") or {}).get("params") or {}
+    scheduler_params = (config.get("scheduler") or {}).get("params") or {}
+    values = {
+        f"scheduler.params.{key}": value for key, value in scheduler_params.items() if key.endswith("lr")
+    }
+    if "lr" in optimizer_params:
+        values["optimizer.params.lr"] = optimizer_params["lr"]
+    if "gradient_clipping" in config:
+        values["gradient_clipping"] = config["gradient_clipping"]
+    for name, value in values.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 0 <= value < math.inf:  # NaN fails the comparison too
+            raise DsdpoError(f"{source}: {name} must be a finite number >= 0, got {value!r}")
 
 
 class _RecordingDict(dict):

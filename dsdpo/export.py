@@ -13,10 +13,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dsdpo.checkpoint import ADAPTER_CONFIG, cast_weight, is_checkpoint, resolve_checkpoint, weight_sources
+from dsdpo.checkpoint import (
+    ADAPTER_CONFIG,
+    cast_weight,
+    is_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+    weight_sources,
+)
 from dsdpo.errors import DsdpoError
-from dsdpo.models import DTYPES, load_checkpoint_model
-from dsdpo.safe_load import check_checkpoint_pickles
+from dsdpo.models import DTYPES, check_config_fits_weights, load_checkpoint_model
 
 # Re-exported: checkpoint reading lives in dsdpo.checkpoint, model building in dsdpo.models.
 __all__ = ["export_checkpoint", "is_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
@@ -34,7 +40,7 @@ def export_checkpoint(
     from huggingface_hub import split_torch_state_dict_into_shards
 
     folder = resolve_checkpoint(checkpoint)
-    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
+    verify_checkpoint(folder, trust_checkpoint=trust_checkpoint)
     hf_files = folder / "hf"
     if not (hf_files / "config.json").is_file():
         raise DsdpoError(f"{hf_files}/config.json is missing: the checkpoint has no model config to export")
@@ -44,6 +50,7 @@ def export_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
 
     sources = weight_sources(folder)
+    check_config_fits_weights(folder, sources)
     empty = {name: torch.empty(shape, dtype=DTYPES[dtype]) for name, (shape, _) in sources.items()}
     split = split_torch_state_dict_into_shards(
         empty, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size

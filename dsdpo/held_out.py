@@ -34,8 +34,8 @@ from dsdpo.draws import pair_draws
 from dsdpo.evaluate import preference_report
 from dsdpo.generate import cut_at_stop, encode_prompt, generate, stop_ids_of
 from dsdpo.loss import LossConfig, sft_losses
+from dsdpo.reference import PrecomputedReference, Reference
 from dsdpo.scoring import PairScores, ScoreSettings, engine_terms
-from dsdpo.sft import pad_completions_with_eos
 
 EVAL_BATCH = 8  # held-out pairs scored together (and problems answered together)
 GENERATIONS = "eval_generations"  # --eval-problems: OUTPUT/eval_generations/step_NNNNNN.jsonl
@@ -53,16 +53,9 @@ class HeldOutEvaluation:
         max_tokens_no_grad: int,
         mask_token_id: int,
         pad_token_id: int,
-        eos_token_id: int | None = None,
         block_size: int | None = None,
     ):
-        self.pairs = list(pairs)
-        if loss.supervised:  # completions padded with EOS per batch, as SFT trains on them (dsdpo.sft)
-            self.pairs = [
-                padded
-                for start in range(0, len(pairs), EVAL_BATCH)
-                for padded in pad_completions_with_eos(self.pairs[start : start + EVAL_BATCH], eos_token_id)
-            ]
+        self.pairs = list(pairs)  # SFT: completions already padded with EOS (plan_run, dsdpo.sft)
         self.loss = loss
         self.settings = replace(settings, epoch=0)  # the same draws at every evaluation
         self.max_tokens = max_tokens_no_grad
@@ -104,10 +97,10 @@ class HeldOutEvaluation:
             rejected.append(terms[len(pairs) :])
         return torch.cat(chosen), None if self.loss.supervised else torch.cat(rejected)
 
-    def run(self, policy, reference) -> dict[str, float]:
-        """`reference`: the training run's reference model (an engine, or the adapter-off policy:
-        dsdpo.reference.Reference.model), or None (precomputed or reference-free training: held-out
-        rewards are then reference-free)."""
+    def run(self, policy, reference: Reference) -> dict[str, float]:
+        """`reference`: the training run's reference. A model (an engine, or the adapter-off policy)
+        scores the held-out pairs; precomputed scores are looked up (plan_run checked that they hold
+        these pairs); a reference-free or SFT run's held-out rewards are reference-free."""
         chosen, rejected = self._chosen_and_rejected_terms(policy)
         lengths = torch.tensor([len(pair.chosen_ids) for pair in self.pairs])
         if self.loss.supervised:
@@ -115,13 +108,16 @@ class HeldOutEvaluation:
             loss = sft_losses(elbos, lengths.to(elbos), self.loss.sft_per_response).mean()
             return {"eval/logps/chosen": float(elbos.mean()), "eval/loss": float(loss)}
         policy_scores = PairScores.of(self.pairs, chosen, rejected)
-        reference_scores = (
-            None
-            if reference is None
-            else PairScores.of(self.pairs, *self._chosen_and_rejected_terms(reference))
-        )
-        report = preference_report(policy_scores, reference_scores, self.loss, self.settings)
+        report = preference_report(policy_scores, self._reference_scores(reference), self.loss, self.settings)
         return {f"eval/{name}": value for name, value in report.trl_metrics().items()}
+
+    def _reference_scores(self, reference: Reference) -> PairScores | None:
+        if reference.model is not None:
+            return PairScores.of(self.pairs, *self._chosen_and_rejected_terms(reference.model))
+        if isinstance(reference, PrecomputedReference):
+            terms = reference.lookup([pair.example_id for pair in self.pairs], epoch=0).to(torch.float64)
+            return PairScores.of(self.pairs, terms[: len(self.pairs)], terms[len(self.pairs) :])
+        return None
 
 
 class HeldOutAccuracy:

@@ -23,7 +23,7 @@ from dsdpo.dist import all_reduce_max
 from dsdpo.errors import DsdpoError
 from dsdpo.families import attribute, block_size_of_model, family_of, family_of_model, source_positions
 from dsdpo.models import is_remote_code
-from dsdpo.padding import ignores_padding, logits_without_padding
+from dsdpo.padding import distinct_lengths, ignores_padding, logits_without_padding
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,12 @@ class MaskedTokenScorer(nn.Module):
                     "exact). A current copy of the model's code may fix it.",
                     type(self.model).__name__,
                 )
-        if self.ignores_padding and not bool(attention_mask.all()):
-            head, states = nn.Identity(), logits_without_padding(self._full_logits, input_ids, attention_mask)
+        if self.ignores_padding:  # on every rank, padded rows or not: the ranks' forwards must match
+            (forwards,) = all_reduce_max([distinct_lengths(attention_mask)])
+            head, states = (
+                nn.Identity(),
+                logits_without_padding(self._full_logits, input_ids, attention_mask, forwards=int(forwards)),
+            )
         else:
             if self._bidirectional_decoder:
                 attention_mask = bidirectional_attention_mask(attention_mask, self.model.dtype)

@@ -24,10 +24,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dsdpo.checkpoint import cast_weight, is_checkpoint, resolve_checkpoint, weight_sources
+from dsdpo.checkpoint import cast_weight, is_checkpoint, resolve_checkpoint, verify_checkpoint, weight_sources
 from dsdpo.errors import DsdpoError
 from dsdpo.families import family_of, family_of_folder
-from dsdpo.safe_load import check_checkpoint_pickles
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +109,21 @@ def load_model(
     return cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def check_finite_weights(folder: str | Path) -> None:
+    """Every floating-point tensor of a model folder's safetensors files is finite, read one tensor at
+    a time: a NaN in the starting weights is this error, not a run of skipped steps."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise DsdpoError(
+                        f"{path}: {name} holds NaN or infinite values; the model's weights are broken"
+                    )
+
+
 def build_from_config(config: PretrainedConfig, *, trust_remote_code: bool = False) -> PreTrainedModel:
     """A randomly initialised model of `config`'s architecture (weights come afterwards)."""
     cls = model_class_for(config, trust_remote_code=trust_remote_code)
@@ -160,22 +174,29 @@ def resolve_mask_token_id(
     explicit: int | None, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
 ) -> int:
     """The mask token: an explicit option, else the config's `mask_token_id`, else the published one
-    of the model's family (LLaDA 126336, Dream 151666), else the tokenizer's."""
+    of the model's family (LLaDA 126336, Dream 151666), else the tokenizer's. One given by the option,
+    the config or the tokenizer is refused, naming where it came from, when it is no id of the
+    vocabulary (the first forward would fail on it); a family's published id is its released models'."""
+    mask, source = _mask_token_id_and_source(explicit, config, tokenizer)
+    vocabulary = max(getattr(config, "vocab_size", 0) or 0, getattr(config, "embedding_size", 0) or 0)
+    if source is not None and vocabulary and not 0 <= mask < vocabulary:
+        raise DsdpoError(f"{source} {mask} is outside the model's vocabulary (ids 0 to {vocabulary - 1})")
+    return mask
+
+
+def _mask_token_id_and_source(
+    explicit: int | None, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[int, str | None]:
     if explicit is not None:
-        vocabulary = max(getattr(config, "vocab_size", 0) or 0, getattr(config, "embedding_size", 0) or 0)
-        if vocabulary and not 0 <= explicit < vocabulary:
-            raise DsdpoError(
-                f"--mask-token-id {explicit} is outside the model's vocabulary (ids 0 to {vocabulary - 1})"
-            )
-        return int(explicit)
+        return int(explicit), "--mask-token-id"
     from_config = getattr(config, "mask_token_id", None)
     if from_config is not None:
-        return int(from_config)
+        return int(from_config), f"{Path(config.name_or_path or '.') / 'config.json'}: mask_token_id"
     family = family_of(config)
     if family is not None:
-        return family.mask_token_id
+        return family.mask_token_id, None
     if tokenizer is not None and tokenizer.mask_token_id is not None:
-        return int(tokenizer.mask_token_id)
+        return int(tokenizer.mask_token_id), "the tokenizer's mask token"
     raise DsdpoError(
         "no mask token id: the model config has no mask_token_id and the tokenizer no mask token; "
         "give it with --mask-token-id (LLaDA uses 126336)"
@@ -191,13 +212,12 @@ def load_checkpoint_model(
 ) -> PreTrainedModel:
     """The trained policy of a checkpoint as a plain transformers model (for eval and scoring)."""
     folder = resolve_checkpoint(checkpoint)
-    check_checkpoint_pickles(folder, trusted=trust_checkpoint)
+    verify_checkpoint(folder, trust_checkpoint=trust_checkpoint)
     config = load_config(folder / "hf", trust_remote_code=trust_remote_code)
     model = build_from_config(config, trust_remote_code=trust_remote_code)
-    weights = {
-        name: cast_weight(make(), dtype or torch.float32)
-        for name, (_, make) in weight_sources(folder).items()
-    }
+    sources = weight_sources(folder)
+    check_weights_fit(model, sources, folder)
+    weights = {name: cast_weight(make(), dtype or torch.float32) for name, (_, make) in sources.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     model.tie_weights()
     tied = {name for name in missing if _is_tied(model, name)}
@@ -207,6 +227,30 @@ def load_checkpoint_model(
             f"unexpected {sorted(unexpected)[:5]})"
         )
     return model.to(dtype) if dtype is not None else model
+
+
+def check_weights_fit(model: torch.nn.Module, sources: dict, folder: Path) -> None:
+    """Every weight of the checkpoint has the shape its hf/config.json gives it: a config edited or
+    copied from another size is this one line, not a traceback from load_state_dict."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, (shape, _) in sources.items():
+        if name in shapes and shapes[name] != tuple(shape):
+            raise DsdpoError(
+                f"{folder / 'hf' / 'config.json'} does not describe the checkpoint's weights: {name} is "
+                f"{tuple(shape)} in the shards, {shapes[name]} by the config"
+            )
+
+
+def check_config_fits_weights(folder: Path, sources: dict) -> None:
+    """check_weights_fit against a model of hf/config.json built on the meta device (no memory); a
+    model that needs its own code is not built (exporting runs no code from the checkpoint)."""
+    try:
+        config = load_config(folder / "hf")
+    except DsdpoError:
+        return
+    with torch.device("meta"):
+        model = build_from_config(config)
+    check_weights_fit(model, sources, folder)
 
 
 def _is_tied(model: PreTrainedModel, name: str) -> bool:

@@ -34,13 +34,24 @@ def ignores_padding(logits_of: Callable[[Tensor, Tensor], Tensor], input_ids: Te
     return bool((alone - with_padding).abs().max() > PROBE_TOLERANCE * (1 + alone.abs().max()))
 
 
+def distinct_lengths(attention_mask: Tensor) -> int:
+    """How many forwards logits_without_padding runs for these rows."""
+    return int(attention_mask.bool().sum(1).unique().numel())
+
+
 def logits_without_padding(
-    logits_of: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, attention_mask: Tensor
+    logits_of: Callable[[Tensor, Tensor], Tensor],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    forwards: int = 0,
 ) -> Tensor:
     """[B, S, V] logits with every row run on its real tokens only, rows of equal length together.
 
     Works for left and right padding (the real tokens of a row are where its mask is 1); padded
-    positions get zeros, never read.
+    positions get zeros, never read. `forwards`: run at least this many forwards, the extra ones on
+    the first row's first token, their logits joined to the output times zero (so that backward
+    passes through them too): under ZeRO-3 every forward gathers parameters collectively, so every
+    rank must run as many as the rank with the most distinct row lengths.
     """
     real = attention_mask.bool()
     lengths = real.sum(1)
@@ -52,4 +63,7 @@ def logits_without_padding(
         if out is None:
             out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
         out[rows.unsqueeze(1), real[rows].nonzero(as_tuple=True)[1].view(len(rows), length)] = logits
+    for _ in range(forwards - distinct_lengths(attention_mask)):
+        filler = input_ids[:1, :1]
+        out[0, 0] = out[0, 0] + 0 * logits_of(filler, torch.ones_like(filler))[0, 0]
     return out

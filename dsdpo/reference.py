@@ -218,9 +218,7 @@ class PrecomputedReference(Reference):
                 f"{self.path} was computed with other settings: {', '.join(wrong)}; precompute it again "
                 "with the training run's settings"
             )
-        missing = [pair.example_id for pair in pairs if pair.example_id not in self.row_of]
-        if missing:
-            raise DsdpoError(f"{self.path} has no scores for {len(missing)} pairs, e.g. id {missing[0]!r}")
+        self._check_scored(pairs, "pairs")
         if tokenizer_fingerprint(tokenizer) != self.tokenizer:
             raise DsdpoError(
                 f"{self.path} was computed with another tokenizer or chat template than this run's: "
@@ -231,6 +229,23 @@ class PrecomputedReference(Reference):
             raise DsdpoError(
                 f"{self.path} covers {self.epochs} epochs, training needs {epochs_needed}: "
                 f"precompute with --epochs {epochs_needed}"
+            )
+
+    def check_held_out(self, pairs: list[TokenizedPair], eval_data: str) -> None:
+        """Held-out evaluation reads its reference terms here too (epoch 0: the draws it scores with),
+        so its pairs must have been scored; without them eval/* would be reference-free, silently."""
+        self._check_scored(
+            pairs,
+            f"held-out pairs of {eval_data}",
+            remedy="; precompute the reference on the training and held-out rows together",
+        )
+        self._check_pairs(pairs)
+
+    def _check_scored(self, pairs: list[TokenizedPair], what: str, remedy: str = "") -> None:
+        missing = [pair.example_id for pair in pairs if pair.example_id not in self.row_of]
+        if missing:
+            raise DsdpoError(
+                f"{self.path} has no scores for {len(missing)} {what}, e.g. id {missing[0]!r}{remedy}"
             )
 
     def _check_pairs(self, pairs: list[TokenizedPair]) -> None:

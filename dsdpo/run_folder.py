@@ -8,13 +8,18 @@
   and drops a last line cut short by a crash or a full disk, so every reader sees whole records.
 - Checkpoints of steps after the resumed one belong to an abandoned branch of the run: they are
   moved to `abandoned/`, so that pruning, `--resume auto` and `dsdpo export RUN` see one lineage.
+- One run at a time: a second run into a folder that a live run writes is refused, naming its pid.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dsdpo.checkpoint import BEST_FILE, LATEST_FILE, STEP_PATTERN
@@ -33,6 +38,7 @@ RUN_FILES = (
     "eval_generations",  # --eval-problems: the answers of each evaluation
 )
 ABANDONED = "abandoned"
+LOCK_FILE = "dsdpo.lock"  # holds the running run's pid; empty once it ended (never in RUN_FILES)
 
 
 def holds_a_run(output: Path) -> bool:
@@ -106,3 +112,36 @@ def set_aside_later_checkpoints(output: Path, step: int) -> list[str]:
             shutil.rmtree(target)
         folder.rename(target)
     return sorted(p.name for p in later)
+
+
+@contextmanager
+def run_lock(output: Path, *, enabled: bool) -> Iterator[str | None]:
+    """Hold output/dsdpo.lock while the run writes (rank 0: `enabled`); yield a note when the lock file
+    names a process that died holding it. flock, not the file's existence, is the lock: the kernel
+    drops it when its holder dies, however it dies, so a stale lock never blocks a resume."""
+    if not enabled:
+        yield None
+        return
+    path = output / LOCK_FILE
+    with path.open("a+") as handle:
+        handle.seek(0)
+        holder = handle.read().strip()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DsdpoError(
+                f"{output} is in use by another dsdpo run (pid {holder or 'unknown'}, {path}): "
+                "wait for it to end or stop it, or choose another --output"
+            ) from None
+        _write_pid(handle, str(os.getpid()))
+        try:
+            yield f"{path}: pid {holder} died while running here; its lock is taken over" if holder else None
+        finally:
+            _write_pid(handle, "")  # ended cleanly; the kernel releases the lock as the file closes
+
+
+def _write_pid(handle, text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text)
+    handle.flush()

@@ -32,10 +32,17 @@ def deepspeed_checkpoint_types() -> list[type]:
     return [ZeroStageEnum, LossScaler]
 
 
-def _refused_global(error: pickle.UnpicklingError) -> str:
-    """What the weights_only unpickler refused, e.g. 'Unsupported global: GLOBAL os.system'."""
-    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\.?\n|$)", str(error))
-    return found.group(1) if found else str(error).splitlines()[0]
+def _refused_global(error: pickle.UnpicklingError) -> str | None:
+    """The callable the weights_only unpickler refused (e.g. 'posix.system'); None when it refused
+    the bytes themselves (a corrupt file), which name nothing."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The unpickler's own words (e.g. 'Unsupported operand 31'), without PyTorch's advice around them."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(error))
+    return found.group(1) if found else "an unreadable pickle"
 
 
 def check_shard(path: Path) -> None:
@@ -47,8 +54,12 @@ def check_shard(path: Path) -> None:
         with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
+        if (name := _refused_global(err)) is None:
+            raise DsdpoError(
+                f"{path}: not a readable checkpoint shard (corrupt: {_unpickler_reason(err)})"
+            ) from None
         raise DsdpoError(
-            f"{path}: refused: it holds pickled objects that are not weights ({_refused_global(err)}), "
+            f"{path}: refused: it holds pickled objects that are not weights (it calls {name}), "
             f"and loading it could run code; {TRUST_HINT}"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:

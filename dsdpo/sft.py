@@ -17,8 +17,9 @@ and several ranks the step's gradient is the mean over micro-batches of each one
 count is that of each micro-batch on each rank, as in TRL's DPOTrainer (its compute_loss ignores
 num_items_in_batch). The same value is the `sft` term of dsdpo.loss on a pair's chosen side.
 
-As in LLaDA's SFT (Nie et al. 2025, appendix B), the completions of a micro-batch are padded with EOS
-to the longest of them and the EOS tokens are response tokens like any other (masked, predicted,
+As in LLaDA's SFT (Nie et al. 2025, appendix B), completions are padded with EOS (here to the longest
+of the data set, within --max-length, so that the loss does not depend on the micro-batching; LLaDA
+pads to the longest of a batch) and the EOS tokens are response tokens like any other (masked, predicted,
 counted in |y|): the model learns to fill the rest of its answer canvas with EOS, which the sampler
 needs (it denoises a fixed number of positions and cuts the answer at the first EOS).
 """
@@ -38,12 +39,24 @@ from dsdpo.loss import sft_losses
 from dsdpo.scoring import padded_calls
 
 
-def pad_completions_with_eos(pairs: list[TokenizedPair], eos_token_id: int | None) -> list[TokenizedPair]:
-    """The completions (chosen sides) padded with EOS to the longest of the micro-batch."""
+def pad_completions_with_eos(
+    pairs: list[TokenizedPair], eos_token_id: int | None, max_length: int
+) -> list[TokenizedPair]:
+    """The completions (chosen sides) filled with EOS to the longest of `pairs`, each row to at most
+    `max_length` tokens. `pairs` is a whole data set: a completion's canvas, and so its loss, does
+    not depend on the pairs it is batched with, and no row is wider than the planner counts."""
     if eos_token_id is None:
         return pairs
     longest = max(len(pair.chosen_ids) for pair in pairs)
-    return [replace(pair, chosen_ids=eos_filled(pair.chosen_ids, longest, eos_token_id)) for pair in pairs]
+    return [
+        replace(
+            pair,
+            chosen_ids=eos_filled(
+                pair.chosen_ids, min(longest, max_length - len(pair.prompt_ids)), eos_token_id
+            ),
+        )
+        for pair in pairs
+    ]
 
 
 def sft_micro_step(

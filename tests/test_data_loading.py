@@ -151,3 +151,13 @@ def test_a_json_file_with_a_latin1_byte_or_deep_nesting_names_the_file(tmp_path)
     path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(DsdpoError, match=r"d\.json: JSON nested too deeply"):
         load_preference_data(path)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    """Issue 20: a JSONL file saved with a BOM (Windows editors) was refused at its first row."""
+    for name, text in [
+        ("bom.jsonl", "".join(json.dumps(row) + "\n" for row in ROWS)),
+        ("bom.json", json.dumps(ROWS)),
+    ]:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        check_examples(load_preference_data(tmp_path / name)[0])

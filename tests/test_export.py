@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from dsdpo.checkpoint import STATE_FILE, TrainState, check_checkpoint, load_checkpoint, save_checkpoint
 from dsdpo.cli import main
+from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.diffusion import forward_rows
 from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
@@ -100,3 +101,44 @@ def test_checkpoint_from_another_world_size_or_corrupt_is_a_clear_error(trained,
     (copy / STATE_FILE).write_text("{truncated")
     with pytest.raises(DsdpoError, match=r"dsdpo_state\.json: corrupt checkpoint state"):
         check_checkpoint(copy)
+
+
+def _edited_copy(trained, tmp_path, file: str, change):
+    """A copy of the checkpoint with hf/FILE changed and no digests (a checkpoint of an older dsdpo,
+    whose files are not verified: the digests would refuse the edit first)."""
+    output, *_ = trained
+    copy = tmp_path / "run" / "step_000001"
+    shutil.copytree(output / "step_000001", copy)
+    path = copy / "hf" / file
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    change(settings)
+    path.write_text(json.dumps(settings))
+    meta = json.loads((copy / STATE_FILE).read_text())
+    del meta["digests"]
+    (copy / STATE_FILE).write_text(json.dumps(meta))
+    return copy
+
+
+def test_a_config_of_another_size_is_one_line_for_export_and_score(trained, tmp_path):
+    """Issue 20: export said "exported" and wrote a broken folder; loading it was a long traceback."""
+    copy = _edited_copy(
+        trained, tmp_path, "config.json", lambda c: c.update(intermediate_size=2 * c["intermediate_size"])
+    )
+    data = write_jsonl(addition_pairs(2), tmp_path / "pairs.jsonl")
+    score = ["score", "--model", str(copy), "--data", str(data), "--out", str(tmp_path / "scores.jsonl")]
+    for command in (["export", str(copy), str(tmp_path / "out")], score):
+        result = CliRunner().invoke(main, command)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert result.exit_code != 0 and len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert errors[0].startswith(
+            f"Error: {copy}/hf/config.json does not describe the checkpoint's weights: model.layers.0.mlp"
+        )
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_adapter_config_with_rank_0_is_one_line(trained, tmp_path):
+    copy = _edited_copy(trained, tmp_path, "adapter_config.json", lambda c: c.update(r=0, lora_alpha=16))
+    result = CliRunner().invoke(main, ["export", str(copy), str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    expected = f"Error: {copy}/hf/adapter_config.json: r must be a positive integer and lora_alpha a number"
+    assert result.exit_code == 1 and "Traceback" not in result.output and errors == [f"{expected}, got r=0"]

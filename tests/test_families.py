@@ -390,3 +390,31 @@ def test_a_model_without_gradient_checkpointing_stops_before_training(ignores_pa
     with pytest.raises(DsdpoError, match=r"does not support gradient checkpointing.*--no-gradient-check"):
         engines_for(folder, cpu_ds_config(), trust_remote_code=True)
     engines_for(folder, cpu_ds_config(), trust_remote_code=True, gradient_checkpointing=False)
+
+
+def test_two_ranks_train_a_model_that_ignores_padding(ignores_padding_dir, tmp_path):
+    """Issue 20 (confirmed): such a model runs one forward per distinct row length, a count that differs
+    between ranks; ZeRO-3's collective gathers then hung. Every rank now runs the most any rank needs."""
+    from dsdpo.demo import write_jsonl
+    from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": "q" * (1 + i % 5),
+            "chosen": "a" * (1 + i % 3),
+            "rejected": "b" * (1 + i % 4),
+        }
+        for i in range(16)
+    ]
+    data = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    model = tmp_path / "model"
+    shutil.copytree(ignores_padding_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = config["auto_map"]["AutoModel"]  # what training builds
+    (model / "config.json").write_text(json.dumps(config))
+    options = dict(max_steps=2, budget=2, beta=0.5, epochs=1)
+    args = train_args(REPO / "ds_configs" / "cpu.json", model, data, tmp_path / "run", **options)
+    result = run_train([*args, "--trust-remote-code"], ranks=2, timeout=240)
+    assert result.returncode == 0, tail(result)
+    assert sorted(metrics_by_step(tmp_path / "run")) == [1, 2]

@@ -24,6 +24,11 @@ def test_mask_token_comes_from_option_then_config_then_tokenizer(tiny_gemma_dir)
             resolve_mask_token_id(outside, config, tokenizer)
     config.mask_token_id = 7
     assert resolve_mask_token_id(None, config, tokenizer) == 7
+    config.mask_token_id = config.vocab_size  # issue 20: an IndexError at the first forward
+    with pytest.raises(
+        DsdpoError, match=rf"^{tiny_gemma_dir}/config.json: mask_token_id {config.vocab_size} is"
+    ):
+        resolve_mask_token_id(None, config, tokenizer)
     config.mask_token_id = None
     assert resolve_mask_token_id(None, config, tokenizer) == tokenizer.mask_token_id
     tokenizer.mask_token = None

@@ -24,6 +24,8 @@ def nan_on_calls(monkeypatch):
     calls, real = [], dsdpo.gradient.preference_loss
 
     def install(bad_calls):
+        calls.clear()  # counted from the next run's first micro-batch
+
         def loss(*args, **kwargs):
             calls.append(1)
             out = real(*args, **kwargs)
@@ -36,9 +38,9 @@ def nan_on_calls(monkeypatch):
     return install
 
 
-def _run(tmp_path, model_dir, steps, max_bad_steps, beta=0.5):
+def _run(tmp_path, model_dir, steps, max_bad_steps, beta=0.5, micro_batch=2):
     ds = copy.deepcopy(CPU_CONFIG)
-    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=2 // micro_batch)
     ds.pop("scheduler")
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
@@ -96,3 +98,38 @@ def test_a_finite_loss_with_an_infinite_gradient_is_a_skipped_step(tiny_gemma_di
     saved = {name.removeprefix("model."): tensor for name, tensor in _weights(run, 2).items()}
     assert all(torch.equal(saved[name], start[name]) for name in saved if name in start)
     assert len(set(saved) & set(start)) > 5
+
+
+def test_a_skipped_step_drops_the_gradient_of_its_finite_micro_batches(
+    tiny_gemma_dir, tmp_path, nan_on_calls
+):
+    """Two micro-batches a step, NaN in the second of step 2: the first one's gradient must not reach
+    step 3. Step 3's weights equal those of a run whose step 2 was NaN in both micro-batches."""
+    (tmp_path / "second").mkdir(), (tmp_path / "both").mkdir()
+    nan_on_calls({4})
+    _run(tmp_path / "second", tiny_gemma_dir, steps=3, max_bad_steps=3, micro_batch=1)
+    nan_on_calls({3, 4})
+    _run(tmp_path / "both", tiny_gemma_dir, steps=3, max_bad_steps=3, micro_batch=1)
+    second, both = _weights(tmp_path / "second" / "run", 3), _weights(tmp_path / "both" / "run", 3)
+    assert metrics_by_step(tmp_path / "second" / "run")[3]["skipped_steps"] == 1
+    assert all(torch.equal(second[k], both[k]) for k in second)
+    assert any(not torch.equal(second[k], _weights(tmp_path / "both" / "run", 1)[k]) for k in second)
+
+
+def test_nan_in_the_starting_weights_is_refused_before_start_up(tiny_gemma_dir, tmp_path):
+    """Issue 20: NaN in the model's weights was not checked at load (every step was then skipped)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gemma_dir, model)
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[3]
+    weights[name].view(-1)[5] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DsdpoError) as refused:
+        _run(tmp_path, model, steps=1, max_bad_steps=3)
+    assert str(refused.value) == (
+        f"{model / 'model.safetensors'}: {name} holds NaN or infinite values; the model's weights are broken"
+    )

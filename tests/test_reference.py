@@ -175,3 +175,45 @@ def test_a_scores_file_without_the_records_is_refused(tiny_gemma_dir, setup, tmp
     save_file({"terms": torch.zeros(2, 0, 2, 4)}, str(old), {"dsdpo": json.dumps(meta)})
     with pytest.raises(DsdpoError, match=r"dsdpo 0\.1\.0, which did not record the precision, tokenizer"):
         _train(tiny_gemma_dir, folder, data, tmp_path / "run", reference_scores=old)
+
+
+def _train_with_held_out(model_dir, folder, data, held_out, output, reference_scores=None):
+    config = Config(
+        model=ModelConfig(path=str(model_dir), reference_scores=reference_scores and str(reference_scores)),
+        data=DataConfig(path=str(data)),
+        score=ScoreConfig(budget=4),
+        loss=LossConfig(beta=0.5),
+        train=TrainConfig(output=str(output), max_steps=2, seed=3, eval_data=str(held_out), eval_every=2),
+    )
+    return train(config, folder / "ds.json")
+
+
+def test_held_out_evaluation_uses_the_precomputed_reference(tiny_gemma_dir, setup, tmp_path):
+    """Issue 20: with --reference-scores, eval/* were reference-free, silently. Scores of the training
+    and held-out rows together give the held-out numbers of a reference engine; scores without the
+    held-out rows are refused."""
+    folder, data = setup
+    held = [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(4, seed=6)]
+    held_out = write_jsonl(held, tmp_path / "held.jsonl")
+    both = write_jsonl(
+        [json.loads(line) for line in data.read_text().splitlines()] + held, tmp_path / "all.jsonl"
+    )
+    assert _precompute(tiny_gemma_dir, both, tmp_path / "ref.safetensors", "--budget", "4").exit_code == 0
+    _train_with_held_out(tiny_gemma_dir, folder, data, held_out, tmp_path / "engine")
+    _train_with_held_out(
+        tiny_gemma_dir, folder, data, held_out, tmp_path / "precomputed", tmp_path / "ref.safetensors"
+    )
+    engine, precomputed = metrics_by_step(tmp_path / "engine"), metrics_by_step(tmp_path / "precomputed")
+    for step in (0, 2):
+        for name in ("eval/loss", "eval/rewards/margins", "eval/rewards/chosen"):
+            assert precomputed[step][name] == pytest.approx(engine[step][name], abs=1e-5), (step, name)
+    assert precomputed[0]["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy = reference
+    assert (
+        _precompute(tiny_gemma_dir, data, tmp_path / "train_only.safetensors", "--budget", "4").exit_code == 0
+    )
+    with pytest.raises(
+        DsdpoError, match=r"has no scores for 4 held-out pairs of .*held\.jsonl, e.g. id 'held-"
+    ):
+        _train_with_held_out(
+            tiny_gemma_dir, folder, data, held_out, tmp_path / "refused", tmp_path / "train_only.safetensors"
+        )

@@ -185,3 +185,33 @@ def test_a_data_file_edited_in_place_is_refused_on_resume(tiny_gemma_dir, tmp_pa
         run(2, resume="auto")
     write_jsonl(rows, data)  # restored: resumes
     assert run(2, resume="auto")["consumed_pairs"] == 4
+
+
+def test_a_flipped_byte_in_an_optimizer_shard_is_refused_naming_the_file(tiny_gemma_dir, data_file, tmp_path):
+    """Issue 20: bytes flipped inside an optimizer-state tensor resumed silently with other weights."""
+    args = _args(tiny_gemma_dir, data_file, tmp_path)
+    killed = run_train(args, env={"DSDPO_FAULT": "after_save:3"})
+    assert killed.returncode == -9, tail(killed)
+    (shard,) = (tmp_path / "step_000003").glob("*optim_states.pt")
+    data = bytearray(shard.read_bytes())
+    data[-len(data) // 3] ^= 0xFF  # inside the tensors' storage, far from the pickle header
+    shard.write_bytes(bytes(data))
+    result = run_train([*args, "--resume", "auto"])
+    assert result.returncode == 2, tail(result)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: {shard} is corrupt: its contents differ from the digest recorded when it was saved; "
+        "resume from an earlier checkpoint"
+    )
+
+
+def test_a_checkpoint_without_digests_is_read_with_a_note(tmp_path, capsys):
+    """Checkpoints saved before digests existed still load; the note says they are not verified."""
+    from dsdpo.checkpoint import verify_checkpoint
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"state": {}, "world_size": 1}))
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    verify_checkpoint(tmp_path, trust_checkpoint=True)
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path} was saved without file digests (by an older dsdpo): its files are not verified\n"
+    )

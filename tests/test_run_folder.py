@@ -2,14 +2,15 @@
 sets an abandoned branch aside and cuts the log back, and a failing disk is one line."""
 
 import json
+import time
 
 import pytest
 
 from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, find_resume_checkpoint
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
-from dsdpo.run_folder import check_writable, cut_metrics_to, set_aside_later_checkpoints
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+from dsdpo.run_folder import LOCK_FILE, check_writable, cut_metrics_to, set_aside_later_checkpoints
+from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail, train_args
 
 
 def _complete(output, step):
@@ -34,6 +35,12 @@ def test_latest_is_trusted_only_when_it_names_a_complete_checkpoint_inside_the_f
     assert why in note and "using the newest complete checkpoint, step_000003" in note
     (output / LATEST_FILE).write_text("step_000001")
     assert find_resume_checkpoint(output, "auto") == (output / "step_000001", None)
+    (output / LATEST_FILE).unlink()  # issue 20: a deleted `latest` was passed over without a word
+    assert find_resume_checkpoint(output, "auto") == (
+        output / "step_000003",
+        f"{output / LATEST_FILE} is missing; using the newest complete checkpoint, step_000003",
+    )
+    assert find_resume_checkpoint(tmp_path / "empty", "auto") == (None, None)  # a fresh run: no note
 
 
 def test_a_resume_cuts_the_log_back_and_drops_a_torn_line(tmp_path):
@@ -119,3 +126,51 @@ def test_a_disk_that_fills_while_saving_is_one_line_and_no_partial_checkpoint_co
     )
     assert "no checkpoint was kept" in last and "Traceback" not in result.stderr
     assert not list(output.glob("step_*[0-9]")) and not (output / LATEST_FILE).exists()
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused_naming_its_pid(tiny_gemma_dir, tmp_path):
+    """Issue 20: two runs into one --output both ran and interleaved metrics.jsonl. The second is
+    refused naming the first's pid; once the first is killed, a resume takes its lock over, saying so."""
+    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
+    output = tmp_path / "run"
+    args = train_args(
+        REPO / "ds_configs" / "cpu.json", tiny_gemma_dir, data, output, budget=2, epochs=500, max_steps=1000
+    )
+    first = start_train(args)
+    try:
+        lock = output / LOCK_FILE
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.2)
+        second = run_train([*args, "--resume", "auto"])
+        assert second.returncode == 2, tail(second)
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: {output} is in use by another dsdpo run (pid {first.pid}, {lock}): "
+            "wait for it to end or stop it, or choose another --output"
+        )
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run_train([*args[:-1], "1", "--resume", "auto"])  # --max-steps 1: a short resume
+    assert resumed.returncode == 0, tail(resumed)
+    assert f"note: {lock}: pid {first.pid} died while running here; its lock is taken over" in resumed.stdout
+    assert lock.read_text() == ""  # a run that ended leaves no pid behind
+
+
+def test_a_resume_before_the_first_checkpoint_logs_step_0_once(tiny_gemma_dir, tmp_path):
+    """Issue 20: killed after step 1 (the step-0 evaluation logged, no checkpoint yet), `--resume auto`
+    starts over and logged step 0 a second time."""
+    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
+    held = [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(4, seed=5)]
+    held_out = write_jsonl(held, tmp_path / "held.jsonl")
+    options = dict(budget=2, max_steps=2, eval_data=held_out, eval_every=3, save_every=3)
+    args = train_args(REPO / "ds_configs" / "cpu.json", tiny_gemma_dir, data, tmp_path / "run", **options)
+    killed = run_train(args, env={"DSDPO_FAULT": "after_step:1"})
+    assert killed.returncode == -9, tail(killed)
+    resumed = run_train([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, tail(resumed)
+    logged = [
+        json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == [0, 1, 2]

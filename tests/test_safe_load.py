@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from dsdpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from dsdpo.checkpoint import STATE_FILE, TrainState, file_digests, load_checkpoint, save_checkpoint
 from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
@@ -62,6 +62,9 @@ def poisoned(trained, tmp_path):
     marker = tmp_path / "code_ran"
     shard["payload"] = CreatesFile(marker)
     torch.save(shard, folder / MODEL_SHARD)
+    meta = json.loads((folder / STATE_FILE).read_text())  # an attacker rewrites the digests too
+    meta["digests"] = file_digests(folder)
+    (folder / STATE_FILE).write_text(json.dumps(meta))
     return folder, marker
 
 
@@ -92,7 +95,8 @@ def test_every_command_refuses_a_checkpoint_carrying_code(poisoned, tmp_path, co
     args = [arg.format(ckpt=folder, tmp=tmp_path, data=data) for arg in command]
     result = run(*args)
     assert_one_line_error(result, f"{folder / MODEL_SHARD}: refused")
-    assert "GLOBAL io.open" in result.output and "--trust-checkpoint" in result.output
+    assert "(it calls io.open)" in result.output and "--trust-checkpoint" in result.output
+    assert "weights_only" not in result.output  # not PyTorch's advice to load it unchecked
     assert not marker.exists()
 
 
@@ -128,3 +132,18 @@ def test_launch_train_resume_refuses_it_unless_trusted(tiny_gemma_dir, poisoned,
     trusted = run_train([*args, "--trust-checkpoint"])  # step 1 of --max-steps 1: loads, then stops
     assert trusted.returncode == 0, tail(trusted)
     assert f"resumed from {folder} at step 1" in trusted.stdout + trusted.stderr and marker.exists()
+
+
+def test_random_bytes_in_a_shard_header_are_corruption_not_code(trained, tmp_path):
+    """Issue 20: garbage in the pickle was reported as "pickled objects that could run code" with an
+    empty reason."""
+    _, clean = trained
+    shard = tmp_path / MODEL_SHARD
+    data = bytearray((clean / MODEL_SHARD).read_bytes())
+    start = data.index(b"data.pkl") + 40  # inside the pickle, past its zip entry header
+    data[start : start + 40] = bytes(range(200, 240))
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DsdpoError) as refused:
+        check_checkpoint_pickles(tmp_path, trusted=False)
+    assert str(refused.value).startswith(f"{shard}: not a readable checkpoint shard (corrupt: ")
+    assert "weights_only" not in str(refused.value)

@@ -125,12 +125,47 @@ def test_sft_run_on_completions_lowers_the_held_in_nll(tiny_gemma_dir, tmp_path)
     assert metrics[max(metrics)]["eval/loss"] < metrics[0]["eval/loss"]  # held-out NLL per token
 
 
-def test_completions_are_padded_with_eos_to_the_longest_of_the_micro_batch():
+def test_completions_are_padded_with_eos_to_the_longest_of_the_data_within_max_length():
+    """Issue 20: padded to the longest of a micro-batch, a long prompt's row grew past --max-length."""
     from dsdpo.data.tokenize import TokenizedPair
     from dsdpo.sft import pad_completions_with_eos
 
-    pairs = [TokenizedPair("a", [1], [7, 2], [], None), TokenizedPair("b", [1, 1], [7, 7, 7, 2], [], None)]
-    padded = pad_completions_with_eos(pairs, eos_token_id=2)
-    assert [p.chosen_ids for p in padded] == [[7, 2, 2, 2], [7, 7, 7, 2]]
-    assert [p.prompt_ids for p in padded] == [[1], [1, 1]]
-    assert pad_completions_with_eos(pairs, eos_token_id=None) == pairs
+    pairs = [
+        TokenizedPair("a", [1], [7, 2], [], None),
+        TokenizedPair("b", [1, 1], [7, 7, 7, 2], [], None),
+        TokenizedPair("c", [1, 1, 1, 1], [7, 2], [], None),
+    ]
+    padded = pad_completions_with_eos(pairs, eos_token_id=2, max_length=6)
+    assert [p.chosen_ids for p in padded] == [[7, 2, 2, 2], [7, 7, 7, 2], [7, 2]]  # c: 4 + 2 = 6 tokens
+    assert [p.prompt_ids for p in padded] == [[1], [1, 1], [1, 1, 1, 1]]
+    assert pad_completions_with_eos(pairs, eos_token_id=None, max_length=6) == pairs
+
+
+def test_sft_loss_does_not_depend_on_the_micro_batching(tiny_gemma_dir, tmp_path):
+    """Two micro-batches of 1 or one of 2 make the same step: each completion's EOS canvas is set by
+    the data, not by the completion it is batched with."""
+    import copy
+
+    from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
+    from dsdpo.train import train
+    from tests.ds_helpers import CPU_CONFIG
+
+    rows = [{"id": f"r{i}", "prompt": f"{i}+1=", "completion": "1" * (1 + 2 * i)} for i in range(4)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    losses = []
+    for micro in (1, 2):
+        ds = copy.deepcopy(CPU_CONFIG)
+        ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=2 // micro)
+        ds.pop("scheduler")
+        (tmp_path / f"ds{micro}.json").write_text(json.dumps(ds))
+        config = Config(
+            model=ModelConfig(path=str(tiny_gemma_dir)),
+            data=DataConfig(path=str(data)),
+            score=ScoreConfig(budget=2),
+            loss=LossConfig(type="sft", sft_per_response=True),
+            train=TrainConfig(output=str(tmp_path / f"run{micro}"), max_steps=2),
+        )
+        train(config, tmp_path / f"ds{micro}.json")
+        losses.append([metrics_by_step(tmp_path / f"run{micro}")[step]["loss"] for step in (1, 2)])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)

@@ -5,7 +5,17 @@ import os
 
 import pytest
 
-from dsdpo.config import apply_overrides, config_from_dict, load_config_file, parse_assignments
+from dsdpo.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    ScoreConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config_file,
+    parse_assignments,
+)
 from dsdpo.data import PairBatcher
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.ds_config import (
@@ -251,6 +261,22 @@ def test_bad_input_to_the_trainer_is_one_line_before_any_distributed_start_up(ti
             lambda c: c.update(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": "10"}}),
             r"scheduler\.params\.warmup_num_steps must be a number, got '10'",
         ),
+        (
+            lambda c: c["optimizer"]["params"].update(lr=-1e-3),
+            r"optimizer\.params\.lr must be a finite number >= 0, got -0\.001$",
+        ),
+        (
+            lambda c: c["scheduler"]["params"].update(warmup_max_lr=-2e-3),
+            r"scheduler\.params\.warmup_max_lr must be a finite number >= 0, got -0\.002$",
+        ),
+        (
+            lambda c: c.update(gradient_clipping=-1.0),
+            r"gradient_clipping must be a finite number >= 0, got -1\.0$",
+        ),
+        (
+            lambda c: c.update(gradient_clipping=float("nan")),
+            r"gradient_clipping must be a finite number >= 0, got nan$",
+        ),
     ],
 )
 def test_what_deepspeed_would_refuse_after_start_up_is_refused_before_it(change, message):
@@ -289,3 +315,49 @@ def test_nvme_swap_buffers_auto_hold_the_largest_parameter_partition(tmp_path):
         DsdpoError, match=r'cannot fill "auto" for zero_optimization\.offload_param\.buffer_size'
     ):
         resolve_ds_config(raw, world_size=1, total_steps=1, nvme_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_stops_at_once(second):
+    """Issue 20: a second SIGTERM waited for the step boundary (minutes with a large --budget)."""
+    import os
+    import signal
+
+    from dsdpo.train import StoppedAtOnce, StopRequest
+
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested  # the first one: stop and save at the next step boundary
+        with pytest.raises(StoppedAtOnce, match="stopped at once by a second signal"):
+            os.kill(os.getpid(), getattr(signal, second))
+    finally:
+        stop.restore()
+
+
+def test_a_budget_whose_draws_cannot_fit_is_refused_before_start_up(tiny_gemma_dir, tmp_path):
+    """Issue 20: --budget 1000000 was accepted and grew memory for minutes without a step."""
+    import psutil
+
+    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.train import DRAW_ROW_BYTES, plan_run
+
+    data = write_jsonl(addition_pairs(8), tmp_path / "pairs.jsonl")
+    free = psutil.virtual_memory().available
+    per_row, overhead = DRAW_ROW_BYTES
+    budget = int(free / (2 * (per_row * 1024 + overhead)))  # 1 pair a micro-batch: all the free memory
+    config = Config(
+        model=ModelConfig(path=str(tiny_gemma_dir)),
+        data=DataConfig(path=str(data)),
+        score=ScoreConfig(budget=budget),
+        train=TrainConfig(output=str(tmp_path / "run")),
+    )
+    ds = read_ds_config(REPO / "ds_configs" / "cpu.json")
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(
+        DsdpoError, match=rf"^--budget {budget}: a micro-batch's draws alone take .* lower --budget$"
+    ):
+        plan_run(config, tmp_path / "ds.json", nvme_path=None, resume=None)
+    config.score.budget = 8
+    assert plan_run(config, tmp_path / "ds.json", nvme_path=None, resume=None).total_steps > 0

@@ -34,7 +34,7 @@ def read_jsonl(path: Path) -> Rows:
     with path.open("rb") as lines:  # bytes: a line that is not UTF-8 is that line's error, not the file's
         for number, raw in enumerate(lines, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM some editors write
             except UnicodeDecodeError as err:
                 yield (
                     f"{path}:{number}",
@@ -53,7 +53,7 @@ def read_json(path: Path) -> Rows:
     """A JSON list of rows; a `.json` file holding JSON lines (common on the Hub) reads as JSONL."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM some editors write
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise DsdpoError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x})") from None

@@ -85,9 +85,11 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
 def _meta_model(config: PretrainedConfig):
     from dsdpo.models import build_from_config
 
+    # A config of the folder's own code was loaded with --trust-remote-code: its model is that code too.
+    remote = type(config).__module__.startswith("transformers_modules")
     try:
         with torch.device("meta"):
-            return build_from_config(config)
+            return build_from_config(config, trust_remote_code=remote)
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as err:
         raise DsdpoError(f"model_type {config.model_type!r}: these settings build no model: {err}") from None
 
