@@ -13,11 +13,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from dsdpo.errors import DsdpoError
 from dsdpo.families.layers import (
     RMSNorm,
+    TrunkWithHead,
     default_positions,
     gated_mlp,
     key_padding_mask,
@@ -133,25 +134,7 @@ class DreamBaseModel(DreamPreTrainedModel):
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
 
-class DreamModel(DreamPreTrainedModel):
+class DreamModel(TrunkWithHead, DreamPreTrainedModel):
     """The denoiser: logits [B, S, V]; position i's logits predict token i+1 (see the module doc)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
-
-    def __init__(self, config: DreamConfig):
-        super().__init__(config)
-        self.model = DreamBaseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **_
-    ) -> MaskedLMOutput:
-        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        return MaskedLMOutput(logits=self.lm_head(hidden))
+    trunk_class = DreamBaseModel

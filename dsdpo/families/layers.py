@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.modeling_outputs import MaskedLMOutput
 
 
 class RMSNorm(nn.Module):
@@ -116,3 +117,30 @@ def self_attention(
 def gated_mlp(x: Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> Tensor:
     """down(silu(gate(x)) · up(x)): LLaDA's ff_proj/up_proj/ff_out, Dream's gate/up/down_proj."""
     return down(F.silu(gate(x)) * up(x))
+
+
+class TrunkWithHead:
+    """The denoiser of the families published as a trunk `model.*` and an output layer `lm_head`
+    (Dream, LLaDA-MoE, SDAR): logits [B, S, V] = lm_head(trunk hidden states) at every position.
+    Mixed in before the family's PreTrainedModel class, which sets `trunk_class`."""
+
+    trunk_class: type[nn.Module]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.trunk_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **_
+    ) -> MaskedLMOutput:
+        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
+        return MaskedLMOutput(logits=self.lm_head(hidden))

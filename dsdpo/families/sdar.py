@@ -23,10 +23,17 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families.layers import RMSNorm, default_positions, gated_mlp, rotary_tables, self_attention
+from dsdpo.families.layers import (
+    RMSNorm,
+    TrunkWithHead,
+    default_positions,
+    gated_mlp,
+    rotary_tables,
+    self_attention,
+)
 
 
 class SDARConfig(PretrainedConfig):
@@ -172,25 +179,7 @@ class SDARModel(SDARPreTrainedModel):
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
 
-class SDARForCausalLM(SDARPreTrainedModel):
+class SDARForCausalLM(TrunkWithHead, SDARPreTrainedModel):
     """The denoiser: logits [B, S, V] for every position."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
-
-    def __init__(self, config: SDARConfig):
-        super().__init__(config)
-        self.model = SDARModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **_
-    ) -> MaskedLMOutput:
-        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        return MaskedLMOutput(logits=self.lm_head(hidden))
+    trunk_class = SDARModel
