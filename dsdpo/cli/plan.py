@@ -135,6 +135,7 @@ def plan_command(
         DEFAULT_LORA_RANK,
         candidate_settings,
         compare,
+        fastest_fitting,
         format_comparison,
         outcome_json,
     )
@@ -149,7 +150,8 @@ def plan_command(
     if lora_rank and options.get("reference") == "engine":
         options["reference"] = "adapter"  # LoRA's reference is its own model with the adapters off
     rank = lora_rank or DEFAULT_LORA_RANK
-    adapters = lora_parameters(model, rank)
+    # The adapters' count builds the model on the meta device again: only when LoRA is planned.
+    adapters = lora_parameters(model, rank) if lora_rank or ram_gib is not None else None
     run = run_shape_from(
         ds_config,
         trainable_parameters=adapters if lora_rank else None,
@@ -177,11 +179,10 @@ def plan_command(
     folder = str(Path(model).parent if Path(model).is_file() else model)
     if as_json:
         result["comparison"] = [outcome_json(outcome, model=folder, lora_rank=rank) for outcome in outcomes]
+        fastest = {kind: fastest_fitting(outcomes, kind) for kind in ("full", "lora")}
         result["fastest_fitting"] = {
-            kind: next(
-                (entry for entry in result["comparison"] if entry["fits"] and entry["kind"] == kind), None
-            )
-            for kind in ("full", "lora")
+            kind: None if best is None else outcome_json(best, model=folder, lora_rank=rank)
+            for kind, best in fastest.items()
         }
         return json.dumps(result, indent=2)
     comparison = format_comparison(outcomes, card=the_card, ram_bytes=ram_bytes, model=folder, lora_rank=rank)

@@ -185,6 +185,11 @@ def compare(
     )
 
 
+def fastest_fitting(outcomes: list[Outcome], kind: str) -> Outcome | None:
+    """The first setting of `kind` that fits in `compare`'s order (the fastest), or None."""
+    return next((outcome for outcome in outcomes if outcome.fits and outcome.setting.kind == kind), None)
+
+
 def train_command(outcome: Outcome, *, model: str, lora_rank: int) -> str:
     """The commands that run `outcome`'s setting (data and output folders are placeholders)."""
     setting, run, placement = outcome.setting, outcome.plan["run"], outcome.plan["placement"]
@@ -213,16 +218,19 @@ def train_command(outcome: Outcome, *, model: str, lora_rank: int) -> str:
     return f"{scoring}\n    {' '.join(words)} --reference-scores ref.safetensors"
 
 
+def _on_off(setting: Setting) -> str:
+    return "on" if setting.checkpointing else "off"
+
+
 def _describe(setting: Setting) -> str:
-    checkpointing = "on" if setting.checkpointing else "off"
-    return f"{setting.config.name}, reference {setting.reference}, checkpointing {checkpointing}"
+    return f"{setting.config.name}, reference {setting.reference}, checkpointing {_on_off(setting)}"
 
 
 def _row(outcome: Outcome) -> str:
     setting, result = outcome.setting, outcome.plan
     chunk = result["chunk"]
     return (
-        f"  {setting.config.name:<22} {setting.reference:<12} {'on' if setting.checkpointing else 'off':<5}"
+        f"  {setting.config.name:<22} {setting.reference:<12} {_on_off(setting):<5}"
         f"{chunk['rows']:>4} {chunk['no_grad_rows']:>4}  {result['sweeps']['total']:>6}"
         f"{result['totals']['gpu'] / GIB:>8.1f}{result['totals']['cpu'] / GIB:>8.1f}"
         f"{result['totals']['nvme'] / GIB:>8.1f}{outcome.seconds_per_pair:>9.2f}  "
@@ -245,9 +253,9 @@ def format_comparison(
         of_kind = [outcome for outcome in outcomes if outcome.setting.kind == kind]
         if not of_kind:
             continue
-        best = of_kind[0]
-        if not best.fits:
-            lines.append(f"no {label} setting fits; the closest: {best.why_not}")
+        best = fastest_fitting(outcomes, kind)
+        if best is None:
+            lines.append(f"no {label} setting fits; the closest: {of_kind[0].why_not}")
             continue
         lines += [
             f"fastest {label} that fits: {_describe(best.setting)}: {best.seconds_per_pair:.2f} s per pair",
