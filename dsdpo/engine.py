@@ -50,6 +50,18 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def finish_distributed() -> None:
+    """Every rank at one point, then the process group closed, before a process exits normally.
+
+    A rank that leaves first takes the group's store (rank 0 hosts it) with it while the others may
+    still be tearing down their communication threads; one then aborts ("terminate called without an
+    active exception", exit -6) after work that had succeeded.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass
 class Engines:
     policy: Any  # deepspeed.DeepSpeedEngine around MaskedTokenScorer(policy model)

@@ -14,12 +14,17 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from dsdpo.cli.train import train_command
+    from dsdpo.engine import finish_distributed
 
     try:
         train_command.main(args=argv, prog_name="launch/train.py")
     except SystemExit as done:
-        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-    return 0
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    else:
+        code = 0
+    if code == 0:  # a failed rank may have left: no barrier to wait on then
+        finish_distributed()
+    return code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from dsdpo.models import load_tokenizer
 from dsdpo.scoring import engine_terms
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import resolve_ds_config
-from dsdpo.engine import build_engines, init_distributed
+from dsdpo.engine import build_engines, finish_distributed, init_distributed
 from tests.ds_helpers import MASK, cpu_ds_config, micro_step, pair_batch
 from tests.test_head_slices_ranks import INDICES, PROMPTS, SAMPLER
 
@@ -52,6 +52,7 @@ engines.policy.step()
 answers = dsdpo.generate.generate(engines.reference.module.model, PROMPTS[rank()], **SAMPLER)
 with open(f"{out}/{rank()}.json", "w") as file:
     json.dump({"terms": terms.tolist(), "loss": loss, "answers": answers.tolist()}, file)
+finish_distributed()
 """
 
 
