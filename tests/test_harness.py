@@ -144,10 +144,11 @@ def test_the_same_request_gives_the_same_number(tiny_gemma, tokenizer):
     lm = _lm(tiny_gemma, tokenizer, budget=2)
     request = ("Two plus two is", " four")
     alone = lm.loglikelihood(_requests([request]))
-    twice = lm.loglikelihood(
-        _requests([request, ("A much longer context than the other one", " x"), request])
-    )
-    assert alone[0] == twice[0] == twice[2]  # keyed on the request, not its place in the batch
+    longer = ("A much longer context than the other one", " x")
+    twice = lm.loglikelihood(_requests([longer, request, request]))  # batches of 2: rows 1 and 0
+    assert alone[0] == twice[1] == twice[2]  # keyed on the request, not its place in the batch
+    # A context's trailing space belongs to the continuation (lm_eval's convention): the same text.
+    assert lm.loglikelihood(_requests([("Two plus two is ", "four")])) == alone
     other_seed = _lm(tiny_gemma, tokenizer, budget=2, seed=4).loglikelihood(_requests([request]))
     assert other_seed[0][0] != alone[0][0]  # the seed keys the draws too
 
