@@ -206,3 +206,5 @@ def test_lm_eval_builds_the_model_by_name(tiny_gemma_dir):
     assert (lm.score.budget, lm.score.seed) == (3, 5)
     with pytest.raises(DsdpoError, match="unknown dsdpo model_args gen_len"):
         DsdpoLM.from_folder(tiny_gemma_dir, gen_len=8)
+    with pytest.raises(DsdpoError, match="batch_size 'auto': dsdpo takes a number"):
+        DsdpoLM.from_folder(tiny_gemma_dir, batch_size="auto")

@@ -145,6 +145,8 @@ class DsdpoLM(LM):
             pretrained, device, mask_token_id=mask_token_id, trust_remote_code=trust_remote_code,
             trust_checkpoint=trust_checkpoint, dtype=dtype,
         )  # fmt: skip
+        if not str(batch_size).isdigit():
+            raise DsdpoError(f"batch_size {batch_size!r}: dsdpo takes a number of prompts (no 'auto')")
         batch_size = int(batch_size)
         return cls(
             model, tokenizer, mask_token_id=mask_id, sampler=settings, chat=chat, batch_size=batch_size,
