@@ -26,6 +26,7 @@ from dsdpo.planner.memory import (
     _offload,
     dtype_bytes,
     memory_plan,
+    row_width,
     sweeps_per_step,
 )
 from dsdpo.planner.shapes import ModelShape, model_shape
@@ -51,9 +52,10 @@ def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float)
 def step_flops(shape: ModelShape, run: RunShape, sweeps: Sweeps) -> float:
     """Floating-point operations of one optimizer step's forwards and backwards (module docstring)."""
     rows = 2 * run.micro_batch * run.budget
-    tokens = rows * run.max_length
+    width = row_width(shape, run.max_length)  # a block model's rows are [noised ; clean]
+    tokens = rows * width
     masked = rows * run.response * 0.5  # l_over_L masks half the response on average
-    forward = forward_flops(shape, tokens, run.max_length, masked)
+    forward = forward_flops(shape, tokens, width, masked)
     blocks_forward = 2 * shape.active_block_parameters * tokens
     no_grad_passes = (1 if run.reference in ("engine", "adapter") else 0) + (0 if sweeps.one_pass else 1)
     # A backward computes the inputs' gradients (one forward's work) and the weights' (another), but
@@ -96,7 +98,7 @@ def plan(
     rates = rates or HostRates()
     shape = model if isinstance(model, ModelShape) else model_shape(model)
     memory: MemoryPlan = memory_plan(shape, ds_config, run, world_size)
-    sweeps = sweeps_per_step(run)
+    sweeps = sweeps_per_step(shape, run)
     fast, slow, compute, transfer, update = step_seconds(shape, ds_config, run, sweeps, card, rates)
     pairs = run.micro_batch * run.accumulation * world_size
     zero = ds_config.get("zero_optimization") or {}
@@ -106,6 +108,9 @@ def plan(
             "type": shape.model_type,
             "parameters": shape.parameters,
             "active_parameters": shape.active_parameters,
+            "experts": shape.experts,
+            "experts_per_token": shape.experts_per_token,
+            "block_size": shape.block_size,
             "largest_module": shape.largest_module,
             "layers": shape.layers,
             "hidden": shape.hidden,
