@@ -1,13 +1,14 @@
 """Bytes on each device and parameter sweeps per optimizer step, by formula from the model's shape.
 
 Activations (bytes saved for backward, T = rows × width tokens of one forward, b bytes per element,
-d hidden, f MLP width, d_kv = kv heads × head dim, h heads), counted tensor by tensor from
+d hidden, f MLP width, d_q and d_kv = heads and kv heads × head dim (d_q = d but where config.json's
+head_dim says otherwise, as SDAR-4B's), h heads), counted tensor by tensor from
 dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
 
     RMS norm            (4 + 2b)·T·d     its fp32 input, the normed value, the output the linears save
     rotary              0                q·cos saves only cos (no gradient): the [T, head dim] fp32 cos and
                                          sin tables, 8·T·d/h, are shared by every block
-    attention           b·T·(2d + 2d_kv) + 4·T·h   q, k, v and the output (whose view the out projection
+    attention           b·T·(2d_q + 2d_kv) + 4·T·h   q, k, v and the output (whose view the out projection
                                          saves) for SDPA's backward, and its fp32 log-sum-exp
     gated MLP           4b·T·f           gate, up, silu(gate), their product
     mixture of experts  f = k·f_expert + f_shared: a token's k experts and the shared expert (their
@@ -16,7 +17,8 @@ dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
                         expert's linears save, its output the routing weight's product saves, that
                         product index_add_ saves; the router's fp32 softmax 4·T·E and the int64
                         indices of top-k, of the gather and of index_add_, 24·T·k
-    layer = 2 norms + attention + MLP (+ the experts' copies and router)
+    q/k norms           (4 + 2b)·T·(d_q + d_kv)  per-head RMS norms of queries and keys (SDAR, LLaDA-MoE)
+    layer = 2 norms + attention (+ q/k norms) + MLP (+ the experts' copies and router)
 
     output layer        12·m·V           m = min(M, s): of the M masked positions (the head runs at
                                          those only) one slice of s positions exists at a time
@@ -120,8 +122,10 @@ def _norm(shape: ModelShape, tokens: int, b: int) -> float:
 
 def layer_bytes(shape: ModelShape, tokens: int, b: int) -> float:
     """Bytes one block saves for backward on a forward of `tokens` tokens (module docstring)."""
-    d, dkv, f = shape.hidden, shape.kv_width, shape.intermediate
-    attention = b * tokens * (2 * d + 2 * dkv) + 4 * tokens * shape.heads
+    dq, dkv, f = shape.q_width, shape.kv_width, shape.intermediate
+    attention = b * tokens * (2 * dq + 2 * dkv) + 4 * tokens * shape.heads
+    if shape.qk_norms:  # an RMS norm over each head's queries and keys, as the layer's own norms
+        attention += (4 + 2 * b) * tokens * (dq + dkv)
     mlp = 4 * b * tokens * f
     k = shape.experts_per_token
     experts = tokens * (3 * b * k * shape.hidden + 4 * shape.experts + 24 * k)

@@ -2,7 +2,7 @@
 
 Time (formulas; the rates are the card table's and the options'): each sweep streams the policy's
 parameters to the GPU (b·P bytes over PCIe, from NVMe first when they are swapped there); the
-compute is 2·(block parameters)·T + 4·N·T·S·d (attention) + 2·d·V·M (the output layer at masked
+compute is 2·(active block parameters)·T + 4·N·T·S·d_q (attention) + 2·d·V·M (the output layer at masked
 positions) floating-point operations for a forward of T tokens, a backward twice that, and one more
 forward of the blocks with gradient checkpointing, at MATMUL_EFFICIENCY of the bf16 rate. Transfer
 and compute overlap (prefetch) or not: the plan gives both ends. The optimizer step runs on the CPU
@@ -44,7 +44,7 @@ class HostRates:
 def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float) -> float:
     return (
         2 * shape.active_block_parameters * tokens
-        + 4 * shape.layers * tokens * width * shape.hidden
+        + 4 * shape.layers * tokens * width * shape.q_width
         + 2 * shape.hidden * shape.vocab * masked
     )
 

@@ -47,10 +47,17 @@ class ModelShape:
     experts: int = 0  # experts of the widest MoE layer (0: dense)
     experts_per_token: int = 0  # top-k of that layer: each token's input is copied to k experts
     block_size: int | None = None  # a block-diffusion model's block: its rows go as [noised ; clean]
+    head_size: int | None = None  # config.json's head_dim, where heads x head_dim need not be d (Qwen3)
+    qk_norms: bool = False  # RMS norms of each head's queries and keys (a block's `q_norm`, `k_norm`)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_width(self) -> int:
+        """d_q: the width of the queries and of the attention's output (d unless head_dim says otherwise)."""
+        return self.heads * self.head_dim
 
     @property
     def kv_width(self) -> int:
@@ -205,6 +212,8 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
         experts=experts,
         experts_per_token=experts_per_token,
         block_size=block_size_of(config),
+        head_size=getattr(config, "head_dim", None),
+        qk_norms=any(name.endswith(".q_norm") for name, _ in blocks.named_modules()),
     )
 
 
