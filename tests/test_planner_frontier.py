@@ -24,6 +24,7 @@ from dsdpo.planner.memory import (
 )
 from dsdpo.planner.report import plan, run_shape_from
 from dsdpo.planner.shapes import _idle_expert_parameters, _moe_mlp_width, model_shape
+from tests.cli_helpers import run
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -234,3 +235,24 @@ def test_sdar_8b_on_an_rtx4080_by_hand():
     assert cpu_offload["totals"]["gpu"] / GIB == pytest.approx(5.21, abs=0.02)
     assert cpu_offload["totals"]["cpu"] / GIB == pytest.approx(213.3, abs=0.5)
     assert all(result["fits_gpu"] for result in plans.values())
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        (
+            "llada-moe-7b-a1b.json",
+            "7.357 B parameters (counted on the meta device; 1.720 B active per token, 8 of 64",
+        ),
+        (
+            "sdar-8b-chat.json",
+            "rows of 1024 tokens (responses 1024; a forward's row is [noised ; clean], 2048",
+        ),
+    ],
+)
+def test_dsdpo_plan_prints_the_total_and_active_counts_and_block_rows(model, says):
+    result = run(
+        "plan", "--model", FIXTURES / "planner" / model, "--ds_config", REPO / "ds_configs/rtx4080.json"
+    )
+    assert result.exit_code == 0, result.output
+    assert says in result.output

@@ -159,12 +159,20 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
     other = _gib(chunk["activations_other_checkpointing"])
     step, serial = seconds["step_overlapped"], seconds["step_serial"]
     pair, pair_serial = seconds["per_pair_overlapped"], seconds["per_pair_serial"]
+    routed = (
+        f", {model['experts_per_token']} of {model['experts']} experts: parameters, gradients and optimizer "
+        "states follow the total, activations and compute the active"
+        if model["experts"]
+        else ""
+    )
+    block, width = model["block_size"], 2 * run["max_length"]
+    rows = f"; a forward's row is [noised ; clean], {width} tokens: block {block}" if block else ""
     lines = [
         f"model: {model['type']}, {model['parameters'] / 1e9:.3f} B parameters (counted on the meta device; "
-        f"{model['active_parameters'] / 1e9:.3f} B active per token), "
+        f"{model['active_parameters'] / 1e9:.3f} B active per token{routed}), "
         f"{model['layers']} layers, hidden {model['hidden']}, vocabulary {model['vocab']}",
         f"run: micro-batch {run['micro_batch']} pairs x accumulation {run['accumulation']}, budget "
-        f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}), "
+        f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}{rows}), "
         f"max {run['max_tokens_per_forward']} tokens per forward with gradients, "
         f"{run['max_tokens_no_grad'] or 4 * run['max_tokens_per_forward']} without",
         "all numbers are formulas (dsdpo/planner/memory.py); [DS] marks DeepSpeed's estimator; a total is "
