@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import block_size_of, family_of, family_of_config_dict, lora_targets
+from dsdpo.families import FAMILIES, block_size_of, family_of, family_of_config_dict, lora_targets
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,15 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
     model_type = data.pop("model_type", None)
     if family is not None:
         return family.config_class(**data)
+    if model_type not in CONFIG_MAPPING:  # transformers' own message lists every model type it knows
+        raise DsdpoError(
+            f"{where}: model_type {model_type!r} is not one transformers knows, nor a dsdpo family's "
+            f"({', '.join(sorted(FAMILIES))})"
+        )
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError) as err:
-        raise DsdpoError(f"{where}: model_type {model_type!r} is not one transformers knows: {err}") from None
+        raise DsdpoError(f"{where}: model_type {model_type!r}, settings that make no config: {err}") from None
 
 
 def _meta_model(config: PretrainedConfig):
