@@ -42,6 +42,7 @@ SIZES = {  # name: (hidden, layers, heads, MLP width, vocabulary); realistic sha
     "large": (1024, 16, 16, 3072, 32768),  # ~285M
     "widest": (2048, 2, 16, 6144, 126464),  # LLaDA-8B's widest layer (126464 x 2048), tied: RAM
 }
+MOE_FIELDS = "experts, top-k, expert width, vocabulary"
 MOE_SIZES = {  # name: (hidden, layers, heads, experts, experts a token, expert width, vocabulary)
     "moe": (256, 4, 4, 32, 4, 256, 32768),  # ~42M parameters, ~13M active
 }
@@ -241,10 +242,9 @@ def main():
         + ("the shipped batch" if args.shipped else "1 pair")
         + (", reference-free; " if args.reference_free else ", reference engine; ")
         + "sizes (hidden, layers, heads, MLP, vocabulary): "
-        + ", ".join(f"{n} {SIZES[n]}" for n in sorted({c.split(":")[0] for c in args.cases} & set(SIZES)))
-        + "".join(
-            f"; {n} (hidden, layers, heads, experts, top-k, expert width, vocabulary) {MOE_SIZES[n]}"
-            for n in sorted({c.split(":")[0] for c in args.cases} & set(MOE_SIZES))
+        + ", ".join(
+            f"{n} {SIZES[n]}" if n in SIZES else f"{n} (hidden, layers, heads, {MOE_FIELDS}) {MOE_SIZES[n]}"
+            for n in sorted({c.split(":")[0] for c in args.cases})
         )
     )
     columns = ("params", "active", "plan CPU", "plan GPU", "planned", "measured")

@@ -29,6 +29,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from dsdpo.errors import DsdpoError
 from dsdpo.families import FAMILIES, block_size_of, family_of, family_of_config_dict, lora_targets
 
+# The names of a per-head query norm: Qwen3's, SDAR's and LLaDA-MoE's; LLaDA 2.x's published one.
+QK_NORMS = ("q_norm", "query_layernorm")
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -49,7 +52,7 @@ class ModelShape:
     experts_per_token: int = 0  # top-k of that layer: each token's input is copied to k experts
     block_size: int | None = None  # a block-diffusion model's block: its rows go as [noised ; clean]
     head_size: int | None = None  # config.json's head_dim, where heads x head_dim need not be d (Qwen3)
-    qk_norms: bool = False  # RMS norms of each head's queries and keys (a block's `q_norm`, `k_norm`)
+    qk_norms: bool = False  # RMS norms of each head's queries and keys (QK_NORMS)
 
     @property
     def head_dim(self) -> int:
@@ -219,7 +222,7 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
         experts_per_token=experts_per_token,
         block_size=block_size_of(config),
         head_size=getattr(config, "head_dim", None),
-        qk_norms=any(name.endswith(".q_norm") for name, _ in blocks.named_modules()),
+        qk_norms=any(name.rsplit(".", 1)[-1] in QK_NORMS for name, _ in blocks.named_modules()),
     )
 
 
