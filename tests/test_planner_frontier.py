@@ -168,6 +168,22 @@ def test_auto_chunks_of_a_block_model_are_those_of_rows_of_twice_the_length():
     assert activation_bytes(shape, (rows + 1) * 128, (rows + 1) * 64, 4, checkpointing=True) > room
 
 
+def test_auto_says_a_block_models_rows_are_noised_and_clean():
+    """What training prints for --max-tokens-per-forward auto (here on the CPU, from its free RAM)."""
+    from dsdpo.config import ScoreConfig
+    from dsdpo.planner.chunking import resolve_chunk_sizes
+
+    score = ScoreConfig(max_tokens_per_forward="auto")
+    note = resolve_chunk_sizes(
+        score, model=str(FIXTURES / "families" / "sdar"), max_length=64, budget=4, micro_batch=1,
+        ds_config=json.loads((REPO / "ds_configs/cpu.json").read_text()), gradient_checkpointing=True,
+        reference="engine", device=torch.device("cpu"),
+    )  # fmt: skip
+    rows = score.max_tokens_per_forward // 128
+    assert score.max_tokens_per_forward == rows * 128 and score.no_grad_tokens % 128 == 0
+    assert f"({rows} rows of 2 x 64 ([noised ; clean])) per forward with gradients" in note
+
+
 def _plans(model: str) -> dict[str, dict]:
     from dsdpo.cli.plan import _checked_ds_config
 
