@@ -152,7 +152,7 @@ def planned(model_dir: Path, ds_config: dict, shape: Shape, card_name: str) -> d
         "nvme_gib": result["totals"]["nvme"] / GIB,
         "seconds_per_pair": [result["seconds"]["per_pair_overlapped"], result["seconds"]["per_pair_serial"]],
         "sweeps_per_step": result["sweeps"]["total"],
-        "step_tflop": step_flops(model_shape(model_dir), run, sweeps_per_step(run)) / 1e12,
+        "step_tflop": step_flops(shape := model_shape(model_dir), run, sweeps_per_step(shape, run)) / 1e12,
     }
 
 

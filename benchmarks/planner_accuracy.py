@@ -1,11 +1,12 @@
 """The planner's memory plan against the peak resident memory of real training runs (issues 14, 22).
 
 Each case is a real `python launch/train.py` run in a subprocess: dsdpo's LLaDA with random weights
-(the published config with other widths), the shipped DeepSpeed config with only device-independent
-fields changed (bf16 on or off, one micro-batch of one pair per step), a reference engine, two
-optimizer steps of short rows. Measured: the training process's peak resident set size, as
-`/usr/bin/time -v` reports it ("Maximum resident set size"): the kernel's count, independent of
-what the planner sums.
+(the published config with other widths), or LLaDA-MoE (MOE_SIZES: the released layout, every layer
+a mixture of experts, with fewer and narrower experts), the shipped DeepSpeed config with only
+device-independent fields changed (bf16 on or off, one micro-batch of one pair per step), a
+reference engine, two optimizer steps of short rows. Measured: the training process's peak
+resident set size, as `/usr/bin/time -v` reports it ("Maximum resident set size"): the kernel's
+count, independent of what the planner sums.
 
 Predicted: `dsdpo plan`'s numbers for the same run on the CPU accelerator (memory_plan with
 accelerator "cpu"). There the "GPU" is the CPU, so the plan's GPU items (activations, gathered
@@ -41,6 +42,10 @@ SIZES = {  # name: (hidden, layers, heads, MLP width, vocabulary); realistic sha
     "large": (1024, 16, 16, 3072, 32768),  # ~285M
     "widest": (2048, 2, 16, 6144, 126464),  # LLaDA-8B's widest layer (126464 x 2048), tied: RAM
 }
+MOE_FIELDS = "experts, top-k, expert width, vocabulary"
+MOE_SIZES = {  # name: (hidden, layers, heads, experts, experts a token, expert width, vocabulary)
+    "moe": (256, 4, 4, 32, 4, 256, 32768),  # ~42M parameters, ~13M active
+}
 TIED = {"widest"}  # one 126464 x 2048 matrix for embedding and output layer, to fit this machine's RAM
 ACTIVATION_SIZES = {
     "small": (128, 2, 4, 384, 2048),
@@ -72,8 +77,26 @@ def llada_config(hidden, layers, heads, mlp, vocab) -> dict:
     return config
 
 
+def llada_moe_model(hidden, layers, heads, experts, top_k, expert_width, vocab):
+    """LLaDA-MoE's released layout (tests/fixtures/planner/llada-moe-7b-a1b.json) with other widths."""
+    from dsdpo.families.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
+    from dsdpo.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = json.loads((REPO / "tests/fixtures/planner/llada-moe-7b-a1b.json").read_text())
+    config.pop("model_type")
+    config.update(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        num_experts=experts, num_experts_per_tok=top_k, expert_intermediate_size=expert_width,
+        moe_layer_freq=[1] * layers, vocab_size=vocab, mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return LLaDAMoEModelLM(LLaDAMoEConfig(**config))
+
+
 def model_folder(size: str, work: Path) -> Path:
-    """A LLaDA folder (random weights, fp32) and the tiny character tokenizer, made once per size."""
+    """A LLaDA or LLaDA-MoE folder (random weights, fp32) and the tiny character tokenizer, made once
+    per size."""
     import torch
 
     from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
@@ -82,11 +105,15 @@ def model_folder(size: str, work: Path) -> Path:
     folder = work / f"llada-{size}"
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return folder
-    config = llada_config(*SIZES[size])
-    config.pop("model_type")
-    config["weight_tying"] = size in TIED
     torch.manual_seed(0)
-    LLaDAModelLM(LLaDAConfig(**config)).save_pretrained(folder)
+    if size in MOE_SIZES:
+        model = llada_moe_model(*MOE_SIZES[size])
+    else:
+        config = llada_config(*SIZES[size])
+        config.pop("model_type")
+        config["weight_tying"] = size in TIED
+        model = LLaDAModelLM(LLaDAConfig(**config))
+    model.save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
     return folder
 
@@ -141,7 +168,8 @@ def planned(ds_config: Path, model: Path, swap: Path, reference: str) -> tuple[f
     plan = memory_plan(shape, resolved, run, accelerator="cpu")
     cpu, gpu = plan.total(plan.cpu), plan.total(plan.gpu)
     # One RAM: the peak of both lists' items together (each phase's transients counted once).
-    return plan.total(plan.cpu + plan.gpu), {"cpu": cpu, "gpu": gpu, "parameters": shape.parameters}
+    totals = {"cpu": cpu, "gpu": gpu, "parameters": shape.parameters, "active": shape.active_parameters}
+    return plan.total(plan.cpu + plan.gpu), totals
 
 
 def activation_table(dtype_name: str, rows=4, width=256, masked=128) -> None:
@@ -183,7 +211,9 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SIZE:cpu|nvme:fp32|bf16")
+    parser.add_argument(
+        "--cases", nargs="+", default=DEFAULT_CASES, help="SIZE:cpu|nvme:fp32|bf16 (SIZES, MOE_SIZES)"
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "planner_accuracy")
     parser.add_argument("--swap", type=Path, default=None, help="NVMe swap folder (default: under --work)")
     parser.add_argument("--baseline", action="store_true", help="measure the process baseline only")
@@ -212,11 +242,14 @@ def main():
         + ("the shipped batch" if args.shipped else "1 pair")
         + (", reference-free; " if args.reference_free else ", reference engine; ")
         + "sizes (hidden, layers, heads, MLP, vocabulary): "
-        + ", ".join(f"{n} {SIZES[n]}" for n in sorted({c.split(":")[0] for c in args.cases}))
+        + ", ".join(
+            f"{n} {SIZES[n]}" if n in SIZES else f"{n} (hidden, layers, heads, {MOE_FIELDS}) {MOE_SIZES[n]}"
+            for n in sorted({c.split(":")[0] for c in args.cases})
+        )
     )
-    columns = ("params", "plan CPU", "plan GPU", "planned", "measured")
-    header = f"{'case':<20} {columns[0]:>7} " + " ".join(f"{c:>9}" for c in columns[1:]) + f" {'ratio':>6}"
-    print(header + "   (GiB; parameters in millions)", flush=True)
+    columns = ("params", "active", "plan CPU", "plan GPU", "planned", "measured")
+    header = f"{'case':<20} {columns[0]:>7} {columns[1]:>7} " + " ".join(f"{c:>9}" for c in columns[2:])
+    print(header + f" {'ratio':>6}   (GiB; parameters in millions)", flush=True)
     ratios = []
     for case in args.cases:
         size, offload, dtype = case.split(":")
@@ -232,7 +265,7 @@ def main():
         peak = measured_peak(model, ds_config, data, args.work, swap, extra)
         ratios.append(prediction / peak)
         print(
-            f"{case:<20} {totals['parameters'] / 1e6:7.1f} "
+            f"{case:<20} {totals['parameters'] / 1e6:7.1f} {totals['active'] / 1e6:7.1f} "
             + " ".join(f"{v / GIB:9.2f}" for v in (totals["cpu"], totals["gpu"], prediction, peak))
             + f" {prediction / peak:6.3f}",
             flush=True,

@@ -17,9 +17,9 @@ SAMPLER = dict(
 )
 
 
-def _sampled_answers(model, tokenizer):
+def _sampled_answers(model, tokenizer, questions=QUESTIONS):
     """The texts the sampler gives each question, batch by batch as on_policy_pairs batches them."""
-    jobs = [question for question in QUESTIONS for _ in range(SAMPLES)]
+    jobs = [question for question in questions for _ in range(SAMPLES)]
     generator = torch.Generator().manual_seed(7)
     texts = []
     for start in range(0, len(jobs), BATCH):
@@ -27,7 +27,7 @@ def _sampled_answers(model, tokenizer):
         texts += generate_text(
             model, tokenizer, batch, mask_token_id=MASK, chat=False, generator=generator, **SAMPLER
         )
-    return [texts[i * SAMPLES : (i + 1) * SAMPLES] for i in range(len(QUESTIONS))]
+    return [texts[i * SAMPLES : (i + 1) * SAMPLES] for i in range(len(questions))]
 
 
 def test_a_problem_with_a_right_and_a_wrong_answer_gives_its_first_of_each(tiny_gemma, tokenizer):
@@ -86,3 +86,57 @@ def test_make_pairs_from_a_model_writes_rows_and_refuses_bad_options(tiny_gemma_
         run("make-pairs", "--source", "champ", "--out", out, "--model", tiny_gemma_dir),
         "are for --source model",
     )
+
+
+def test_make_pairs_from_a_block_model_uses_its_block_sampler_and_the_pairs_train(tmp_path, monkeypatch):
+    """SDAR (tests/fixtures/families/sdar: a tiny random checkpoint in the published layout, block 4):
+    `make-pairs --source model` samples every answer with the block sampler (dsdpo.block_sampler,
+    watched, not replaced), writes the pairs the same samples give (each problem's reference set to the
+    first number its samples say, so that some problems have a right and a wrong answer), and those
+    pairs train: one optimizer step of the block-diffusion ELBO."""
+    import dsdpo.generate
+    from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
+    from dsdpo.models import load_model, load_tokenizer
+    from dsdpo.train import train
+    from tests.ds_helpers import cpu_ds_config
+    from tests.test_families import published_folder
+
+    folder = published_folder("sdar", tmp_path / "sdar")
+    model, tokenizer = load_model(folder).eval(), load_tokenizer(folder)
+    questions = QUESTIONS[:3]  # the block sampler runs one answer at a time
+    answers = _sampled_answers(model, tokenizer, questions)
+    references = [next((n for n in map(extract_answer, texts) if n is not None), "-1") for texts in answers]
+    expected = []
+    for texts, reference in zip(answers, references, strict=True):
+        right = [t for t in texts if numbers_match(extract_answer(t), reference)]
+        wrong = [t for t in texts if not numbers_match(extract_answer(t), reference) and t.strip()]
+        expected += [(right[0], wrong[0])] if right and wrong else []
+    assert expected, answers  # the case this test needs
+
+    calls = []
+    sampler = dsdpo.generate.block_generate
+    monkeypatch.setattr(
+        dsdpo.generate, "block_generate", lambda *a, **k: calls.append(k["block_length"]) or sampler(*a, **k)
+    )
+    problems, out = tmp_path / "problems.jsonl", tmp_path / "pairs.jsonl"
+    lines = [json.dumps({"question": q, "answer": r}) for q, r in zip(questions, references, strict=True)]
+    problems.write_text("\n".join(lines) + "\n")
+    options = ["--gen-length", 8, "--block-length", 8, "--steps", 8, "--temperature", 1.0, "--seed", 7]
+    result = run(
+        "make-pairs", "--source", "model", "--model", folder, "--problems", problems, "--out", out,
+        "--samples", SAMPLES, "--batch-size", BATCH, *options,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert calls == [4] * (SAMPLES * len(questions))  # one canvas a sample, in the model's blocks of 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["chosen"], row["rejected"]) for row in rows] == expected
+
+    (tmp_path / "ds.json").write_text(json.dumps(cpu_ds_config()))  # one pair a step
+    config = Config(
+        model=ModelConfig(path=str(folder)),
+        data=DataConfig(path=str(out)),
+        train=TrainConfig(output=str(tmp_path / "run"), max_steps=1),
+    )
+    train(config, tmp_path / "ds.json")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("step") == 1 and "loss" in row for row in metrics), metrics

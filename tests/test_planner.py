@@ -174,9 +174,12 @@ def test_sweeps_count_as_the_micro_step_counts():
     # 2 pairs x 2 sides x 4 draws = 16 rows of 100 tokens; 400 tokens with grad = 4 rows a chunk (4 calls),
     # 1600 without = 16 rows (1 call): reference 1 + pass 1 1 + 4 forwards + 4 backwards, per micro-batch.
     run = RunShape(max_length=100, budget=4, micro_batch=2, accumulation=3, max_tokens_per_forward=400)
-    sweeps = sweeps_per_step(run)
+    shape = model_shape(FIXTURES / "llada-8b.json")
+    sweeps = sweeps_per_step(shape, run)
     assert (sweeps.reference, sweeps.policy_no_grad, sweeps.policy_grad, sweeps.total) == (3, 3, 12, 30)
-    one_pass = sweeps_per_step(RunShape(max_length=100, budget=4, micro_batch=2, max_tokens_per_forward=1600))
+    one_pass = sweeps_per_step(
+        shape, RunShape(max_length=100, budget=4, micro_batch=2, max_tokens_per_forward=1600)
+    )
     assert (one_pass.one_pass, one_pass.total) == (True, 3)
 
 

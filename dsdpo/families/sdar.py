@@ -61,6 +61,7 @@ class SDARConfig(PretrainedConfig):
         use_sliding_window: bool = False,
         block_size: int = 4,  # the released chat models' (config.json); the sampler's block_length
         mask_token_id: int = 151669,
+        pad_token_id: int | None = None,  # the released config.json has none (the embedding's padding_idx)
         **kwargs,
     ):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
@@ -72,7 +73,10 @@ class SDARConfig(PretrainedConfig):
         self.attention_bias, self.use_sliding_window = attention_bias, use_sliding_window
         self.block_size, self.mask_token_id = block_size, mask_token_id
         kwargs.pop("use_cache", None)  # there is no key/value cache in a denoiser
-        super().__init__(**kwargs)
+        # The released config.json names "flex_attention" (SDAR-8B-Chat's), which transformers refuses
+        # for a model class that does not declare it; this one's attention is layers.self_attention.
+        kwargs.pop("attn_implementation", None)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
 
     def check_supported(self) -> None:

@@ -37,8 +37,9 @@ from dsdpo.planner.memory import (
     dtype_bytes,
     model_state_plan,
     no_grad_activation_bytes,
+    row_width,
 )
-from dsdpo.planner.shapes import model_shape
+from dsdpo.planner.shapes import ModelShape, model_shape
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,8 +57,9 @@ def free_device_bytes(device: torch.device) -> int:
 
 
 def auto_chunk_tokens(model, ds_config: dict, run: RunShape, free_bytes: float) -> tuple[int, int, float]:
-    """(tokens with gradients, tokens without, the bytes budget): the largest whole-row chunks that fit."""
-    shape = model_shape(model)
+    """(tokens with gradients, tokens without, the bytes budget): the largest whole-row chunks that fit
+    (`model`: a model folder, config, or its ModelShape)."""
+    shape = model if isinstance(model, ModelShape) else model_shape(model)
     b = dtype_bytes(ds_config)
     # What the forward and backward add beside activations (resident items are allocated when the
     # free memory is read; the optimizer boundary comes after the activations are freed).
@@ -76,7 +78,7 @@ def auto_chunk_tokens(model, ds_config: dict, run: RunShape, free_bytes: float) 
             rows += 1
         return rows
 
-    width = run.max_length
+    width = row_width(shape, run.max_length)  # a block model's rows are [noised ; clean]
     grad_rows = fitting(
         lambda r: activation_bytes(
             shape, r * width, r * response, b, checkpointing=run.gradient_checkpointing
@@ -106,9 +108,12 @@ def resolve_chunk_sizes(
         gradient_checkpointing=gradient_checkpointing,
         reference=reference,
     )
-    tokens, no_grad, room = auto_chunk_tokens(model, ds_config, run, free)
+    shape = model_shape(model)
+    tokens, no_grad, room = auto_chunk_tokens(shape, ds_config, run, free)
     score.max_tokens_per_forward = tokens
-    chosen = f"{tokens} tokens ({tokens // max_length} rows of {max_length}) per forward with gradients"
+    width = row_width(shape, max_length)
+    row = f"{width}" if width == max_length else f"2 x {max_length} ([noised ; clean])"
+    chosen = f"{tokens} tokens ({tokens // width} rows of {row}) per forward with gradients"
     if score.max_tokens_no_grad is None:
         score.max_tokens_no_grad = no_grad
         chosen += f", {no_grad} without"

@@ -1,16 +1,24 @@
 """Bytes on each device and parameter sweeps per optimizer step, by formula from the model's shape.
 
 Activations (bytes saved for backward, T = rows × width tokens of one forward, b bytes per element,
-d hidden, f MLP width, d_kv = kv heads × head dim, h heads), counted tensor by tensor from
+d hidden, f MLP width, d_q and d_kv = heads and kv heads × head dim (d_q = d but where config.json's
+head_dim says otherwise, as SDAR-4B's), h heads), counted tensor by tensor from
 dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
 
     RMS norm            (4 + 2b)·T·d     its fp32 input, the normed value, the output the linears save
     rotary              0                q·cos saves only cos (no gradient): the [T, head dim] fp32 cos and
                                          sin tables, 8·T·d/h, are shared by every block
-    attention           b·T·(2d + 2d_kv) + 4·T·h   q, k, v and the output (whose view the out projection
+    attention           b·T·(2d_q + 2d_kv) + 4·T·h   q, k, v and the output (whose view the out projection
                                          saves) for SDPA's backward, and its fp32 log-sum-exp
     gated MLP           4b·T·f           gate, up, silu(gate), their product
-    layer = 2 norms + attention + MLP
+    mixture of experts  f = k·f_expert + f_shared: a token's k experts and the shared expert (their
+                        gated MLPs as above), and for each of the k copies of a token (an expert's
+                        input rows, dsdpo/families/llada_moe.py) 3b·T·k·d: the gathered input the
+                        expert's linears save, its output the routing weight's product saves, that
+                        product index_add_ saves; the router's fp32 softmax 4·T·E and the int64
+                        indices of top-k, of the gather and of index_add_, 24·T·k
+    q/k norms           (4 + 2b)·T·(d_q + d_kv)  per-head RMS norms of queries and keys (SDAR, LLaDA-MoE)
+    layer = 2 norms + attention (+ q/k norms) + MLP (+ the experts' copies and router)
 
     output layer        12·m·V           m = min(M, s): of the M masked positions (the head runs at
                                          those only) one slice of s positions exists at a time
@@ -23,6 +31,14 @@ dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
 
 These were checked tensor by tensor with autograd's saved-tensor hooks on dsdpo's LLaDA block, and
 against measured peaks (benchmarks/planner_accuracy.py).
+
+Compute and activations follow a mixture of experts' ACTIVE parameters (f above, the FLOPs in
+report.py), model states its TOTAL ones (every expert is partitioned, offloaded and trained).
+
+A block-diffusion model (SDAR, LLaDA 2.x) scores one forward of [noised ; clean] (dsdpo.blocks): a
+row of S tokens is 2S tokens wide in every forward, in T above, in the attention's width and in
+--max-tokens-per-forward's budget (dsdpo.diffusion.row_widths); its masked positions are the noised
+half's, as many as a plain row's.
 
 A forward without gradients keeps one block's transients, b·T·(3d + 3f) + 4·T·d, or one slice of
 the output layer's logits, their fp32 copy in bf16 and the log-softmax, (b + 4 + 4·[b = 2])·m·V,
@@ -95,16 +111,25 @@ def chunk_rows(tokens: int, width: int) -> int:
     return max(1, tokens // width)
 
 
+def row_width(shape: ModelShape, max_length: int) -> int:
+    """Tokens of one row in a forward: max_length, twice over for a block model (module docstring)."""
+    return max_length * (2 if shape.block_size else 1)
+
+
 def _norm(shape: ModelShape, tokens: int, b: int) -> float:
     return (4 + 2 * b) * tokens * shape.hidden
 
 
 def layer_bytes(shape: ModelShape, tokens: int, b: int) -> float:
     """Bytes one block saves for backward on a forward of `tokens` tokens (module docstring)."""
-    d, dkv, f = shape.hidden, shape.kv_width, shape.intermediate
-    attention = b * tokens * (2 * d + 2 * dkv) + 4 * tokens * shape.heads
+    dq, dkv, f = shape.q_width, shape.kv_width, shape.intermediate
+    attention = b * tokens * (2 * dq + 2 * dkv) + 4 * tokens * shape.heads
+    if shape.qk_norms:  # an RMS norm over each head's queries and keys, as the layer's own norms
+        attention += (4 + 2 * b) * tokens * (dq + dkv)
     mlp = 4 * b * tokens * f
-    return 2 * _norm(shape, tokens, b) + attention + mlp
+    k = shape.experts_per_token
+    experts = tokens * (3 * b * k * shape.hidden + 4 * shape.experts + 24 * k)
+    return 2 * _norm(shape, tokens, b) + attention + mlp + experts
 
 
 def head_positions(shape: ModelShape, masked: float, slice_bytes: int = HEAD_SLICE_BYTES) -> float:
@@ -468,9 +493,9 @@ def deepspeed_estimate(shape: ModelShape, params: str, optimizer: str, world_siz
     return {"gpu_bytes": float(gpu), "cpu_bytes": float(cpu)}
 
 
-def chunk_shape(run: RunShape, tokens: int) -> tuple[int, int, float]:
+def chunk_shape(shape: ModelShape, run: RunShape, tokens: int) -> tuple[int, int, float]:
     """(rows, tokens, masked positions) of the heaviest chunk of at most `tokens` tokens."""
-    width = min(run.max_length, tokens) if tokens >= run.max_length else run.max_length
+    width = row_width(shape, run.max_length)
     rows = chunk_rows(tokens, width)
     rows = min(rows, 2 * run.micro_batch * run.budget)
     return rows, rows * width, rows * run.response * run.masked_fraction
@@ -488,8 +513,8 @@ def memory_plan(
         trainable_parameters=run.trainable_parameters,
     )
     b = dtype_bytes(ds_config)
-    rows, tokens, masked = chunk_shape(run, run.max_tokens_per_forward)
-    no_grad_rows, no_grad_tokens, no_grad_masked = chunk_shape(run, run.no_grad_tokens)
+    rows, tokens, masked = chunk_shape(shape, run, run.max_tokens_per_forward)
+    no_grad_rows, no_grad_tokens, no_grad_masked = chunk_shape(shape, run, run.no_grad_tokens)
     grad = activation_bytes(shape, tokens, masked, b, checkpointing=run.gradient_checkpointing)
     other = activation_bytes(shape, tokens, masked, b, checkpointing=not run.gradient_checkpointing)
     no_grad = no_grad_activation_bytes(shape, no_grad_tokens, no_grad_masked, b)
@@ -529,10 +554,11 @@ class Sweeps:
         return self.reference + self.policy_no_grad + 2 * self.policy_grad
 
 
-def sweeps_per_step(run: RunShape) -> Sweeps:
+def sweeps_per_step(shape: ModelShape, run: RunShape) -> Sweeps:
     rows = 2 * run.micro_batch * run.budget  # chosen and rejected, `budget` draws each
-    grad_calls = math.ceil(rows / chunk_rows(run.max_tokens_per_forward, run.max_length))
-    no_grad_calls = math.ceil(rows / chunk_rows(run.no_grad_tokens, run.max_length))
+    width = row_width(shape, run.max_length)
+    grad_calls = math.ceil(rows / chunk_rows(run.max_tokens_per_forward, width))
+    no_grad_calls = math.ceil(rows / chunk_rows(run.no_grad_tokens, width))
     one_pass = grad_calls == 1
     reference = no_grad_calls if run.reference in ("engine", "adapter") else 0
     steps = run.accumulation

@@ -2,7 +2,7 @@
 
 Time (formulas; the rates are the card table's and the options'): each sweep streams the policy's
 parameters to the GPU (b·P bytes over PCIe, from NVMe first when they are swapped there); the
-compute is 2·(block parameters)·T + 4·N·T·S·d (attention) + 2·d·V·M (the output layer at masked
+compute is 2·(active block parameters)·T + 4·N·T·S·d_q (attention) + 2·d·V·M (the output layer at masked
 positions) floating-point operations for a forward of T tokens, a backward twice that, and one more
 forward of the blocks with gradient checkpointing, at MATMUL_EFFICIENCY of the bf16 rate. Transfer
 and compute overlap (prefetch) or not: the plan gives both ends. The optimizer step runs on the CPU
@@ -26,6 +26,7 @@ from dsdpo.planner.memory import (
     _offload,
     dtype_bytes,
     memory_plan,
+    row_width,
     sweeps_per_step,
 )
 from dsdpo.planner.shapes import ModelShape, model_shape
@@ -43,7 +44,7 @@ class HostRates:
 def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float) -> float:
     return (
         2 * shape.active_block_parameters * tokens
-        + 4 * shape.layers * tokens * width * shape.hidden
+        + 4 * shape.layers * tokens * width * shape.q_width
         + 2 * shape.hidden * shape.vocab * masked
     )
 
@@ -51,9 +52,10 @@ def forward_flops(shape: ModelShape, tokens: float, width: float, masked: float)
 def step_flops(shape: ModelShape, run: RunShape, sweeps: Sweeps) -> float:
     """Floating-point operations of one optimizer step's forwards and backwards (module docstring)."""
     rows = 2 * run.micro_batch * run.budget
-    tokens = rows * run.max_length
+    width = row_width(shape, run.max_length)  # a block model's rows are [noised ; clean]
+    tokens = rows * width
     masked = rows * run.response * 0.5  # l_over_L masks half the response on average
-    forward = forward_flops(shape, tokens, run.max_length, masked)
+    forward = forward_flops(shape, tokens, width, masked)
     blocks_forward = 2 * shape.active_block_parameters * tokens
     no_grad_passes = (1 if run.reference in ("engine", "adapter") else 0) + (0 if sweeps.one_pass else 1)
     # A backward computes the inputs' gradients (one forward's work) and the weights' (another), but
@@ -96,7 +98,7 @@ def plan(
     rates = rates or HostRates()
     shape = model if isinstance(model, ModelShape) else model_shape(model)
     memory: MemoryPlan = memory_plan(shape, ds_config, run, world_size)
-    sweeps = sweeps_per_step(run)
+    sweeps = sweeps_per_step(shape, run)
     fast, slow, compute, transfer, update = step_seconds(shape, ds_config, run, sweeps, card, rates)
     pairs = run.micro_batch * run.accumulation * world_size
     zero = ds_config.get("zero_optimization") or {}
@@ -106,6 +108,9 @@ def plan(
             "type": shape.model_type,
             "parameters": shape.parameters,
             "active_parameters": shape.active_parameters,
+            "experts": shape.experts,
+            "experts_per_token": shape.experts_per_token,
+            "block_size": shape.block_size,
             "largest_module": shape.largest_module,
             "layers": shape.layers,
             "hidden": shape.hidden,
@@ -154,12 +159,20 @@ def format_plan(result: dict, *, ram_bytes: float | None = None) -> str:
     other = _gib(chunk["activations_other_checkpointing"])
     step, serial = seconds["step_overlapped"], seconds["step_serial"]
     pair, pair_serial = seconds["per_pair_overlapped"], seconds["per_pair_serial"]
+    routed = (
+        f", {model['experts_per_token']} of {model['experts']} experts: parameters, gradients and optimizer "
+        "states follow the total, activations and compute the active"
+        if model["experts"]
+        else ""
+    )
+    block, width = model["block_size"], 2 * run["max_length"]
+    rows = f"; a forward's row is [noised ; clean], {width} tokens: block {block}" if block else ""
     lines = [
         f"model: {model['type']}, {model['parameters'] / 1e9:.3f} B parameters (counted on the meta device; "
-        f"{model['active_parameters'] / 1e9:.3f} B active per token), "
+        f"{model['active_parameters'] / 1e9:.3f} B active per token{routed}), "
         f"{model['layers']} layers, hidden {model['hidden']}, vocabulary {model['vocab']}",
         f"run: micro-batch {run['micro_batch']} pairs x accumulation {run['accumulation']}, budget "
-        f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}), "
+        f"{run['budget']}, rows of {run['max_length']} tokens (responses {response}{rows}), "
         f"max {run['max_tokens_per_forward']} tokens per forward with gradients, "
         f"{run['max_tokens_no_grad'] or 4 * run['max_tokens_per_forward']} without",
         "all numbers are formulas (dsdpo/planner/memory.py); [DS] marks DeepSpeed's estimator; a total is "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsdpo.planner.cards import MATMUL_EFFICIENCY, Card
-from dsdpo.planner.memory import RunShape, dtype_bytes, no_grad_activation_bytes
+from dsdpo.planner.memory import RunShape, dtype_bytes, no_grad_activation_bytes, row_width
 from dsdpo.planner.report import GIB, forward_flops, plan
 from dsdpo.planner.shapes import ModelShape
 
@@ -75,7 +75,7 @@ def candidate_settings(ds_config: Path, *, lora_rank: int | None, reference: str
 
 
 def _planned(shape, ds_config, run, card, world_size, grad_rows, no_grad_rows) -> dict:
-    width = run.max_length
+    width = row_width(shape, run.max_length)
     chunked = dataclasses.replace(
         run, max_tokens_per_forward=grad_rows * width, max_tokens_no_grad=no_grad_rows * width
     )
@@ -103,15 +103,16 @@ def largest_fitting_chunks(shape: ModelShape, ds_config: dict, run: RunShape, ca
 def precompute_seconds_per_pair(shape: ModelShape, run: RunShape, card: Card) -> float:
     """`dsdpo precompute-reference`: the reference's forwards of one pair (2 × budget rows), with the
     model whole on the GPU (no transfer)."""
-    rows = 2 * run.budget
-    flops = forward_flops(shape, rows * run.max_length, run.max_length, rows * run.response * 0.5)
+    rows, width = 2 * run.budget, row_width(shape, run.max_length)
+    flops = forward_flops(shape, rows * width, width, rows * run.response * 0.5)
     return flops / (card.bf16_flops * MATMUL_EFFICIENCY)
 
 
 def precompute_gpu_bytes(shape: ModelShape, ds_config: dict, run: RunShape) -> float:
     """The reference whole on the GPU and one row's forward without gradients."""
     b = dtype_bytes(ds_config)
-    return b * shape.parameters + no_grad_activation_bytes(shape, run.max_length, run.response, b)
+    width = row_width(shape, run.max_length)
+    return b * shape.parameters + no_grad_activation_bytes(shape, width, run.response, b)
 
 
 def evaluate(

@@ -2,6 +2,17 @@
 
 The model is built on the meta device (no memory, no weights), so its parameter count is that of
 the very module tree training loads, not a formula: tied weights count once, biases and norms count.
+
+A mixture of experts has TOTAL parameters (every expert: what ZeRO-3 partitions, offloads, and
+keeps gradients and optimizer states of) and ACTIVE ones (those a token runs through: what compute
+and activations follow). The counts are read off the module tree, for any family whose MoE layers
+follow this protocol (LLaDA-MoE, and the published LLaDA 2.x code's layout):
+- an MoE layer is a module with an `experts` nn.ModuleList of equally shaped experts;
+- it sends each token to `top_k` of them: its own `top_k` attribute, else its router's (`gate.top_k`,
+  as LLaDA 2.x publishes it), else the config's `num_experts_per_tok`;
+- every other module of a block (attention, router, shared experts, dense MLPs) runs for every token;
+- a gated MLP (dense, shared or one expert) names its output projection `down_proj`: its width is
+  `down_proj.in_features`.
 """
 
 from __future__ import annotations
@@ -13,9 +24,13 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from dsdpo.errors import DsdpoError
-from dsdpo.families import family_of, family_of_config_dict, lora_targets
+from dsdpo.families import FAMILIES, block_size_of, family_of, family_of_config_dict, lora_targets
+
+# The names of a per-head query norm: Qwen3's, SDAR's and LLaDA-MoE's; LLaDA 2.x's published one.
+QK_NORMS = ("q_norm", "query_layernorm")
 
 
 @dataclass(frozen=True)
@@ -25,7 +40,7 @@ class ModelShape:
     layers: int  # N
     heads: int  # h
     kv_heads: int
-    intermediate: int  # f, the gated MLP's width
+    intermediate: int  # f, the gated MLP width a token passes through (MoE: top-k experts + shared)
     vocab: int  # rows of the output layer (V)
     parameters: int  # every parameter once (tied ones once), counted on the meta device
     parameter_sizes: tuple[int, ...]  # numel of each parameter
@@ -33,10 +48,20 @@ class ModelShape:
     block_parameters: int  # parameters of the largest transformer block (ZeRO-3 gathers one at a time)
     active_block_parameters: int  # of all blocks, those one token runs through (MoE: its top-k experts)
     active_parameters: int  # all parameters but the experts a token's router passes over
+    experts: int = 0  # experts of the widest MoE layer (0: dense)
+    experts_per_token: int = 0  # top-k of that layer: each token's input is copied to k experts
+    block_size: int | None = None  # a block-diffusion model's block: its rows go as [noised ; clean]
+    head_size: int | None = None  # config.json's head_dim, where heads x head_dim need not be d (Qwen3)
+    qk_norms: bool = False  # RMS norms of each head's queries and keys (QK_NORMS)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_width(self) -> int:
+        """d_q: the width of the queries and of the attention's output (d unless head_dim says otherwise)."""
+        return self.heads * self.head_dim
 
     @property
     def kv_width(self) -> int:
@@ -76,10 +101,15 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
     model_type = data.pop("model_type", None)
     if family is not None:
         return family.config_class(**data)
+    if model_type not in CONFIG_MAPPING:  # transformers' own message lists every model type it knows
+        raise DsdpoError(
+            f"{where}: model_type {model_type!r} is not one transformers knows, nor a dsdpo family's "
+            f"({', '.join(sorted(FAMILIES))})"
+        )
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError) as err:
-        raise DsdpoError(f"{where}: model_type {model_type!r} is not one transformers knows: {err}") from None
+        raise DsdpoError(f"{where}: model_type {model_type!r}, settings that make no config: {err}") from None
 
 
 def _meta_model(config: PretrainedConfig):
@@ -103,27 +133,57 @@ def _blocks(model) -> torch.nn.ModuleList:
     return max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()))
 
 
-def _mlp_width(config: PretrainedConfig) -> int:
-    """The gated MLP width a token passes through: the config's, or for a mixture of experts its top-k
-    experts and shared expert side by side, or the dense layers' when those are wider."""
-    dense = getattr(config, "intermediate_size", None) or getattr(config, "ffn_size", None)
-    if dense:
-        return dense
-    routed = config.num_experts_per_tok * config.expert_intermediate_size
-    shared = getattr(config, "shared_expert_intermediate_size", None) or 0
-    return max(routed + shared, getattr(config, "dense_intermediate_size", None) or 0)
-
-
-def _idle_expert_parameters(block: torch.nn.Module) -> int:
-    """Parameters of the experts a token's router passes over in `block`: a mixture-of-experts layer is
-    a module with a list of `experts` and a `top_k` (dsdpo.families.llada_moe)."""
-    idle = 0
+def _moe_layers(block: torch.nn.Module, config: PretrainedConfig) -> list[tuple[torch.nn.Module, int]]:
+    """(layer, top-k) of each mixture-of-experts layer in `block` (module docstring's protocol)."""
+    layers = []
     for module in block.modules():
-        experts, top_k = getattr(module, "experts", None), getattr(module, "top_k", None)
-        if isinstance(experts, torch.nn.ModuleList) and isinstance(top_k, int) and len(experts) > top_k:
-            per_expert = sum(p.numel() for p in experts[0].parameters())
-            idle += (len(experts) - top_k) * per_expert
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, torch.nn.ModuleList) or not len(experts):
+            continue
+        top_k = getattr(module, "top_k", None) or getattr(getattr(module, "gate", None), "top_k", None)
+        layers.append((module, int(top_k or config.num_experts_per_tok)))
+    return layers
+
+
+def _idle_expert_parameters(block: torch.nn.Module, config: PretrainedConfig) -> int:
+    """Parameters of the experts a token's router passes over in `block`."""
+    idle = 0
+    for layer, top_k in _moe_layers(block, config):
+        per_expert = sum(p.numel() for p in layer.experts[0].parameters())
+        idle += max(len(layer.experts) - top_k, 0) * per_expert
     return idle
+
+
+def _gated_width(module: torch.nn.Module) -> int:
+    return module.down_proj.in_features
+
+
+def _moe_mlp_width(block: torch.nn.Module, config: PretrainedConfig) -> int:
+    """The gated MLP width a token passes through in `block`: top-k experts of each MoE layer, and
+    every gated MLP outside the expert lists (shared experts, a dense MLP) side by side."""
+    layers = _moe_layers(block, config)
+    in_experts = {id(m) for layer, _ in layers for m in layer.experts.modules()}
+    routed = sum(top_k * _gated_width(layer.experts[0]) for layer, top_k in layers)
+    others = sum(
+        _gated_width(module)
+        for module in block.modules()
+        if id(module) not in in_experts and isinstance(getattr(module, "down_proj", None), torch.nn.Linear)
+    )
+    return routed + others
+
+
+def _mlp_width(config: PretrainedConfig, blocks: torch.nn.ModuleList) -> int:
+    """f of the widest block: the config's for a dense model; for a mixture of experts the module
+    tree's (a first dense layer can be wider than a token's top-k experts and shared expert)."""
+    if not any(_moe_layers(block, config) for block in blocks):
+        return getattr(config, "intermediate_size", None) or config.ffn_size
+    return max(_moe_mlp_width(block, config) for block in blocks)
+
+
+def _widest_moe_layer(blocks: torch.nn.ModuleList, config: PretrainedConfig) -> tuple[int, int]:
+    """(experts, top-k) of the MoE layer with the most experts; (0, 0) for a dense model."""
+    layers = [(len(layer.experts), top_k) for block in blocks for layer, top_k in _moe_layers(block, config)]
+    return max(layers, default=(0, 0))
 
 
 def largest_parameter(source: str | Path | PretrainedConfig | dict) -> int:
@@ -137,10 +197,11 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
     sizes = tuple(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     blocks = _blocks(model)
-    idle = sum(_idle_expert_parameters(block) for block in blocks)
+    idle = sum(_idle_expert_parameters(block, config) for block in blocks)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "kv_heads", None) or heads
-    intermediate = _mlp_width(config)
+    intermediate = _mlp_width(config, blocks)
+    experts, experts_per_token = _widest_moe_layer(blocks, config)
     output = model.get_output_embeddings()
     vocab = output.weight.shape[0] if output is not None else config.vocab_size
     return ModelShape(
@@ -157,6 +218,11 @@ def model_shape(source: str | Path | PretrainedConfig | dict) -> ModelShape:
         block_parameters=max(sum(p.numel() for p in block.parameters()) for block in blocks),
         active_block_parameters=sum(p.numel() for p in blocks.parameters()) - idle,
         active_parameters=sum(sizes) - idle,
+        experts=experts,
+        experts_per_token=experts_per_token,
+        block_size=block_size_of(config),
+        head_size=getattr(config, "head_dim", None),
+        qk_norms=any(name.rsplit(".", 1)[-1] in QK_NORMS for name, _ in blocks.named_modules()),
     )
 
 
