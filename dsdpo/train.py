@@ -376,6 +376,8 @@ class Trainer:
             config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
         )
         self.policy = self.engines.policy
+        # A block model's forward row is [noised ; clean]: twice its sequence (dsdpo.blocks).
+        self.row_copies = 1 if block_size_of(plan.hf_config) is None else 2
         # The one place that says which of the four references this run has (docs/design.md,
         # "Reference model: four ways"); the steps only ask it for terms.
         self.reference: Reference = plan.reference_scores or as_reference(self.engines.reference)
@@ -567,7 +569,7 @@ class Trainer:
         (results, tokens), retries = retry_on_out_of_memory(
             accumulate,
             self.config.score,
-            widest_row=max(pair.length for pairs in micro_batches for pair in pairs),
+            widest_row=max(pair.length for pairs in micro_batches for pair in pairs) * self.row_copies,
             engines=(policy, self.engines.reference),
             say=log.warning,
         )
