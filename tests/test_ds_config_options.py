@@ -1,0 +1,172 @@
+"""The training options that fill the DeepSpeed JSON's "auto" values (learning rate, schedule, warmup,
+weight decay, batch), as Hugging Face's Trainer does; and the schedule the engine then applies."""
+
+import inspect
+import json
+import math
+
+import pytest
+from deepspeed.runtime import lr_schedules
+
+from dsdpo.config import TrainConfig
+from dsdpo.ds_config import read_ds_config, resolve_ds_config
+from dsdpo.errors import DsdpoError
+from tests.run_helpers import REPO
+
+# Each shipped config resolved by the code before its values became "auto" (world size 8 for
+# multi_gpu.json, 100 steps, NVMe planned), recorded when they did.
+BEFORE = json.loads((REPO / "tests" / "fixtures" / "ds_configs_resolved_before_auto.json").read_text())
+
+
+def _resolve(raw, options=None, total_steps=100, world_size=1, source="ds.json"):
+    return resolve_ds_config(
+        raw,
+        world_size=world_size,
+        total_steps=total_steps,
+        options=options,
+        largest_parameter=126464 * 4096,
+        source=source,
+        planning=True,
+    )
+
+
+def _auto_config(**scheduler_params) -> dict:
+    """ds_configs/cpu.json with every option-filled value "auto"."""
+    raw = read_ds_config(REPO / "ds_configs" / "cpu.json")
+    raw.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
+    raw["optimizer"]["params"].update(lr="auto", weight_decay="auto")
+    raw["scheduler"] = {"type": "auto", "params": scheduler_params}
+    return raw
+
+
+def _with_default_warmup_type(resolved: dict) -> dict:
+    """The old files left warmup_type to DeepSpeed's default; the new ones name it."""
+    scheduler = getattr(lr_schedules, resolved["scheduler"]["type"])
+    default = inspect.signature(scheduler).parameters["warmup_type"].default
+    resolved["scheduler"]["params"].setdefault("warmup_type", default)
+    return resolved
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_shipped_configs_without_options_resolve_as_before_they_said_auto(name):
+    world_size = 8 if name == "multi_gpu.json" else 1
+    raw = read_ds_config(REPO / "ds_configs" / name)
+    resolved = _resolve(raw, TrainConfig(), world_size=world_size, source=name)
+    assert _with_default_warmup_type(resolved) == _with_default_warmup_type(BEFORE[name])
+
+
+def test_options_fill_the_auto_values():
+    options = TrainConfig(
+        learning_rate=3e-6, weight_decay=0.05, per_device_batch_size=4, gradient_accumulation_steps=8
+    )
+    resolved = _resolve(
+        _auto_config(warmup_min_ratio=0.1, warmup_type="log"), options, world_size=2, total_steps=50
+    )
+    assert resolved["train_micro_batch_size_per_gpu"] == 4
+    assert resolved["gradient_accumulation_steps"] == 8
+    assert resolved["train_batch_size"] == 4 * 8 * 2
+    assert resolved["optimizer"]["params"]["lr"] == 3e-6
+    assert resolved["optimizer"]["params"]["weight_decay"] == 0.05
+    assert resolved["scheduler"] == {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": 0.1 * 3e-6,
+            "warmup_max_lr": 3e-6,
+            "warmup_num_steps": 20,
+            "warmup_type": "log",
+            "total_num_steps": 50,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "scheduler"),
+    [
+        (
+            dict(lr_scheduler="cosine", warmup_ratio=0.1),  # ceil(0.1 × 95) = 10
+            {
+                "type": "WarmupCosineLR",
+                "params": {
+                    "total_num_steps": 95,
+                    "warmup_min_ratio": 0.0,
+                    "cos_min_ratio": 0.0,
+                    "warmup_num_steps": 10,
+                    "warmup_type": "linear",
+                },
+            },
+        ),
+        (
+            dict(lr_scheduler="linear", warmup_ratio=0.011),  # ceil(1.045) = 2, where int() gives 1
+            {
+                "type": "WarmupDecayLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": 5e-7,
+                    "warmup_num_steps": 2,
+                    "warmup_type": "linear",
+                    "total_num_steps": 95,
+                },
+            },
+        ),
+        (
+            dict(lr_scheduler="constant", warmup_steps=3),
+            {
+                "type": "WarmupLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": 5e-7,
+                    "warmup_num_steps": 3,
+                    "warmup_type": "linear",
+                },
+            },
+        ),
+        (dict(lr_scheduler="constant", warmup_steps=0), None),  # the optimizer's rate, untouched
+    ],
+)
+def test_lr_scheduler_and_warmup_lay_out_deepspeeds_scheduler(options, scheduler):
+    resolved = _resolve(_auto_config(), TrainConfig(**options), total_steps=95)
+    assert resolved.get("scheduler") == scheduler
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            dict(learning_rate=1e-4),
+            r"cpu.json: optimizer.params.lr is 0.002 and --learning-rate \(train.learning_rate\) 0.0001 is",
+        ),
+        (dict(weight_decay=0.1), r"cpu.json: optimizer.params.weight_decay is 0.0 and --weight-decay"),
+        (dict(per_device_batch_size=4), r"train_micro_batch_size_per_gpu is 2 and --per-device-batch-size"),
+        (dict(gradient_accumulation_steps=4), r"accumulation_steps is 2 and --gradient-accumulation-steps"),
+        (dict(lr_scheduler="cosine"), r"cpu.json: scheduler.type is 'WarmupDecayLR' and --lr-scheduler"),
+        (dict(warmup_steps=5), r"cpu.json: scheduler.params.warmup_num_steps is 2 and --warmup-steps"),
+        (dict(warmup_ratio=0.5), r"cpu.json: scheduler.params.warmup_num_steps is 2 and --warmup-ratio"),
+    ],
+)
+def test_a_value_in_the_json_and_as_an_option_is_an_error_naming_both(options, message):
+    with pytest.raises(DsdpoError, match=message):
+        _resolve(read_ds_config(REPO / "ds_configs" / "cpu.json"), TrainConfig(**options), source="cpu.json")
+
+
+def test_a_schedule_option_without_a_scheduler_block_says_what_to_add():
+    raw = read_ds_config(REPO / "ds_configs" / "cpu.json")
+    del raw["scheduler"]
+    for options in (dict(lr_scheduler="linear"), dict(warmup_steps=3)):
+        with pytest.raises(DsdpoError, match=r'needs a scheduler block: add "scheduler": \{"type": "auto"\}'):
+            _resolve(raw, TrainConfig(**options))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(warmup_steps=2, warmup_ratio=0.1), "train.warmup_steps and train.warmup_ratio: give one"),
+        (dict(warmup_ratio=1.5), "train.warmup_ratio: a fraction of the run"),
+        (dict(learning_rate=-1.0), "train.learning_rate must be a finite number >= 0"),
+        (dict(learning_rate=math.nan), "train.learning_rate must be a finite number >= 0"),
+        (dict(per_device_batch_size=0), "train.per_device_batch_size must be at least 1"),
+        (dict(report_to="tensorboard,comet"), "train.report_to: unknown comet"),
+    ],
+)
+def test_bad_option_values_name_the_field(options, message):
+    with pytest.raises(DsdpoError, match=message):
+        TrainConfig(**options).validate()
