@@ -274,8 +274,8 @@ class TrainConfig:
     report_to: str | None = setting(
         None,
         f"where metrics go besides metrics.jsonl, comma-separated: {', '.join(TRACKERS)}, or none; each "
-        "an optional extra (pip install 'dsdpo[wandb]'). Offline: WANDB_MODE=offline, MLflow's file store "
-        "in --output/mlruns unless MLFLOW_TRACKING_URI is set, trackio's local store (default: tensorboard "
+        "an optional extra (pip install 'dsdpo[wandb]'). Offline: WANDB_MODE=offline, MLflow's database "
+        "--output/mlflow.db unless MLFLOW_TRACKING_URI is set, trackio's local store (default: tensorboard "
         "where it is installed)",
     )
 

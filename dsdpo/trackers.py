@@ -2,8 +2,8 @@
 per backend, each imported only when asked for (Hugging Face's `report_to`).
 
 Offline use: TensorBoard writes event files in --output/tensorboard; W&B follows WANDB_MODE (offline:
-files in --output/wandb, `wandb sync` later); MLflow logs to MLFLOW_TRACKING_URI, else to a file
-store in --output/mlruns; trackio keeps its local store (TRACKIO_DIR).
+files in --output/wandb, `wandb sync` later); MLflow logs to MLFLOW_TRACKING_URI, else to the SQLite
+database --output/mlflow.db; trackio keeps its local store (TRACKIO_DIR).
 """
 
 from __future__ import annotations
@@ -56,14 +56,14 @@ class MLflow:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((output / "mlruns").resolve().as_uri())
+            # MLflow's local database (its file store now refuses new runs by default)
+            mlflow.set_tracking_uri(f"sqlite:///{(output / 'mlflow.db').resolve()}")
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "dsdpo"))
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=output.name)
         mlflow.log_params(_flat(config))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        # MLflow's metric names allow / but not every character dsdpo uses; its step is the optimizer step.
         self.mlflow.log_metrics(scalars, step=step)
 
     def close(self) -> None:

@@ -170,3 +170,61 @@ def test_a_schedule_option_without_a_scheduler_block_says_what_to_add():
 def test_bad_option_values_name_the_field(options, message):
     with pytest.raises(DsdpoError, match=message):
         TrainConfig(**options).validate()
+
+
+def _engine_rates(resolved: dict, steps: int) -> list[float]:
+    """The learning rate a DeepSpeed engine reports before each of `steps` optimizer steps of a tiny
+    linear model, built from the resolved config (its scheduler, its optimizer)."""
+    import deepspeed
+    import torch
+
+    from dsdpo.engine import init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=resolved)
+    rates = []
+    for _ in range(steps):
+        engine.backward(engine(torch.ones(1, 4)).sum())
+        rates.append(float(engine.get_lr()[0]))
+        engine.step()
+    return rates
+
+
+def _transformers_rates(kind: str, peak: float, warmup: int, steps: int) -> list[float]:
+    """transformers' own schedule: the rate of each step, as its Trainer applies them."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    name = {"constant": "constant_with_warmup"}.get(kind, kind)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_the_engines_rates_are_transformers_schedule_one_step_late_in_the_warmup(kind):
+    """--lr-scheduler builds DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR (the shipped
+    configs' kind, checkpointed with the engine). With a linear warmup from 0 (the "auto" block's
+    default) they are transformers' schedules, but DeepSpeed's scheduler first steps after the first
+    update, so its warmup runs one step late; WarmupDecayLR's decay too, while WarmupCosineLR counts
+    its decay from the warmup's last step and so meets transformers' cosine after the warmup."""
+    peak, warmup, steps = 1e-3, 3, 10
+    options = TrainConfig(
+        lr_scheduler=kind, learning_rate=peak, warmup_steps=warmup, per_device_batch_size=1,
+        gradient_accumulation_steps=1,
+    )  # fmt: skip
+    raw = _auto_config()
+    raw.pop("gradient_clipping")
+    engine = _engine_rates(_resolve(raw, options, total_steps=steps), steps)
+    reference = _transformers_rates(kind, peak, warmup, steps)
+    late = [reference[0], *reference[:-1]]  # step k applies transformers' rate of step k - 1
+    expected = [*late[: warmup + 1], *reference[warmup + 1 :]] if kind == "cosine" else late
+    assert engine == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert max(engine) == pytest.approx(peak if kind != "cosine" else reference[warmup + 1])
