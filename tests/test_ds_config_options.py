@@ -120,6 +120,19 @@ def test_options_fill_the_auto_values():
                 },
             },
         ),
+        (
+            dict(lr_scheduler="linear", warmup_steps=0),  # DeepSpeed refuses 0 steps: 1, as transformers
+            {
+                "type": "WarmupDecayLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": 5e-7,
+                    "warmup_num_steps": 1,
+                    "warmup_type": "linear",
+                    "total_num_steps": 95,
+                },
+            },
+        ),
         (dict(lr_scheduler="constant", warmup_steps=0), None),  # the optimizer's rate, untouched
     ],
 )
