@@ -269,7 +269,9 @@ def _fill_schedule_lengths(config: dict[str, Any], options: Any, total_steps: in
             option = "warmup_steps" if options.warmup_steps is not None else "warmup_ratio"
             raise DsdpoError(f"{source}: {_option(option)} needs a scheduler block: {ADD_SCHEDULER}")
         return
-    params = scheduler.get("params") or {}
+    if scheduler.get("params") is None:
+        scheduler["params"] = {}
+    params = scheduler["params"]
     warmup = warmup_steps(options, total_steps)
     option = "warmup_steps" if getattr(options, "warmup_steps", None) is not None else "warmup_ratio"
     _fill(params, "warmup_num_steps", "scheduler.params.warmup_num_steps", option, warmup, None, source)
