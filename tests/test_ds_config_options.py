@@ -241,3 +241,19 @@ def test_the_engines_rates_are_transformers_schedule_one_step_late_in_the_warmup
     expected = [*late[: warmup + 1], *reference[warmup + 1 :]] if kind == "cosine" else late
     assert engine == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert max(engine) == pytest.approx(peak if kind != "cosine" else reference[warmup + 1])
+
+
+def test_dsdpo_train_refuses_a_value_given_both_ways_before_deepspeed_starts(tiny_gemma_dir, tmp_path):
+    from dsdpo.demo import addition_pairs, write_jsonl
+    from tests.cli_helpers import run
+
+    data = write_jsonl(addition_pairs(8, seed=3), tmp_path / "pairs.jsonl")
+    ds_config = REPO / "ds_configs" / "cpu.json"
+    args = ["--ds_config", ds_config, "--model", tiny_gemma_dir, "--data", data, "--output", tmp_path / "run"]
+    result = run("train", *args, "--learning-rate", "1e-4")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {ds_config}: optimizer.params.lr is 0.002 and --learning-rate (train.learning_rate) 0.0001 "
+        'is given too: set it in one place (write "auto" in the JSON to take the option)'
+    )
+    assert not (tmp_path / "run").exists()  # nothing started
