@@ -9,7 +9,7 @@ import pytest
 from deepspeed.runtime import lr_schedules
 
 from dsdpo.config import TrainConfig
-from dsdpo.ds_config import read_ds_config, resolve_ds_config
+from dsdpo.ds_config import BATCH_FIELDS, read_ds_config, resolve_ds_config
 from dsdpo.errors import DsdpoError
 from tests.run_helpers import REPO
 
@@ -77,6 +77,16 @@ def test_options_fill_the_auto_values():
             "total_num_steps": 50,
         },
     }
+
+
+def test_a_fixed_train_batch_size_still_derives_its_auto_parts_and_a_missing_key_takes_the_option():
+    raw = _auto_config()
+    raw["train_batch_size"] = 8  # micro-batch and accumulation "auto": 1 × 8, as before the options
+    del raw["optimizer"]["params"]["weight_decay"]
+    resolved = _resolve(raw, TrainConfig(weight_decay=0.05))
+    assert [resolved[key] for key in BATCH_FIELDS] == [8, 1, 8]
+    assert resolved["optimizer"]["params"]["weight_decay"] == 0.05
+    assert "weight_decay" not in _resolve(raw, TrainConfig())["optimizer"]["params"]  # AdamW's own default
 
 
 @pytest.mark.parametrize(
