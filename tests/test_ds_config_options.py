@@ -267,3 +267,18 @@ def test_dsdpo_train_refuses_a_value_given_both_ways_before_deepspeed_starts(tin
         'is given too: set it in one place (write "auto" in the JSON to take the option)'
     )
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_yaml_config_sets_the_same_options(tmp_path):
+    from dsdpo.config import config_from_dict, load_config_file
+
+    (tmp_path / "train.yaml").write_text(
+        "model: {path: m}\ndata: {path: d.jsonl}\n"
+        "train: {learning_rate: 2e-6, lr_scheduler: cosine, warmup_ratio: 0.25,\n"
+        "        gradient_accumulation_steps: 4}\n"
+    )
+    options = config_from_dict(load_config_file(tmp_path / "train.yaml")).validate().train
+    resolved = _resolve(read_ds_config(REPO / "ds_configs" / "rtx4080.json"), options, total_steps=10)
+    assert resolved["optimizer"]["params"]["lr"] == 2e-6 and resolved["gradient_accumulation_steps"] == 4
+    assert resolved["scheduler"]["type"] == "WarmupCosineLR"
+    assert resolved["scheduler"]["params"]["warmup_num_steps"] == 3  # ceil(0.25 × 10)
