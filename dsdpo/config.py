@@ -1,15 +1,18 @@
 """Typed training configuration: dataclasses that validate themselves and name the bad field.
 
 A config comes from a YAML/JSON file with one section per dataclass (model, data, score, loss,
-train), then command-line overrides. DeepSpeed settings (ZeRO, offload, precision, batch sizes,
-optimizer) are not here: they live in the DeepSpeed JSON (see dsdpo/ds_config.py).
+train), then command-line overrides. DeepSpeed settings (ZeRO, offload, precision) are not here:
+they live in the DeepSpeed JSON (see dsdpo/ds_config.py). The batch, optimizer and schedule options
+(train.learning_rate, ...) fill that JSON's "auto" values, as Hugging Face's Trainer does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +22,10 @@ from typing import Any
 import yaml
 
 from dsdpo.draws import ESTIMATORS
+from dsdpo.ds_config import AUTO_DEFAULTS, LR_SCHEDULERS
 from dsdpo.errors import DsdpoError
 from dsdpo.loss import LossConfig
+from dsdpo.trackers import TRACKERS, check_installed
 
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, **kwargs):
@@ -180,7 +185,11 @@ class TrainConfig:
         False, "start afresh in an --output folder that holds a run: its checkpoints and metrics are removed"
     )
     epochs: int = setting(1, "passes over the data")
-    max_steps: int | None = setting(None, "stop after this many optimizer steps (default: all epochs)")
+    max_steps: int | None = setting(
+        None,
+        "optimizer steps of the run, and of the learning-rate schedule; overrides --epochs, as Hugging "
+        "Face's Trainer (default: all epochs)",
+    )
     seed: int = setting(0, "data order and Monte Carlo draws")
     log_every: int = setting(1, "optimizer steps between metrics lines")
     save_every: int | None = setting(None, "optimizer steps between checkpoints (always at the end)")
@@ -227,6 +236,48 @@ class TrainConfig:
         "`best` in --output and never pruned by --keep-last",
         choices=KEEP_BEST_METRICS,
     )
+    # --- optimizer, schedule and batch: HF's TrainingArguments names. Each fills the DeepSpeed JSON's
+    # "auto" for its key (dsdpo.ds_config.fill_training_options); None leaves the JSON's number, or
+    # AUTO_DEFAULTS where it says "auto". Given here and as a number in the JSON is an error. ---
+    learning_rate: float | None = setting(
+        None, f"peak learning rate (default {AUTO_DEFAULTS['learning_rate']} where the JSON says auto)"
+    )
+    lr_scheduler: str | None = setting(
+        None,
+        "schedule after the warmup: constant, linear (decay to 0) or cosine (to 0), DeepSpeed's WarmupLR, "
+        f"WarmupDecayLR or WarmupCosineLR (default {AUTO_DEFAULTS['lr_scheduler']} where the JSON's "
+        "scheduler.type says auto); the warmup's start and curve are the JSON's (\"warmup_min_ratio\", "
+        '"warmup_type")',
+        choices=LR_SCHEDULERS,
+    )
+    warmup_steps: int | None = setting(
+        None,
+        f"optimizer steps of warmup (default {AUTO_DEFAULTS['warmup_steps']} where the JSON says auto; "
+        "DeepSpeed warms up over at least 2)",
+    )
+    warmup_ratio: float | None = setting(
+        None, "warmup as a fraction of the run's steps: ceil(ratio x steps), as Hugging Face's Trainer"
+    )
+    weight_decay: float | None = setting(
+        None, f"AdamW's weight decay (default {AUTO_DEFAULTS['weight_decay']} where the JSON says auto)"
+    )
+    per_device_batch_size: int | None = setting(
+        None,
+        "pairs per micro-batch on each GPU, train_micro_batch_size_per_gpu "
+        f"(default {AUTO_DEFAULTS['per_device_batch_size']} where the JSON says auto)",
+    )
+    gradient_accumulation_steps: int | None = setting(
+        None,
+        "micro-batches per optimizer step "
+        f"(default {AUTO_DEFAULTS['gradient_accumulation_steps']} where the JSON says auto)",
+    )
+    report_to: str | None = setting(
+        None,
+        f"where metrics go besides metrics.jsonl, comma-separated: {', '.join(TRACKERS)}, or none; each "
+        "an optional extra (pip install 'dsdpo[wandb]'). Offline: WANDB_MODE=offline, MLflow's database "
+        "--output/mlflow.db unless MLFLOW_TRACKING_URI is set, trackio's local store (default: tensorboard "
+        "where it is installed)",
+    )
 
     def validate(self):
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
@@ -248,6 +299,8 @@ class TrainConfig:
             )
         self._validate_eval_problems()
         self._validate_keep_best()
+        self._validate_optimizer()
+        self._validate_report_to()
         if not 0 < self.ref_sync_alpha <= 1:
             raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
 
@@ -275,6 +328,42 @@ class TrainConfig:
         """(gen_length, block_length, steps) of the held-out accuracy's sampler."""
         length = self.eval_gen_length
         return length, self.eval_block_length or length, self.eval_gen_steps or length
+
+    def _validate_optimizer(self):
+        for name in ("learning_rate", "weight_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:  # NaN fails the comparison too
+                raise DsdpoError(f"train.{name} must be a finite number >= 0, got {value}")
+        if self.warmup_ratio is not None and self.warmup_ratio > 1:
+            raise DsdpoError(f"train.warmup_ratio: a fraction of the run, in [0, 1], got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise DsdpoError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise DsdpoError("train.warmup_steps and train.warmup_ratio: give one of the two")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DsdpoError(f"train.{name} must be at least 1, got {value}")
+        if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
+            raise DsdpoError(
+                f"train.lr_scheduler: unknown {self.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}"
+            )
+
+    def _validate_report_to(self):
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        if unknown:
+            raise DsdpoError(
+                f"train.report_to: unknown {', '.join(unknown)}; choose from {', '.join(TRACKERS)} or none"
+            )
+        check_installed(self.trackers)
+
+    @property
+    def trackers(self) -> list[str]:
+        """--report-to as a list of backend names ("none": only metrics.jsonl)."""
+        if self.report_to is None:
+            return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+        names = [name.strip().lower() for name in self.report_to.split(",") if name.strip()]
+        return [] if names == ["none"] else names
 
     def _validate_keep_best(self):
         if self.keep_best is None:

@@ -1,4 +1,5 @@
-"""What a run reports: a progress bar, metrics.jsonl, and TensorBoard events when it is installed.
+"""What a run reports: a progress bar, metrics.jsonl, and the --report-to backends (dsdpo.trackers:
+TensorBoard where installed, by default).
 
 Only rank 0 writes; the other ranks get a logger that does nothing.
 """
@@ -9,11 +10,14 @@ import itertools
 import json
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
+
+from dsdpo.trackers import open_trackers
 
 
 def peak_memory_mb() -> float:
@@ -39,7 +43,17 @@ class RunLogger:
         "nvme_read_mb": "nvme_r_mb",
     }
 
-    def __init__(self, output: Path, *, total_steps: int, initial_step: int = 0, enabled: bool = True):
+    def __init__(
+        self,
+        output: Path,
+        *,
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        report_to: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+    ):
+        """`report_to`: the --report-to backends (dsdpo.trackers), given the run's `config`."""
         self.enabled = enabled
         if not enabled:
             return
@@ -47,25 +61,16 @@ class RunLogger:
         self.bar = tqdm(
             total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True
         )
-        self.tensorboard = self._tensorboard(output / "tensorboard")
-
-    @staticmethod
-    def _tensorboard(folder: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is an optional extra
-            return None
-        return SummaryWriter(str(folder))
+        self.trackers = open_trackers(list(report_to), output, config or {})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics_file.flush()
-        if self.tensorboard is not None:
-            for name, value in metrics.items():
-                if isinstance(value, int | float):
-                    self.tensorboard.add_scalar(name, value, step)
+        scalars = {name: value for name, value in metrics.items() if isinstance(value, int | float)}
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
         self.bar.set_postfix(
             {short: f"{metrics[name]:.4g}" for name, short in self.BAR_FIELDS.items() if name in metrics},
             refresh=False,
@@ -84,8 +89,8 @@ class RunLogger:
             return
         self.bar.close()
         self.metrics_file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class DisplacementMonitor:

@@ -13,15 +13,8 @@ from pathlib import Path
 
 from dsdpo.errors import DsdpoError
 
-DEFAULT_METRICS = (
-    "loss",
-    "rewards/accuracies",
-    "rewards/margins",
-    "drift/chosen",
-    "eval/loss",
-    "eval/rewards/accuracies",
-    "eval/rewards/margins",
-)
+# Drawn by default, with every eval/* metric a run logged (default_metrics)
+TRAINING_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "drift/chosen")
 
 
 def read_metrics(run: Path) -> dict[int, dict]:
@@ -48,6 +41,19 @@ def curve(records: dict[int, dict], metric: str) -> tuple[list[int], list[float]
     return steps, [float(records[step][metric]) for step in steps]
 
 
+def default_metrics(logged: dict[Path, dict[int, dict]]) -> list[str]:
+    """The training curves, then every held-out (eval/*) metric any run logged, in the order first
+    logged: eval/accuracy, the curve a checkpoint is picked by, included."""
+    held_out = dict.fromkeys(
+        name
+        for records in logged.values()
+        for step in sorted(records)
+        for name in records[step]
+        if name.startswith("eval/")
+    )
+    return [*TRAINING_METRICS, *held_out]
+
+
 def plot_runs(runs: Sequence[Path], out: Path, metrics: Sequence[str] = ()):
     """Write the figure to `out` and return it: a panel per metric that any run logged."""
     try:
@@ -58,7 +64,7 @@ def plot_runs(runs: Sequence[Path], out: Path, metrics: Sequence[str] = ()):
     except ImportError:
         raise DsdpoError("dsdpo plot needs matplotlib: pip install 'dsdpo[plot]'") from None
     logged = {Path(run): read_metrics(Path(run)) for run in runs}
-    wanted = list(metrics) or list(DEFAULT_METRICS)
+    wanted = list(metrics) or default_metrics(logged)
     shown = [m for m in wanted if any(curve(records, m)[0] for records in logged.values())]
     if not shown:
         raise DsdpoError(f"none of the runs logged {', '.join(wanted)}")

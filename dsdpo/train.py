@@ -35,7 +35,14 @@ from dsdpo.data.rows import examples_digest
 from dsdpo.diffusion import ScoringBatch
 from dsdpo.dist import all_reduce_max, all_reduce_mean, barrier, device, launcher_rank_and_world
 from dsdpo.draws import pair_draws
-from dsdpo.ds_config import precision, read_ds_config, resolve_batch_sizes, resolve_ds_config
+from dsdpo.ds_config import (
+    fill_training_options,
+    precision,
+    read_ds_config,
+    resolve_batch_sizes,
+    resolve_ds_config,
+    schedule_summary,
+)
 from dsdpo.engine import build_engines, finalize_swapped_gradients, init_distributed
 from dsdpo.errors import DsdpoError
 from dsdpo.families import block_size_of
@@ -189,7 +196,9 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
     eval_problems = _held_out_problems(config)
     raw_ds_config = read_ds_config(ds_config_path)
-    batch_sizes = resolve_batch_sizes(raw_ds_config, ranks, str(ds_config_path))
+    batch_sizes = resolve_batch_sizes(
+        fill_training_options(raw_ds_config, config.train, str(ds_config_path)), ranks, str(ds_config_path)
+    )
     if len(pairs) < batch_sizes["train_batch_size"]:
         raise DsdpoError(
             f"{config.data.path}: {len(pairs)} pairs make no optimizer step of "
@@ -199,13 +208,14 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
     # The batcher's global batch is a whole optimizer step (see step_batches).
     per_rank_step = batch_sizes["train_micro_batch_size_per_gpu"] * batch_sizes["gradient_accumulation_steps"]
     batcher = PairBatcher(pairs, per_rank_step, seed=config.train.seed, world_size=ranks, rank=rank)
-    total_steps = config.train.epochs * len(batcher)
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+    # --max-steps, when given, is the run's length and the schedule's, however many epochs it takes
+    # (as Hugging Face's Trainer); else --epochs passes over the data.
+    total_steps = config.train.max_steps or config.train.epochs * len(batcher)
     ds_config = resolve_ds_config(
         raw_ds_config,
         world_size=ranks,
         total_steps=total_steps,
+        options=config.train,
         nvme_path=nvme_path,
         largest_parameter=largest_parameter(hf_config),
         source=str(ds_config_path),
@@ -226,7 +236,7 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     summary = (
         f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
-        f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs"
+        f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs, {schedule_summary(ds_config)}"
     )
     return RunPlan(
         output=output,
@@ -401,7 +411,12 @@ class Trainer:
             _write_run_files(plan.output, config, plan.ds_config)
         saved_config = self._load_checkpoint()
         self.logger = RunLogger(
-            plan.output, total_steps=plan.total_steps, initial_step=self.state.step, enabled=self.is_rank0
+            plan.output,
+            total_steps=plan.total_steps,
+            initial_step=self.state.step,
+            enabled=self.is_rank0,
+            report_to=config.train.trackers,
+            config=config.to_dict(),
         )
         for note in plan.notes:
             self.logger.message(f"note: {note}")

@@ -16,6 +16,7 @@ from dsdpo.cli import main
 from dsdpo.cli.train import SCHEMA_OPTIONS, build_config, schema_option
 from dsdpo.config import KEEP_BEST_METRICS, Config, config_from_dict, setting
 from dsdpo.draws import ESTIMATORS
+from dsdpo.ds_config import LR_SCHEDULERS
 from dsdpo.loss import F_DIVERGENCES, OBJECTIVES
 from tests.run_helpers import REPO
 
@@ -49,6 +50,10 @@ DOCUMENTED = {
     "--eval-gen-length": "train.eval_gen_length", "--eval-block-length": "train.eval_block_length",
     "--eval-gen-steps": "train.eval_gen_steps", "--eval-temperature": "train.eval_temperature",
     "--no-eval-chat": "train.eval_chat", "--keep-best": "train.keep_best",
+    "--learning-rate": "train.learning_rate", "--lr-scheduler": "train.lr_scheduler",
+    "--warmup-steps": "train.warmup_steps", "--warmup-ratio": "train.warmup_ratio",
+    "--weight-decay": "train.weight_decay", "--per-device-batch-size": "train.per_device_batch_size",
+    "--gradient-accumulation-steps": "train.gradient_accumulation_steps", "--report-to": "train.report_to",
 }  # fmt: skip
 RUN_FLAGS = {"--ds_config", "--deepspeed_config", "--config", "--set", "--resume", "--trust-checkpoint",
              "--nvme-path", "--demo"}  # fmt: skip
@@ -97,7 +102,7 @@ def test_choices_come_from_the_modules_that_implement_them():
     }
     assert choices == {
         "score.estimator": ESTIMATORS, "loss.f_divergence": F_DIVERGENCES, "loss.objective": OBJECTIVES,
-        "train.keep_best": tuple(KEEP_BEST_METRICS),
+        "train.keep_best": tuple(KEEP_BEST_METRICS), "train.lr_scheduler": tuple(LR_SCHEDULERS),
     }  # fmt: skip
 
 

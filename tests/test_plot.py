@@ -46,3 +46,16 @@ def test_plot_cli_writes_the_file_and_bad_runs_are_one_line(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert_one_line_error(run("plot", tmp_path / "nowhere", "--out", tmp_path / "d.png"), "no metrics.jsonl")
     assert_one_line_error(run("plot", folder, "--metric", "eval/loss"), "none of the runs logged eval/loss")
+
+
+def test_plot_draws_every_logged_held_out_metric_by_default(tmp_path):
+    from dsdpo.plot import plot_runs
+
+    records = [
+        {"step": 0, "eval/loss": 0.69, "eval/accuracy": 0.25, "eval/accuracy_ci95_low": 0.1},
+        {"step": 1, "loss": 0.7, "lr": 1e-3},
+        {"step": 2, "loss": 0.6, "eval/loss": 0.6, "eval/accuracy": 0.5, "eval/logps/chosen": -3.0},
+    ]
+    figure = plot_runs([_run_folder(tmp_path / "a", records)], tmp_path / "curves.png")
+    panels = [axis.get_title() for axis in figure.axes if axis.get_visible()]
+    assert panels == ["loss", "eval/loss", "eval/accuracy", "eval/accuracy_ci95_low", "eval/logps/chosen"]

@@ -162,7 +162,7 @@ def test_bf16_config_without_fp32_accumulation_warns_naming_the_field(caplog):
         (lambda c: c["zero_optimization"].update(stage=2), "zero_optimization.stage must be 3"),
         (lambda c: c.update(fp16={"enabled": True}), "fp16 is not supported"),
         (lambda c: c.pop("optimizer"), "an optimizer block is required"),
-        (lambda c: c["optimizer"]["params"].update(lr="auto"), 'cannot fill "auto" for optimizer.params.lr'),
+        (lambda c: c["optimizer"]["params"].update(eps="auto"), 'fill "auto" for optimizer.params.eps'),
     ],
 )
 def test_unusable_ds_configs_are_clear_errors(change, message):

@@ -71,7 +71,7 @@ def convert_checkpoint_command(checkpoint, out_dir, trust_checkpoint):
     "metrics",
     multiple=True,
     help="A metric to draw (repeatable), e.g. loss, eval/rewards/accuracies; default: the loss, reward "
-    "and held-out metrics the runs logged.",
+    "and drift curves and every held-out (eval/*) metric the runs logged.",
 )
 def plot_command(runs, out, metrics):
     """Training and held-out curves of one or more RUNS (output folders) side by side, one panel per

@@ -4,7 +4,8 @@ Every config field is an option, built here from its definition in dsdpo.config 
 choices in the field's metadata), so a setting is written once. Options come from --config (YAML or
 JSON with sections model, data, score, loss, train), then the flags, then --set section.field=value;
 later wins. A flag not given leaves the file's value alone. DeepSpeed settings (ZeRO, offload,
-precision, batch sizes, optimizer) live only in the --ds_config JSON.
+precision) live only in the --ds_config JSON; learning rate, schedule and batch options fill its "auto"
+values (a number there and the option too is an error).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def _train(
 
     Options come from --config (YAML or JSON with sections model, data, score, loss, train), then the
     flags below, then --set section.field=value; later wins. DeepSpeed settings (ZeRO, offload,
-    precision, batch sizes, optimizer) live only in the --ds_config JSON.
+    precision) live only in the --ds_config JSON; the learning rate, schedule, warmup, weight decay and
+    batch options below fill its "auto" values (a number there and the option too is an error).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's collective deprecations
