@@ -74,10 +74,8 @@ class Engines:
 def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     """Load a model straight into ZeRO-3 partitions (never whole on one rank)."""
     if not (Path(path) / "config.json").is_file():
-        raise DsdpoError(
-            f"{path}: training starts from a Hugging Face folder; turn a checkpoint into one with "
-            "`dsdpo export CHECKPOINT DIR`, or continue its run with --resume"
-        )
+        # plan_run checked the folders and exported a checkpoint given as one (dsdpo.start_models)
+        raise DsdpoError(f"{path}: not a Hugging Face model folder (no config.json)")
     hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
     dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32
     model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from dsdpo.cli import main
-from dsdpo.cli.train import SCHEMA_OPTIONS, build_config, schema_option
-from dsdpo.config import KEEP_BEST_METRICS, Config, config_from_dict, setting
-from dsdpo.draws import ESTIMATORS
+from dsdpo.cli.schema import schema_option
+from dsdpo.cli.train import SCHEMA_OPTIONS, build_config
+from dsdpo.config import ESTIMATORS, KEEP_BEST_METRICS, REMASKING, Config, config_from_dict, setting
 from dsdpo.loss import F_DIVERGENCES, OBJECTIVES
 from tests.run_helpers import REPO
 
@@ -46,9 +46,10 @@ DOCUMENTED = {
     "--ref-sync-alpha": "train.ref_sync_alpha", "--eval-data": "train.eval_data",
     "--eval-every": "train.eval_every", "--eval-problems": "train.eval_problems",
     "--eval-num-problems": "train.eval_num_problems", "--eval-samples": "train.eval_samples",
-    "--eval-gen-length": "train.eval_gen_length", "--eval-block-length": "train.eval_block_length",
-    "--eval-gen-steps": "train.eval_gen_steps", "--eval-temperature": "train.eval_temperature",
-    "--no-eval-chat": "train.eval_chat", "--keep-best": "train.keep_best",
+    "--keep-best": "train.keep_best", "--eval-gen-length": "eval_sampler.gen_length",
+    "--eval-block-length": "eval_sampler.block_length", "--eval-steps": "eval_sampler.steps",
+    "--eval-temperature": "eval_sampler.temperature", "--eval-remasking": "eval_sampler.remasking",
+    "--eval-cfg-scale": "eval_sampler.cfg_scale", "--eval-chat": "eval_sampler.chat",
 }  # fmt: skip
 RUN_FLAGS = {"--ds_config", "--deepspeed_config", "--config", "--set", "--resume", "--trust-checkpoint",
              "--nvme-path", "--demo"}  # fmt: skip
@@ -97,7 +98,7 @@ def test_choices_come_from_the_modules_that_implement_them():
     }
     assert choices == {
         "score.estimator": ESTIMATORS, "loss.f_divergence": F_DIVERGENCES, "loss.objective": OBJECTIVES,
-        "train.keep_best": tuple(KEEP_BEST_METRICS),
+        "train.keep_best": tuple(KEEP_BEST_METRICS), "eval_sampler.remasking": REMASKING,
     }  # fmt: skip
 
 
