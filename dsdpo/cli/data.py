@@ -128,8 +128,7 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, **model_s
     if source == "model":
         _make_on_policy_pairs(out, num, seed, settings, **model_source)
         return
-    chat = bool(settings.chat)
-    click.echo(f"chat: {'conversational rows (user turns)' if chat else 'plain-text rows'}", err=True)
+    chat = bool(settings.chat)  # no model, no tokenizer: plain unless --chat
     from dsdpo.data.reasoning.pairs import build_pairs, parse_mix, write_jsonl
     from dsdpo.data.reasoning.sources import load_problems
     from dsdpo.errors import DsdpoError
@@ -143,7 +142,8 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, **model_s
     )
     write_jsonl(rows, out)
     summary = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
-    click.echo(f"wrote {len(rows)} pairs from {len(problems)} problems to {out} ({summary})")
+    rows_kind = "conversational rows (--chat)" if chat else "plain-text rows (--chat: conversational)"
+    click.echo(f"wrote {len(rows)} pairs from {len(problems)} problems to {out} ({summary}; {rows_kind})")
     if skipped:
         click.echo("skipped problems: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
 
