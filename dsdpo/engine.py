@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from dsdpo.build_locks import clear_stale_build_locks
+from dsdpo.build_locks import clear_stale_build_locks, quiet_cached_op_loads
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import precision, reference_ds_config
 from dsdpo.errors import DsdpoError
@@ -47,7 +47,8 @@ def init_distributed() -> None:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
     backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    with quiet_cached_op_loads():  # DeepSpeed says "built successfully" also when it built nothing
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def finish_distributed() -> None:
