@@ -79,6 +79,28 @@ def test_unset_fields_come_from_the_family_then_dsdpos_defaults(family, publishe
     assert (settings.gen_length, settings.block_length, settings.steps) == expected
 
 
+def test_a_model_gets_its_familys_published_schedule(tokenizer):
+    """LLaDA's OpenCompass GSM8K setting, Dream's eval script's (one block), SDAR's block of 4, and
+    dsdpo's defaults for a model of no known family (dsdpo/families/__init__.py cites the sources)."""
+    from dsdpo.families import DREAM, LLADA, SDAR
+    from dsdpo.generate import sampler_for
+    from dsdpo.models import load_config
+
+    tiny = load_config(tokenizer.name_or_path)
+    expected = {
+        LLADA.name: (256, 8, 256),
+        DREAM.name: (256, 256, 256),
+        SDAR.name: (128, 4, 128),
+        "": (128, 32, 128),
+    }
+    for family in (LLADA, DREAM, SDAR, None):
+        config = family.config_class() if family else tiny
+        settings = sampler_for(SamplerConfig(), config, tokenizer)
+        assert (settings.gen_length, settings.block_length, settings.steps) == expected[
+            family.name if family else ""
+        ]
+
+
 @pytest.fixture(scope="module")
 def plain_tokenizer_dir(tiny_gemma_dir, tmp_path_factory):
     """The tiny model with a tokenizer that has no chat template."""
