@@ -32,7 +32,7 @@ def _option_blocks(help_text: str) -> dict[str, str]:
     """Each option's lines in a --help text (its flags, metavar, help and default), by first flag."""
     blocks, current = {}, None
     for line in help_text.splitlines():
-        found = re.match(r"  (--[\w-]+)", line)
+        found = re.match(r"  (?:-\w, )?(--[\w-]+)", line)
         if found:
             current = found.group(1)
             blocks[current] = []
