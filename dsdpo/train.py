@@ -186,8 +186,8 @@ def plan_run(
 ) -> RunPlan:
     """Load and check every input before DeepSpeed and the model start, the quick checks first: the
     batch sizes, the data (enough pairs for one optimizer step), the model and its tokenizer, the
-    held-out sets, then a checkpoint as --model or --ref-model (exported for loading), the DeepSpeed
-    config as DeepSpeed reads it, and last the starting weights (every one finite)."""
+    held-out sets, the DeepSpeed config, the checkpoint to resume, then a checkpoint given as --model
+    or --ref-model (exported for loading), and last the starting weights (every one finite)."""
     config.validate()
     rank, ranks = launcher_rank_and_world()
     output = Path(config.train.output)
@@ -217,8 +217,16 @@ def plan_run(
     total_steps = config.train.epochs * len(batcher)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
+    ds_config = resolve_ds_config(
+        raw_ds_config,
+        world_size=ranks,
+        total_steps=total_steps,
+        nvme_path=nvme_path,
+        largest_parameter=largest_parameter(hf_config),
+        source=str(ds_config_path),
+    )
     reference_scores = _precomputed_reference(
-        config, pairs, tokenizer, precision(raw_ds_config), -(-total_steps // len(batcher))
+        config, pairs, tokenizer, precision(ds_config), -(-total_steps // len(batcher))
     )
     if reference_scores is not None and eval_pairs is not None:
         reference_scores.check_held_out(eval_pairs, config.train.eval_data)
@@ -229,17 +237,9 @@ def plan_run(
         check_fresh_output(output, overwrite=config.train.overwrite)
     if checkpoint is not None:
         _check_resume_data(checkpoint, config.data.path, data_digest)
-    start_models = StartModels.of(config.model, precision(raw_ds_config), trust_checkpoint=trust_checkpoint)
-    ds_config = resolve_ds_config(
-        raw_ds_config,
-        world_size=ranks,
-        total_steps=total_steps,
-        nvme_path=nvme_path,
-        largest_parameter=largest_parameter(hf_config),
-        source=str(ds_config_path),
-    )
     if checkpoint is not None and is_universal(checkpoint):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    start_models = StartModels.of(config.model, precision(ds_config), trust_checkpoint=trust_checkpoint)
     check_finite_weights(model_folder)  # reads every weight: the last check
     summary = (
         f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
