@@ -433,8 +433,15 @@ def generate_text(
     model: nn.Module, tokenizer, prompts: Sequence[str], *, mask_token_id: int, chat: bool = True, **sampler
 ) -> list[str]:
     """Generate answers to text prompts; each is decoded up to its first stop token (EOS)."""
-    stop_ids = stop_ids_of(tokenizer)
     prompt_ids = [encode_prompt(tokenizer, text, chat=chat) for text in prompts]
+    return answer_texts(model, tokenizer, prompt_ids, mask_token_id=mask_token_id, **sampler)
+
+
+def answer_texts(
+    model: nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], *, mask_token_id: int, **sampler
+) -> list[str]:
+    """Generate answers to tokenised prompts; each is decoded up to its first stop token (EOS)."""
+    stop_ids = stop_ids_of(tokenizer)
     answers = generate(model, prompt_ids, mask_token_id=mask_token_id, stop_token_ids=stop_ids, **sampler)
     return [
         tokenizer.decode(cut_at_stop(row.tolist(), stop_ids), skip_special_tokens=True).strip()

@@ -13,6 +13,7 @@ from dsdpo.cli.checkpoints import convert_checkpoint_command, export_command, pl
 from dsdpo.cli.common import DsdpoGroup
 from dsdpo.cli.data import data_group, init_tiny_command, make_pairs_command
 from dsdpo.cli.generate import eval_accuracy_command, generate_command
+from dsdpo.cli.harness import eval_harness_command
 from dsdpo.cli.plan import plan_cli
 from dsdpo.cli.score import (
     compare_command,
@@ -35,7 +36,8 @@ def main():
 
 @click.group("eval", cls=DsdpoGroup)
 def eval_group():
-    """Evaluate a model: preference metrics against a reference, generation accuracy on math problems.
+    """Evaluate a model: preference metrics against a reference, generation accuracy on math problems,
+    lm-evaluation-harness tasks.
 
     Related: `dsdpo score` writes per-response likelihood scores, `dsdpo compare` compares a base and
     a tuned model on the same draws.
@@ -43,6 +45,7 @@ def eval_group():
 
 
 eval_group.add_command(eval_accuracy_command)
+eval_group.add_command(eval_harness_command)
 eval_group.add_command(eval_preference_command)
 for command in (
     train_command, init_tiny_command, data_group, make_pairs_command, generate_command, eval_group,

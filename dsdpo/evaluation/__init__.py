@@ -1,0 +1,1 @@
+"""Evaluation through outside frameworks: lm-evaluation-harness (harness)."""
