@@ -18,6 +18,7 @@ from tests.run_helpers import REPO
 
 SAMPLER_FLAGS = ["--gen-length", "--block-length", "--steps", "--temperature", "--remasking", "--chat"]
 COMMANDS = {"generate": ["generate"], "eval accuracy": ["eval", "accuracy"], "make-pairs": ["make-pairs"]}
+HARNESS = ["eval", "harness"]  # its chat rule: tests/test_harness.py
 FAST = ["--gen-length", "4", "--block-length", "2", "--steps", "4"]
 QUESTIONS = [{"question": "2+3?", "answer": 5}, {"question": "Half of 8?", "answer": 4}]
 
@@ -42,7 +43,8 @@ def _option_blocks(help_text: str) -> dict[str, str]:
 
 
 def test_generate_eval_accuracy_and_make_pairs_show_the_same_sampler_options():
-    blocks = {name: _option_blocks(_help(*command)) for name, command in COMMANDS.items()}
+    commands = {**COMMANDS, "eval harness": HARNESS}
+    blocks = {name: _option_blocks(_help(*command)) for name, command in commands.items()}
     for flag in SAMPLER_FLAGS:
         shown = {name: command_blocks.get(flag) for name, command_blocks in blocks.items()}
         assert None not in shown.values(), (flag, shown)
@@ -161,7 +163,16 @@ def test_one_chat_rule_in_every_command(
 
 def test_help_imports_no_torch():
     """`dsdpo --help` and every command's --help build their options from light modules."""
-    commands = [[], *COMMANDS.values(), ["train"], ["score"], ["plan"], ["export"], ["eval", "preference"]]
+    commands = [
+        [],
+        *COMMANDS.values(),
+        HARNESS,
+        ["train"],
+        ["score"],
+        ["plan"],
+        ["export"],
+        ["eval", "preference"],
+    ]
     script = "\n".join([
         "import sys",
         "from dsdpo.cli import main",
