@@ -309,7 +309,7 @@ def main() -> None:
         """Training options: held-out greedy accuracy on every held-out problem every `every` steps."""
         sampler = [
             *("--eval-gen-length", SAMPLER["gen_length"], "--eval-block-length", SAMPLER["block_length"]),
-            *("--eval-gen-steps", SAMPLER["steps"]),
+            *("--eval-steps", SAMPLER["steps"]),
         ]
         return [
             *("--eval-problems", held_out_file, "--eval-num-problems", len(held_out)),

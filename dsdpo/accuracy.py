@@ -103,7 +103,8 @@ def evaluate_accuracy(
     out: str | Path | None = None,
     progress: bool = True,
 ) -> AccuracyReport:
-    """Generate for every problem (in batches), judge each, write per-example JSONL to `out`."""
+    """Generate for every problem (in batches), judge each, write per-example JSONL to `out` (with
+    `chat`: whether the prompt was a user turn of the chat template)."""
     correct = judged = 0
     with (
         Path(out).open("w", encoding="utf-8") if out is not None else nullcontext() as sink,
@@ -115,7 +116,7 @@ def evaluate_accuracy(
                 model, tokenizer, prompts, mask_token_id=mask_token_id, chat=chat, **sampler
             )
             for problem, text in zip(batch, texts, strict=True):
-                record = judge(problem, text)
+                record = {**judge(problem, text), "chat": chat}  # how the prompt was given, recorded
                 correct += record["correct"]
                 if sink is not None:
                     sink.write(json.dumps(record) + "\n")

@@ -1,5 +1,7 @@
-"""Stale locks of torch's extension builds, which would make every later run wait forever.
+"""Torch's extension builds of DeepSpeed's ops: stale locks, and a "built successfully" line when
+nothing was built (quiet_cached_op_loads).
 
+Stale locks would make every later run wait forever.
 DeepSpeed compiles its C++ ops on first use (torch.utils.cpp_extension): the building process
 creates `<extensions dir>/<op>/lock`, holds it open while it builds, and removes it when done. A
 process killed meanwhile leaves the file, and every later load of that op waits for it to go away,
@@ -9,19 +11,50 @@ with no output. A lock that no process on this machine holds open is such a left
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
 
 
-def extension_locks() -> list[Path]:
-    """The build lock files under torch's extensions folder (TORCH_EXTENSIONS_DIR or its default)."""
+def _op_folders(name: str) -> list[Path]:
+    """`name` in each op's folder under torch's extensions folder (TORCH_EXTENSIONS_DIR or its default)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
-        return sorted(Path(root).glob("*/lock"))
+        return sorted(Path(root).glob(f"*/{name}"))
     from torch.utils.cpp_extension import get_default_build_root
 
-    return sorted(Path(get_default_build_root()).glob("*/*/lock"))  # <root>/py311_cpu/<op>/lock
+    return sorted(Path(get_default_build_root()).glob(f"*/*/{name}"))  # <root>/py311_cpu/<op>/lock
+
+
+def extension_locks() -> list[Path]:
+    """The build lock files of the ops' folders."""
+    return _op_folders("lock")
+
+
+def _built_libraries() -> dict[Path, float]:
+    """Each built op library and when it was written."""
+    return {path: path.stat().st_mtime for path in _op_folders("*.so")}
+
+
+@contextlib.contextmanager
+def quiet_cached_op_loads():
+    """DeepSpeed prints "DeepSpeed <op> built successfully" each time it loads its shared-memory
+    communication op (deepspeed/comm/torch.py, build_shm_op), also when torch only loaded the library
+    it had built before. Within this block that line is dropped unless a library was written
+    meanwhile: a real build keeps it, and the compiler's own output is never touched (it is not
+    Python's stdout). Other lines printed meanwhile are passed on at the end."""
+    before = _built_libraries()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        built = _built_libraries() != before
+        for line in printed.getvalue().splitlines(keepends=True):
+            if built or not line.rstrip().endswith(" built successfully"):
+                sys.stdout.write(line)
 
 
 def open_files() -> set[Path] | None:

@@ -1,9 +1,9 @@
 """Typed training configuration: dataclasses that validate themselves and name the bad field.
 
 A config comes from a YAML/JSON file with one section per dataclass (model, data, score, loss,
-train), then command-line overrides. DeepSpeed settings (ZeRO, offload, precision) are not here:
-they live in the DeepSpeed JSON (see dsdpo/ds_config.py). The batch, optimizer and schedule options
-(train.learning_rate, ...) fill that JSON's "auto" values, as Hugging Face's Trainer does.
+train, eval_sampler), then command-line overrides. DeepSpeed settings (ZeRO, offload, precision) are
+not here: they live in the DeepSpeed JSON (see dsdpo/ds_config.py). The batch, optimizer and schedule
+options (train.learning_rate, ...) fill that JSON's "auto" values, as Hugging Face's Trainer does.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from typing import Any
 
 import yaml
 
-from dsdpo.draws import ESTIMATORS
 from dsdpo.ds_config import AUTO_DEFAULTS, LR_SCHEDULERS
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig
+from dsdpo.loss_config import LossConfig
 from dsdpo.trackers import TRACKERS, check_installed
+
+# The choices the settings offer, importable without torch (the command line is built from them):
+ESTIMATORS = ("l_over_L", "one_over_t", "trajectory")  # the ELBO estimators of dsdpo.draws
+REMASKING = ("low_confidence", "random")  # which proposals LLaDA's sampler keeps (dsdpo.generate)
 
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, **kwargs):
@@ -40,9 +43,11 @@ def setting(default: Any = None, help: str = "", *, flag: str | None = None, cho
 
 @dataclass
 class ModelConfig:
-    path: str = setting("", "local Hugging Face folder of the model to train", flag="--model")
+    path: str = setting(
+        "", "the model to train: a local Hugging Face folder or a dsdpo checkpoint", flag="--model"
+    )
     reference_path: str | None = setting(
-        None, "reference model folder (default: the starting policy)", flag="--ref-model"
+        None, "reference model folder or checkpoint (default: the starting policy)", flag="--ref-model"
     )
     reference_scores: str | None = setting(
         None, "reference terms from `dsdpo precompute-reference`: no reference model in memory"
@@ -98,10 +103,11 @@ class DataConfig:
         "a prompt that fills --max-length is an error (skipped with --skip-invalid); default: its start "
         "is cut so the response fits, and counted",
     )
-    pad_responses_to: int | None = setting(
+    pad_responses_to: int | str | None = setting(
         None,
         "fill every response with EOS to this many tokens, the sampler's gen length: answers are then "
-        "scored on the canvas generation fills (default: the answer and one EOS)",
+        'scored on the canvas generation fills; "auto": the held-out sampler\'s gen length '
+        "(--eval-gen-length, or the model family's) (default: the answer and one EOS)",
     )
 
     def tokenize_options(self) -> dict:
@@ -119,6 +125,12 @@ class DataConfig:
             raise DsdpoError("data.path is required: a preference data file (--data FILE)")
         if self.max_length < 2:
             raise DsdpoError(f"data.max_length must be at least 2, got {self.max_length}")
+        pad = self.pad_responses_to
+        if (isinstance(pad, str) and pad != "auto") or (isinstance(pad, int) and pad < 1):
+            raise DsdpoError(f'data.pad_responses_to: a positive number or "auto", got {pad!r}')
+
+
+DEFAULT_TOKENS = 4096  # --max-tokens-per-forward unset, off CUDA (dsdpo/planner/chunking.py)
 
 
 @dataclass
@@ -167,6 +179,123 @@ class ScoreConfig:
         return self.max_tokens_no_grad
 
 
+def check_schedule(gen_length: int, block_length: int, steps: int) -> int:
+    """Validate the sampler's block/step plan; return the number of steps per block."""
+    if gen_length < 1 or block_length < 1 or steps < 1:
+        raise DsdpoError(
+            f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) must be positive"
+        )
+    if gen_length % block_length:
+        raise DsdpoError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise DsdpoError(f"steps {steps} must be a multiple of the number of blocks ({num_blocks})")
+    steps_per_block = steps // num_blocks
+    if steps_per_block > block_length:
+        raise DsdpoError(
+            f"{steps_per_block} steps per block exceed block_length {block_length}: "
+            f"a step would reveal nothing; use at most {gen_length} steps"
+        )
+    return steps_per_block
+
+
+# The sampler's schedule for a model whose family has no published one (dsdpo.families.Family).
+DEFAULT_GEN_LENGTH, DEFAULT_BLOCK_LENGTH = 128, 32
+
+
+@dataclass
+class SamplerConfig:
+    """LLaDA's sampler (dsdpo.generate), set the same way by every command that generates: `dsdpo
+    generate`, `dsdpo eval accuracy`, `dsdpo make-pairs` (--gen-length ... --chat/--no-chat) and
+    training's held-out accuracy (the section eval_sampler: --eval-gen-length ... --eval-chat). A
+    field left None is filled from the model when it is loaded (`resolved`)."""
+
+    gen_length: int | None = setting(
+        None,
+        "answer tokens; the answer starts fully masked, text after EOS is dropped (default: the model "
+        f"family's published setting, dsdpo/families, else {DEFAULT_GEN_LENGTH})",
+    )
+    block_length: int | None = setting(
+        None,
+        "blocks are decoded left to right (semi-autoregressive); the gen length must be a multiple. "
+        f"Default: the model family's published setting, else {DEFAULT_BLOCK_LENGTH} (at most the gen "
+        "length). A block-diffusion model (SDAR) always uses its own",
+    )
+    steps: int | None = setting(
+        None,
+        "denoising steps (model forwards) in all, split evenly over the blocks; fewer reveal more "
+        "tokens each: faster, usually worse. At most, and by default, the gen length",
+    )
+    temperature: float = setting(0.0, "sampling temperature of each proposed token (Gumbel-max); 0: greedy")
+    remasking: str = setting(
+        "low_confidence",
+        "which proposals each step keeps: the most confident ones, or random ones",
+        choices=REMASKING,
+    )
+    cfg_scale: float = setting(
+        0.0, "classifier-free guidance: > 0 pushes away from a pass with the prompt masked (a second forward)"
+    )
+    chat: bool | None = setting(
+        None,
+        "give each prompt as a user turn of the tokenizer's chat template, or plain (default: the chat "
+        "template when the tokenizer has one, said when used)",
+    )
+
+    def validate(self, section: str = "sampler") -> SamplerConfig:
+        if self.temperature < 0:
+            raise DsdpoError(f"{section}.temperature must be >= 0, got {self.temperature}")
+        if self.cfg_scale < 0:
+            raise DsdpoError(f"{section}.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.remasking not in REMASKING:
+            raise DsdpoError(
+                f"{section}.remasking: unknown {self.remasking!r}; choose one of {', '.join(REMASKING)}"
+            )
+        for name in ("gen_length", "block_length", "steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DsdpoError(f"{section}.{name} must be at least 1, got {value}")
+        if None not in (self.gen_length, self.block_length, self.steps):
+            try:
+                check_schedule(self.gen_length, self.block_length, self.steps)
+            except DsdpoError as err:
+                raise DsdpoError(f"{section}.gen_length/block_length/steps: {err}") from None
+        return self
+
+    def resolved(
+        self,
+        *,
+        gen_length: int | None,
+        block_length: int | None,
+        chat_template: bool,
+        section: str = "sampler",
+    ) -> SamplerConfig:
+        """Every field set: where this leaves them unset, the schedule from the model family's
+        published `gen_length` and `block_length` (None: dsdpo's defaults), the block at most the gen
+        length, and steps = gen length (one token a step); chat when the tokenizer has a chat template,
+        unless set (a template the tokenizer lacks cannot be used)."""
+        gen = self.gen_length or gen_length or DEFAULT_GEN_LENGTH
+        block = self.block_length or min(gen, block_length or DEFAULT_BLOCK_LENGTH)
+        chat = chat_template if self.chat is None else self.chat and chat_template
+        steps = self.steps or gen
+        resolved = dataclasses.replace(self, gen_length=gen, block_length=block, steps=steps, chat=chat)
+        return resolved.validate(section)
+
+    def summary(self) -> str:
+        """One line saying how a (resolved) sampler generates, and how it gives the prompts."""
+        chat = (
+            "prompts as user turns of the chat template" if self.chat else "plain prompts (no chat template)"
+        )
+        return (
+            f"sampler: gen length {self.gen_length}, block length {self.block_length}, steps {self.steps}, "
+            f"temperature {self.temperature}, remasking {self.remasking}, cfg scale {self.cfg_scale}; {chat}"
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of dsdpo.generate.generate (a resolved config)."""
+        names = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")
+        return {name: getattr(self, name) for name in names}
+
+
 # --keep-best METRIC: whether a higher value of the metric is better
 KEEP_BEST_METRICS = {
     "eval/loss": False,
@@ -213,22 +342,14 @@ class TrainConfig:
     eval_problems: str | None = setting(
         None,
         "held-out problems (question/answer JSONL, as `dsdpo eval accuracy --data`): at every evaluation "
-        "the policy answers them with LLaDA's sampler, seeded with --seed; eval/accuracy and its 95% "
-        "Wilson bounds, the answers in eval_generations/step_N.jsonl",
+        "the policy answers them with LLaDA's sampler (the --eval-gen-length ... --eval-chat options), "
+        "seeded with --seed; eval/accuracy and its 95% Wilson bounds, the answers in "
+        "eval_generations/step_N.jsonl",
     )
     eval_num_problems: int | None = setting(
         64, "the first N problems of --eval-problems (--set train.eval_num_problems=null: all)"
     )
     eval_samples: int = setting(1, "answers per held-out problem (> 1 needs --eval-temperature)")
-    eval_gen_length: int = setting(64, "answer tokens of the held-out sampler")
-    eval_block_length: int | None = setting(None, "held-out sampler block length (default: gen length)")
-    eval_gen_steps: int | None = setting(None, "held-out sampler denoising steps (default: gen length)")
-    eval_temperature: float = setting(0.0, "held-out sampling temperature (0: greedy)")
-    eval_chat: bool = setting(
-        True,
-        "give the held-out question plain, not as a user turn of the chat template (as eval accuracy "
-        "--no-chat; for a model trained on plain-text prompts)",
-    )
     keep_best: str | None = setting(
         None,
         "keep the checkpoint of the best evaluation after step 0 by this metric (eval/loss: lower is "
@@ -305,29 +426,10 @@ class TrainConfig:
             raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
 
     def _validate_eval_problems(self):
-        from dsdpo.generate import check_schedule
-
         for name in ("eval_num_problems", "eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DsdpoError(f"train.{name} must be at least 1, got {value}")
-        if self.eval_temperature < 0:
-            raise DsdpoError(f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
-        if self.eval_samples > 1 and self.eval_temperature == 0:
-            raise DsdpoError(
-                f"train.eval_samples {self.eval_samples} with eval_temperature 0 gives copies of one "
-                "answer: set --eval-temperature > 0"
-            )
-        try:
-            check_schedule(*self.eval_sampler_schedule)
-        except DsdpoError as err:
-            raise DsdpoError(f"train.eval_gen_length/eval_block_length/eval_gen_steps: {err}") from None
-
-    @property
-    def eval_sampler_schedule(self) -> tuple[int, int, int]:
-        """(gen_length, block_length, steps) of the held-out accuracy's sampler."""
-        length = self.eval_gen_length
-        return length, self.eval_block_length or length, self.eval_gen_steps or length
 
     def _validate_optimizer(self):
         for name in ("learning_rate", "weight_decay", "warmup_ratio"):
@@ -386,10 +488,17 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # --eval-problems' sampler
 
     def validate(self) -> Config:
         for section in (self.model, self.data, self.score, self.train):
             section.validate()
+        self.eval_sampler.validate("eval_sampler")
+        if self.train.eval_samples > 1 and self.eval_sampler.temperature == 0:
+            raise DsdpoError(
+                f"train.eval_samples {self.train.eval_samples} with eval_sampler.temperature 0 gives copies "
+                "of one answer: set --eval-temperature > 0"
+            )
         if not self.score.antithetic and (self.model.reference_scores or self.loss.objective == "per_draw"):
             raise DsdpoError(
                 "score.antithetic false gives the reference its own draws: not with --reference-scores "

@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 
 from dsdpo.blocks import response_segments
+from dsdpo.config import ESTIMATORS
 from dsdpo.errors import DsdpoError
-
-ESTIMATORS = ("l_over_L", "one_over_t", "trajectory")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from dsdpo.build_locks import clear_stale_build_locks
+from dsdpo.build_locks import clear_stale_build_locks, quiet_cached_op_loads
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import precision, reference_ds_config
 from dsdpo.errors import DsdpoError
@@ -47,7 +47,8 @@ def init_distributed() -> None:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
     backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    with quiet_cached_op_loads():  # DeepSpeed says "built successfully" also when it built nothing
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def finish_distributed() -> None:
@@ -74,10 +75,8 @@ class Engines:
 def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     """Load a model straight into ZeRO-3 partitions (never whole on one rank)."""
     if not (Path(path) / "config.json").is_file():
-        raise DsdpoError(
-            f"{path}: training starts from a Hugging Face folder; turn a checkpoint into one with "
-            "`dsdpo export CHECKPOINT DIR`, or continue its run with --resume"
-        )
+        # plan_run checked the folders and exported a checkpoint given as one (dsdpo.start_models)
+        raise DsdpoError(f"{path}: not a Hugging Face model folder (no config.json)")
     hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
     dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32
     model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)

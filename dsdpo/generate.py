@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsdpo.block_sampler import block_generate
+from dsdpo.config import REMASKING, SamplerConfig, check_schedule
 from dsdpo.errors import DsdpoError
-from dsdpo.families import FAMILIES, block_size_of_model, family_of_model, source_positions
+from dsdpo.families import FAMILIES, block_size_of_model, family_of, family_of_model, source_positions
 from dsdpo.logprobs import (
     bidirectional_attention_mask,
     output_size,
@@ -43,8 +44,6 @@ from dsdpo.logprobs import (
 )
 from dsdpo.models import is_remote_code
 from dsdpo.padding import ignores_padding, logits_without_padding
-
-REMASKING = ("low_confidence", "random")
 
 
 @dataclass(frozen=True)
@@ -67,26 +66,6 @@ class Batch:
     prompt: Tensor  # [B, P + G] bool, True on real prompt tokens
     answer_start: int
     mask_token_id: int
-
-
-def check_schedule(gen_length: int, block_length: int, steps: int) -> int:
-    """Validate the block/step plan; return the number of steps per block."""
-    if gen_length < 1 or block_length < 1 or steps < 1:
-        raise DsdpoError(
-            f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) must be positive"
-        )
-    if gen_length % block_length:
-        raise DsdpoError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise DsdpoError(f"steps {steps} must be a multiple of the number of blocks ({num_blocks})")
-    steps_per_block = steps // num_blocks
-    if steps_per_block > block_length:
-        raise DsdpoError(
-            f"{steps_per_block} steps per block exceed block_length {block_length}: "
-            f"a step would reveal nothing; use at most {gen_length} steps"
-        )
-    return steps_per_block
 
 
 def reveal_plan(block_length: int, steps: int) -> list[int]:
@@ -435,6 +414,19 @@ def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:
         # The template already holds any BOS; adding special tokens again would double it.
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
+
+
+def sampler_for(settings: SamplerConfig, config, tokenizer, *, section: str = "sampler") -> SamplerConfig:
+    """The sampler's settings for this model, every field set (SamplerConfig.resolved): the schedule
+    its family publishes (dsdpo.families) where the settings leave it open, the chat template when its
+    tokenizer has one."""
+    family = family_of(config)
+    return settings.resolved(
+        gen_length=family.gen_length if family else None,
+        block_length=family.block_length if family else None,
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        section=section,
+    )
 
 
 def generate_text(

@@ -9,8 +9,9 @@ Preference runs log TRL's metrics of dsdpo.evaluate (eval/loss, eval/rewards/acc
 runs the held-out NLL per response token (eval/loss) and mean ELBO (eval/logps/chosen).
 
 `--eval-problems FILE` adds generation accuracy (HeldOutAccuracy): the policy answers held-out
-problems with LLaDA's sampler (dsdpo.generate), seeded with the run's seed at every evaluation, and
-each answer is judged as `dsdpo eval accuracy` judges (eval/accuracy with its 95% Wilson interval).
+problems with LLaDA's sampler (dsdpo.generate; the section eval_sampler sets it), seeded with the
+run's seed at every evaluation, and each answer is judged as `dsdpo eval accuracy` judges
+(eval/accuracy with its 95% Wilson interval).
 Every rank generates every answer, so the ZeRO-3 forwards stay in lockstep.
 """
 
@@ -179,7 +180,7 @@ class HeldOutAccuracy:
                 )
                 for problem, row in zip(batch, answers, strict=True):
                     text = self.tokenizer.decode(cut_at_stop(row.tolist(), stops), skip_special_tokens=True)
-                    records.append(judge(problem, text.strip()))
+                    records.append({**judge(problem, text.strip()), "chat": self.chat})
         finally:
             model.train(was_training)
         report = AccuracyReport.from_counts(sum(r["correct"] for r in records), len(records))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dsdpo.config import ESTIMATORS
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import (
@@ -31,7 +32,7 @@ from dsdpo.diffusion import (
     standard_error,
 )
 from dsdpo.dist import all_reduce_max
-from dsdpo.draws import ESTIMATORS, Draws, pair_draws
+from dsdpo.draws import Draws, pair_draws
 from dsdpo.errors import DsdpoError
 from dsdpo.families import block_size_of_model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
 from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 from dsdpo.models import (
     check_finite_weights,
+    check_model_folder,
     copy_code_files,
     load_config,
     load_tokenizer,
@@ -76,6 +78,7 @@ from dsdpo.run_folder import (
 )
 from dsdpo.scoring import ScoreSettings
 from dsdpo.sft import pad_completions_with_eos, sft_micro_step
+from dsdpo.start_models import StartModels
 
 log = logging.getLogger(__name__)
 
@@ -176,34 +179,46 @@ class RunPlan:
     eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
     eval_problems: list | None = None  # --eval-problems: held-out problems (dsdpo.answers.Problem)
     notes: list[str] = field(default_factory=list)  # said once the run's log is open
+    model_folder: Path | None = None  # the folder of config.json and the tokenizer (a checkpoint's hf/)
+    start_models: StartModels | None = None  # the folders the engines load (a checkpoint's export)
 
 
-def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: str | None) -> RunPlan:
-    """Load and check the model files, the data, the DeepSpeed config and the checkpoint to resume."""
+def plan_run(
+    config: Config,
+    ds_config_path,
+    *,
+    nvme_path: str | None,
+    resume: str | None,
+    trust_checkpoint: bool = False,
+) -> RunPlan:
+    """Load and check every input before DeepSpeed and the model start, the quick checks first: the
+    batch sizes, the data (enough pairs for one optimizer step), the model and its tokenizer, the
+    held-out sets, the DeepSpeed config, the checkpoint to resume, then a checkpoint given as --model
+    or --ref-model (exported for loading), and last the starting weights (every one finite)."""
     config.validate()
     rank, ranks = launcher_rank_and_world()
     output = Path(config.train.output)
-    tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    hf_config = load_config(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
-    check_finite_weights(config.model.path)
-    examples, skipped = load_preference_data(
-        config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
-    )
-    pairs, truncated = tokenize_pairs(examples, tokenizer, **config.data.tokenize_options())
-    pairs = _sft_canvas(config, pairs, tokenizer)
-
-    eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
-    eval_problems = _held_out_problems(config)
     raw_ds_config = read_ds_config(ds_config_path)
     batch_sizes = resolve_batch_sizes(
         fill_training_options(raw_ds_config, config.train, str(ds_config_path)), ranks, str(ds_config_path)
     )
-    if len(pairs) < batch_sizes["train_batch_size"]:
-        raise DsdpoError(
-            f"{config.data.path}: {len(pairs)} pairs make no optimizer step of "
-            f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
-        )
+    examples, skipped = load_preference_data(
+        config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
+    )
+    _check_one_step(config, len(examples), batch_sizes, ds_config_path)
+    model_folder = check_model_folder(config.model.path)
+    if config.model.reference_path:
+        check_model_folder(config.model.reference_path)
+    tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    hf_config = load_config(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    mask_token_id = resolve_mask_token_id(config.model.mask_token_id, hf_config, tokenizer)
+    notes = _resolve_eval_sampler(config, hf_config, tokenizer, examples, is_rank0=rank == 0)
+    pairs, truncated = tokenize_pairs(examples, tokenizer, **config.data.tokenize_options())
+    pairs = _sft_canvas(config, pairs, tokenizer)
+    _check_one_step(config, len(pairs), batch_sizes, ds_config_path)  # rows skipped or dropped
+
+    eval_pairs = _held_out_pairs(config, tokenizer, {pair.example_id for pair in pairs})
+    eval_problems = _held_out_problems(config)
     _check_draws_fit(config, batch_sizes["train_micro_batch_size_per_gpu"])
     # The batcher's global batch is a whole optimizer step (see step_batches).
     per_rank_step = batch_sizes["train_micro_batch_size_per_gpu"] * batch_sizes["gradient_accumulation_steps"]
@@ -234,6 +249,8 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         _check_resume_data(checkpoint, config.data.path, data_digest)
     if checkpoint is not None and is_universal(checkpoint):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    start_models = StartModels.of(config.model, precision(ds_config), trust_checkpoint=trust_checkpoint)
+    check_finite_weights(model_folder)  # reads every weight: the last check
     summary = (
         f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
         f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs, {schedule_summary(ds_config)}"
@@ -253,10 +270,51 @@ def plan_run(config: Config, ds_config_path, *, nvme_path: str | None, resume: s
         checkpoint=checkpoint,
         data_digest=data_digest,
         summary=summary,
-        notes=[resume_note] if resume_note else [],
+        notes=[*notes, *start_models.notes, *([resume_note] if resume_note else [])],
         eval_pairs=eval_pairs,
         eval_problems=eval_problems,
+        model_folder=model_folder,
+        start_models=start_models,
     )
+
+
+def _check_one_step(config: Config, count: int, batch_sizes: dict[str, int], ds_config_path) -> None:
+    """The data holds at least one optimizer step of pairs (counted when read, and once tokenised)."""
+    if count < batch_sizes["train_batch_size"]:
+        raise DsdpoError(
+            f"{config.data.path}: {count} pairs make no optimizer step of "
+            f"{batch_sizes['train_batch_size']} pairs (train_batch_size in {ds_config_path})"
+        )
+
+
+def _resolve_eval_sampler(
+    config: Config, hf_config, tokenizer, examples: list, *, is_rank0: bool
+) -> list[str]:
+    """The held-out sampler's settings for this model, every field set (the model family's published
+    schedule, the chat template when the tokenizer has one: dsdpo.generate.sampler_for) as
+    train_config.yaml then records them; --pad-responses-to auto as its gen length. A warning (now,
+    before the start-up) when the held-out problems' prompts are given otherwise than the training
+    prompts: conversational rows are rendered with the chat template, plain ones as they are."""
+    from dsdpo.generate import sampler_for
+
+    config.eval_sampler = sampler_for(config.eval_sampler, hf_config, tokenizer, section="eval_sampler")
+    if config.data.pad_responses_to == "auto":
+        config.data.pad_responses_to = config.eval_sampler.gen_length
+    if not config.train.eval_problems:
+        return []
+    chat = config.eval_sampler.chat
+    other = [example for example in examples if example.conversational != chat]
+    if other and is_rank0:
+        given = "as user turns of the chat template" if chat else "as plain text"
+        kind = "plain-text" if chat else "conversational (chat template)"
+        option = "--no-eval-chat" if chat else "--eval-chat"
+        print(
+            f"warning: the held-out problems ({config.train.eval_problems}) are given {given}, but "
+            f"{len(other)} of the {len(examples)} training prompts in {config.data.path} are {kind}: "
+            f"eval/accuracy measures prompts the run does not train on ({option} matches them)",
+            file=sys.stderr,
+        )
+    return [f"held-out accuracy: {config.eval_sampler.summary()}"]
 
 
 def _held_out_pairs(config: Config, tokenizer, training_ids: set[str]) -> list | None:
@@ -355,8 +413,11 @@ def train(
     trust_checkpoint: bool = False,
 ) -> dict[str, float]:
     """Run (or resume) training; return the last step's metrics. `trust_checkpoint` lets the
-    checkpoint resumed from hold pickled code (dsdpo.safe_load)."""
-    plan = plan_run(config, ds_config_path, nvme_path=nvme_path, resume=resume)
+    checkpoint resumed from (or started from, as --model or --ref-model) hold pickled code
+    (dsdpo.safe_load)."""
+    plan = plan_run(
+        config, ds_config_path, nvme_path=nvme_path, resume=resume, trust_checkpoint=trust_checkpoint
+    )
     with run_lock(plan.output, enabled=plan.rank == 0) as note:
         if note:
             plan.notes.append(note)
@@ -382,9 +443,10 @@ class Trainer:
         with_reference = plan.reference_scores is None and not (
             config.loss.reference_free or config.loss.supervised
         )
-        self.engines = build_engines(
-            config.model, plan.ds_config, with_reference=with_reference, seed=config.train.seed
-        )
+        with plan.start_models as model_config:  # a checkpoint's export lives while the engines load it
+            self.engines = build_engines(
+                model_config, plan.ds_config, with_reference=with_reference, seed=config.train.seed
+            )
         self.policy = self.engines.policy
         # A block model's forward row is [noised ; clean]: twice its sequence (dsdpo.blocks).
         self.row_copies = 1 if block_size_of(plan.hf_config) is None else 2
@@ -486,23 +548,14 @@ class Trainer:
         config, plan = self.config, self.plan
         if plan.eval_problems is None:
             return None
-        gen_length, block_length, steps = config.train.eval_sampler_schedule
-        sampler = dict(
-            gen_length=gen_length,
-            block_length=block_length,
-            steps=steps,
-            temperature=config.train.eval_temperature,
-            remasking="low_confidence",
-            cfg_scale=0.0,
-        )
         return HeldOutAccuracy(
             plan.eval_problems,
             tokenizer=plan.tokenizer,
             mask_token_id=plan.mask_token_id,
-            sampler=sampler,
+            sampler=config.eval_sampler.generate_kwargs(),  # resolved for the model by plan_run
             samples=config.train.eval_samples,
             seed=config.train.seed,
-            chat=config.train.eval_chat,
+            chat=config.eval_sampler.chat,
         )
 
     def run_evaluations(self, step: int) -> dict[str, float]:
@@ -671,7 +724,7 @@ class Trainer:
     def _save_model_files(self, folder: Path) -> None:
         self.plan.hf_config.save_pretrained(folder)
         self.plan.tokenizer.save_pretrained(folder)
-        copy_code_files(self.config.model.path, folder)
+        copy_code_files(self.plan.model_folder, folder)
         if self.config.model.lora_rank:  # `dsdpo export` merges the adapters with these settings
             self.policy.module.model.peft_config["default"].save_pretrained(folder)
 

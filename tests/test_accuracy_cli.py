@@ -46,7 +46,7 @@ def test_eval_accuracy_writes_records_and_report(tiny_gemma_dir, problems_file, 
     assert "95% CI" in result.output
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     assert [line["reference"] for line in lines] == ["5", "4"]
-    assert set(lines[0]) == {"question", "reference", "generation", "extracted", "correct"}
+    assert set(lines[0]) == {"question", "reference", "generation", "extracted", "correct", "chat"}
     summary = json.loads(report.read_text())
     assert summary["n"] == 2 and 0.0 <= summary["ci95_low"] <= summary["ci95_high"] <= 1.0
 
@@ -85,7 +85,17 @@ def test_generate_bad_inputs_are_one_line_errors(tiny_gemma_dir, folder_without_
     bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
     assert_one_line_error(run("generate", "--model", tiny_gemma_dir, "--data", bad), "bad.jsonl:2:")
     assert_one_line_error(
-        run("generate", "--model", tiny_gemma_dir, "--prompt", "Hi", "--gen-length", "10"),
+        run(
+            "generate",
+            "--model",
+            tiny_gemma_dir,
+            "--prompt",
+            "Hi",
+            "--gen-length",
+            "10",
+            "--block-length",
+            "4",
+        ),
         "not a multiple of block_length",
     )
     assert_one_line_error(

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from dsdpo.cli import main
-from dsdpo.cli.train import SCHEMA_OPTIONS, build_config, schema_option
-from dsdpo.config import KEEP_BEST_METRICS, Config, config_from_dict, setting
-from dsdpo.draws import ESTIMATORS
+from dsdpo.cli.schema import schema_option
+from dsdpo.cli.train import SCHEMA_OPTIONS, build_config
+from dsdpo.config import ESTIMATORS, KEEP_BEST_METRICS, REMASKING, Config, config_from_dict, setting
 from dsdpo.ds_config import LR_SCHEDULERS
 from dsdpo.loss import F_DIVERGENCES, OBJECTIVES
 from tests.run_helpers import REPO
@@ -47,9 +47,10 @@ DOCUMENTED = {
     "--ref-sync-alpha": "train.ref_sync_alpha", "--eval-data": "train.eval_data",
     "--eval-every": "train.eval_every", "--eval-problems": "train.eval_problems",
     "--eval-num-problems": "train.eval_num_problems", "--eval-samples": "train.eval_samples",
-    "--eval-gen-length": "train.eval_gen_length", "--eval-block-length": "train.eval_block_length",
-    "--eval-gen-steps": "train.eval_gen_steps", "--eval-temperature": "train.eval_temperature",
-    "--no-eval-chat": "train.eval_chat", "--keep-best": "train.keep_best",
+    "--keep-best": "train.keep_best", "--eval-gen-length": "eval_sampler.gen_length",
+    "--eval-block-length": "eval_sampler.block_length", "--eval-steps": "eval_sampler.steps",
+    "--eval-temperature": "eval_sampler.temperature", "--eval-remasking": "eval_sampler.remasking",
+    "--eval-cfg-scale": "eval_sampler.cfg_scale", "--eval-chat": "eval_sampler.chat",
     "--learning-rate": "train.learning_rate", "--lr-scheduler": "train.lr_scheduler",
     "--warmup-steps": "train.warmup_steps", "--warmup-ratio": "train.warmup_ratio",
     "--weight-decay": "train.weight_decay", "--per-device-batch-size": "train.per_device_batch_size",
@@ -102,7 +103,8 @@ def test_choices_come_from_the_modules_that_implement_them():
     }
     assert choices == {
         "score.estimator": ESTIMATORS, "loss.f_divergence": F_DIVERGENCES, "loss.objective": OBJECTIVES,
-        "train.keep_best": tuple(KEEP_BEST_METRICS), "train.lr_scheduler": tuple(LR_SCHEDULERS),
+        "train.keep_best": tuple(KEEP_BEST_METRICS), "eval_sampler.remasking": REMASKING,
+        "train.lr_scheduler": tuple(LR_SCHEDULERS),
     }  # fmt: skip
 
 

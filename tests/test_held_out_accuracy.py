@@ -10,7 +10,7 @@ from dsdpo.demo import addition_pairs, write_jsonl
 from tests.cli_helpers import run
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
-SAMPLER = dict(eval_gen_length=4, eval_block_length=2, eval_gen_steps=4)
+SAMPLER = dict(eval_gen_length=4, eval_block_length=2, eval_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_several_samples_need_a_temperature(tiny_gemma_dir, trained, tmp_path):
         eval_samples=4,
     )
     result = run_train(args)
-    assert result.returncode == 2 and "eval_temperature" in result.stderr, tail(result)
+    assert result.returncode == 2 and "--eval-temperature" in result.stderr, tail(result)
 
 
 def test_two_ranks_generate_in_step_and_log_what_eval_accuracy_reports(tiny_gemma_dir, trained, tmp_path):

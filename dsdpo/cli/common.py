@@ -80,59 +80,28 @@ def model_options(command):
     )(command)
 
 
+def _attach(option: click.Option):
+    """A decorator adding a built click.Option to a command function (as click.option does)."""
+
+    def decorator(command):
+        command.__dict__.setdefault("__click_params__", []).append(option)
+        return command
+
+    return decorator
+
+
+def sampler_settings_options(command):
+    """The sampler's settings (dsdpo.config.SamplerConfig: --gen-length ... --chat/--no-chat), with
+    the help and defaults every generating command shares; read back with `sampler_settings`."""
+    from dsdpo.cli.schema import section_options
+    from dsdpo.config import SamplerConfig
+
+    options = section_options(SamplerConfig, "sampler", names="field")
+    return with_options(command, [_attach(option) for option in options])
+
+
 def sampler_options(command):
-    """The knobs of LLaDA's sampler (dsdpo.generate), its seed, and batching."""
-    return denoising_options(_seed_batch_chat_options(command))
-
-
-def denoising_options(command):
-    """How LLaDA's sampler (dsdpo.generate) denoises an answer."""
-    options = [
-        click.option(
-            "--gen-length",
-            default=128,
-            show_default=True,
-            help="Answer length in tokens; the answer starts fully masked, and text after EOS is dropped.",
-        ),
-        click.option(
-            "--block-length",
-            default=32,
-            show_default=True,
-            help="Blocks are decoded left to right (semi-autoregressive); gen-length must be a multiple. "
-            "Equal to gen-length: the whole answer is one block.",
-        ),
-        click.option(
-            "--steps",
-            default=128,
-            show_default=True,
-            help="Denoising steps (model forwards) in all, split evenly over the blocks. "
-            "Fewer steps reveal more tokens each: faster, usually worse. At most gen-length.",
-        ),
-        click.option(
-            "--temperature",
-            default=0.0,
-            show_default=True,
-            help="Sampling temperature of each proposed token (Gumbel-max); 0 takes the most likely token.",
-        ),
-        click.option(
-            "--remasking",
-            type=click.Choice(["low_confidence", "random"]),
-            default="low_confidence",
-            show_default=True,
-            help="Which proposals to keep at each step: the most confident ones, or random ones.",
-        ),
-        click.option(
-            "--cfg-scale",
-            default=0.0,
-            show_default=True,
-            help="Classifier-free guidance: > 0 pushes away from a pass with the prompt masked "
-            "(costs a second forward per step).",
-        ),
-    ]
-    return with_options(command, options)
-
-
-def _seed_batch_chat_options(command):
+    """The sampler's settings, its seed, and batching."""
     options = [
         click.option(
             "--seed",
@@ -143,15 +112,21 @@ def _seed_batch_chat_options(command):
         click.option(
             "--batch-size", default=8, show_default=True, help="Prompts generated together in one batch."
         ),
-        click.option(
-            "--chat/--no-chat",
-            default=True,
-            show_default=True,
-            help="Wrap each prompt as a user turn with the tokenizer's chat template (when it has one). "
-            "Use --no-chat for base models.",
-        ),
+        sampler_settings_options,
     ]
     return with_options(command, options)
+
+
+def sampler_settings(knobs: dict):
+    """Take the sampler's options out of a command's keyword arguments: the SamplerConfig given
+    (fields not given are decided by the model, dsdpo.generate.sampler_for), checked before any model
+    is loaded."""
+    from dataclasses import fields
+
+    from dsdpo.config import SamplerConfig
+
+    given = {spec.name: knobs.pop(spec.name) for spec in fields(SamplerConfig)}
+    return SamplerConfig(**{name: value for name, value in given.items() if value is not None}).validate()
 
 
 def _resolve_device(device: str) -> str:
@@ -165,35 +140,31 @@ def _resolve_device(device: str) -> str:
 _LOADING_KNOBS = ("mask_token_id", "trust_remote_code", "trust_checkpoint", "dtype")
 
 
-def _load_for_sampling(model_dir, device, *, mask_token_id, trust_remote_code, trust_checkpoint, dtype):
-    """Model (eval mode, on `device`), tokenizer and mask token id; the mask token is checked first."""
+def _load_for_sampling(
+    model_dir, device, settings, *, mask_token_id, trust_remote_code, trust_checkpoint, dtype
+):
+    """Model (eval mode, on `device`), tokenizer, mask token id and the sampler's settings resolved
+    for this model (said on stderr); the mask token and the settings are checked before the weights
+    are read."""
+    from dsdpo.generate import sampler_for
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     mask_id = resolve_mask_token_id(mask_token_id, config, tokenizer)
+    settings = sampler_for(settings, config, tokenizer)
+    click.echo(settings.summary(), err=True)
     model = load_model(
         model_dir, dtype=dtype, trust_remote_code=trust_remote_code, trust_checkpoint=trust_checkpoint
     )
-    return model.to(device).eval(), tokenizer, mask_id
+    return model.to(device).eval(), tokenizer, mask_id, settings
 
 
-def _sampler_settings(gen_length, block_length, steps, temperature, remasking, cfg_scale, seed, device):
-    """The keyword arguments of dsdpo.generate.generate, checked before any model is loaded."""
+def _generator(seed: int, device: str):
+    """The sampler's one source of random numbers."""
     import torch
 
-    from dsdpo.generate import check_schedule
-
-    check_schedule(gen_length, block_length, steps)
-    return dict(
-        gen_length=gen_length,
-        block_length=block_length,
-        steps=steps,
-        temperature=temperature,
-        remasking=remasking,
-        cfg_scale=cfg_scale,
-        generator=torch.Generator(device=device).manual_seed(seed),
-    )
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _write_jsonl(path, records) -> None:

@@ -7,11 +7,12 @@ import click
 from dsdpo.cli.common import (
     _LOADING_KNOBS,
     DsdpoGroup,
+    _generator,
     _load_for_sampling,
     _resolve_device,
-    _sampler_settings,
-    denoising_options,
     loading_options,
+    sampler_settings,
+    sampler_settings_options,
 )
 
 
@@ -95,7 +96,6 @@ def data_stats_command(
 @click.option(
     "--pairs-per-problem", default=1, show_default=True, help="Pairs (distinct rejected) per problem."
 )
-@click.option("--chat", is_flag=True, help="Write conversational rows ({role, content} messages).")
 @click.option("--model", "model_dir", type=click.Path(), help="--source model: the model that answers.")
 @click.option(
     "--problems",
@@ -107,8 +107,8 @@ def data_stats_command(
 )
 @click.option("--batch-size", default=8, show_default=True, help="--source model: answers sampled together.")
 @loading_options
-@denoising_options
-def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, chat, **model_source):
+@sampler_settings_options
+def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, **model_source):
     """Write reasoning preference pairs: chosen = a correct worked solution, rejected = a labelled variant.
 
     Every pair is checked: chosen reaches the correct final answer, wrong kinds (wrong_arithmetic,
@@ -117,12 +117,18 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, chat, **m
     With --source model, the pairs are on-policy: --model samples --samples answers per problem of
     --problems (sampler options as in `dsdpo generate`, with --temperature > 0), each is judged as
     `dsdpo eval accuracy` judges, and a problem with a right and a wrong answer gives a pair
-    (chosen: right, rejected: wrong). --chat wraps prompts in the chat template and writes them as
-    user turns.
+    (chosen: right, rejected: wrong).
+
+    Chat, as in every command: prompts are user turns of the model's chat template when its tokenizer
+    has one (--no-chat: plain); without a model, plain unless --chat. The rows record it: a chat
+    prompt is written as {role, content} messages (training renders them with the template), a plain
+    one as text.
     """
+    settings = sampler_settings(model_source)
     if source == "model":
-        _make_on_policy_pairs(out, num, seed, chat, **model_source)
+        _make_on_policy_pairs(out, num, seed, settings, **model_source)
         return
+    chat = bool(settings.chat)  # no model, no tokenizer: plain unless --chat
     from dsdpo.data.reasoning.pairs import build_pairs, parse_mix, write_jsonl
     from dsdpo.data.reasoning.sources import load_problems
     from dsdpo.errors import DsdpoError
@@ -136,13 +142,14 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, chat, **m
     )
     write_jsonl(rows, out)
     summary = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
-    click.echo(f"wrote {len(rows)} pairs from {len(problems)} problems to {out} ({summary})")
+    rows_kind = "conversational rows (--chat)" if chat else "plain-text rows (--chat: conversational)"
+    click.echo(f"wrote {len(rows)} pairs from {len(problems)} problems to {out} ({summary}; {rows_kind})")
     if skipped:
         click.echo("skipped problems: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
 
 
 def _make_on_policy_pairs(
-    out, num, seed, chat, *, model_dir, problems, samples, prompt_template, batch_size, **knobs
+    out, num, seed, settings, *, model_dir, problems, samples, prompt_template, batch_size, **knobs
 ):
     from dsdpo.accuracy import check_prompt_template
     from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
@@ -157,18 +164,18 @@ def _make_on_policy_pairs(
     check_prompt_template(prompt_template)
     model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(knobs.pop("device"))
-    sampler = _sampler_settings(**knobs, seed=seed, device=device)
-    check_diversity(samples, sampler)  # before any model is loaded
+    check_diversity(samples, settings.generate_kwargs())  # before any model is loaded
     if problems.startswith("reasoning-gym:"):
         if num is None:
             raise DsdpoError("--problems reasoning-gym:NAME needs --num, the number of problems")
         problem_list = load_reasoning_gym(problems.split(":", 1)[1], num, seed)
     else:
         problem_list = load_problems_jsonl(problems, num)
-    model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
+    model, tokenizer, mask_id, settings = _load_for_sampling(model_dir, device, settings, **model_knobs)
+    sampler = dict(settings.generate_kwargs(), generator=_generator(seed, device))
     rows, counts = on_policy_pairs(
         model, tokenizer, problem_list, mask_token_id=mask_id, sampler=sampler, samples=samples,
-        batch_size=batch_size, prompt_template=prompt_template, chat=chat,
+        batch_size=batch_size, prompt_template=prompt_template, chat=settings.chat,
     )  # fmt: skip
     write_jsonl(rows, out)
     click.echo(

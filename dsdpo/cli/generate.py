@@ -6,12 +6,13 @@ import click
 
 from dsdpo.cli.common import (
     _LOADING_KNOBS,
+    _generator,
     _load_for_sampling,
     _resolve_device,
-    _sampler_settings,
     _write_jsonl,
     model_options,
     sampler_options,
+    sampler_settings,
 )
 
 
@@ -23,7 +24,7 @@ from dsdpo.cli.common import (
     type=click.Path(),
     help='A JSONL file of prompts, one a line: {"prompt": ...} (or {"question": ...}).',
 )
-@click.option("--out", type=click.Path(dir_okay=False), help="Write {prompt, generation} JSONL here.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write {prompt, generation, chat} JSONL here.")
 @sampler_options
 def generate_command(model_dir, device, prompts, data, out, **knobs):
     """Generate answers with LLaDA's sampler (block semi-autoregressive, low-confidence remasking).
@@ -38,17 +39,24 @@ def generate_command(model_dir, device, prompts, data, out, **knobs):
     if bool(prompts) == bool(data):
         raise DsdpoError("give prompts with --prompt or a file with --data, not both and not neither")
     texts = list(prompts) if prompts else read_prompts_jsonl(data)
-    batch_size, chat = knobs.pop("batch_size"), knobs.pop("chat")
+    settings = sampler_settings(knobs)
+    batch_size = knobs.pop("batch_size")
     model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(device)
-    sampler = _sampler_settings(**knobs, device=device)
-    model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
+    model, tokenizer, mask_id, settings = _load_for_sampling(model_dir, device, settings, **model_knobs)
+    sampler = dict(settings.generate_kwargs(), generator=_generator(knobs["seed"], device))
     generations = []
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
-        generations += generate_text(model, tokenizer, batch, mask_token_id=mask_id, chat=chat, **sampler)
+        generations += generate_text(
+            model, tokenizer, batch, mask_token_id=mask_id, chat=settings.chat, **sampler
+        )
     if out:
-        _write_jsonl(out, [{"prompt": p, "generation": g} for p, g in zip(texts, generations, strict=True)])
+        rows = [
+            {"prompt": p, "generation": g, "chat": settings.chat}
+            for p, g in zip(texts, generations, strict=True)
+        ]
+        _write_jsonl(out, rows)
         click.echo(f"wrote {len(generations)} generations to {out}")
     else:
         click.echo("\n---\n".join(generations))
@@ -81,8 +89,9 @@ def generate_command(model_dir, device, prompts, data, out, **knobs):
     help="How a question becomes a prompt, e.g. \"{question}\\nEnd with '#### <number>'.\"",
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Per-example JSONL: question, reference, "
-              "generation, extracted, correct.")  # fmt: skip
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+              "generation, extracted, correct, chat.")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON here "
+              "(with the sampler's settings).")  # fmt: skip
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @sampler_options
 def eval_accuracy_command(
@@ -94,6 +103,7 @@ def eval_accuracy_command(
     else the last number; it is right when its value equals the reference (1,000 = 1000.0).
     """
     import json
+    from dataclasses import asdict
 
     from dsdpo.accuracy import check_prompt_template, evaluate_accuracy
     from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
@@ -104,20 +114,21 @@ def eval_accuracy_command(
     if gym_name and limit is None:
         raise DsdpoError("--reasoning-gym needs --n, the number of problems to generate")
     check_prompt_template(prompt_template)
-    batch_size, chat = knobs.pop("batch_size"), knobs.pop("chat")
+    settings = sampler_settings(knobs)
+    batch_size = knobs.pop("batch_size")
     model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(device)
-    sampler = _sampler_settings(**knobs, device=device)
     if gym_name:
         problems = load_reasoning_gym(gym_name, limit, knobs["seed"])
     else:
         problems = load_problems_jsonl(data, limit)
-    model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
+    model, tokenizer, mask_id, settings = _load_for_sampling(model_dir, device, settings, **model_knobs)
+    sampler = dict(settings.generate_kwargs(), generator=_generator(knobs["seed"], device))
     report = evaluate_accuracy(
         model, tokenizer, problems, mask_token_id=mask_id, sampler=sampler, batch_size=batch_size,
-        prompt_template=prompt_template, chat=chat, out=out, progress=progress,
+        prompt_template=prompt_template, chat=settings.chat, out=out, progress=progress,
     )  # fmt: skip
     if json_out:
         with open(json_out, "w", encoding="utf-8") as sink:
-            json.dump(report.as_dict(), sink, indent=2)
+            json.dump({**report.as_dict(), "sampler": asdict(settings)}, sink, indent=2)
     click.echo(report.summary())

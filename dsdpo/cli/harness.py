@@ -6,12 +6,13 @@ import click
 
 from dsdpo.cli.common import (
     _LOADING_KNOBS,
+    _generator,
     _load_for_sampling,
     _resolve_device,
-    _sampler_settings,
     _write_json,
     model_options,
     sampler_options,
+    sampler_settings,
 )
 from dsdpo.config import ScoreConfig
 
@@ -70,9 +71,10 @@ def eval_harness_command(
     """Run lm-evaluation-harness tasks with this model: generation tasks through the family's sampler
     (the options below, as `dsdpo eval accuracy`), multiple-choice tasks through the ELBO.
 
-    Needs the harness extra: pip install 'dsdpo[harness]'. With --chat (and a tokenizer with a chat
-    template) prompts are rendered with it, few-shot examples as turns (lm_eval's
-    --apply_chat_template --fewshot_as_multiturn). Perplexity tasks (loglikelihood_rolling) are refused.
+    Needs the harness extra: pip install 'dsdpo[harness]'. With chat (by default when the tokenizer has
+    a chat template, as in every command) prompts are rendered with it, few-shot examples as turns
+    (lm_eval's --apply_chat_template --fewshot_as_multiturn). Perplexity tasks (loglikelihood_rolling)
+    are refused.
     """
     import json
     from pathlib import Path
@@ -84,19 +86,18 @@ def eval_harness_command(
     task_names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not task_names:
         raise DsdpoError("--tasks names no task")
-    batch_size, chat, seed = knobs.pop("batch_size"), knobs.pop("chat"), knobs["seed"]
+    settings = sampler_settings(knobs)
+    batch_size, seed = knobs.pop("batch_size"), knobs["seed"]
     model_knobs = {name: knobs.pop(name) for name in _LOADING_KNOBS}
     device = _resolve_device(device)
-    sampler = _sampler_settings(**knobs, device=device)
     task_manager = check_tasks(task_names, include_path)  # before the model loads: it fails fast
-    model, tokenizer, mask_id = _load_for_sampling(model_dir, device, **model_knobs)
+    model, tokenizer, mask_id, settings = _load_for_sampling(model_dir, device, settings, **model_knobs)
+    sampler = dict(settings.generate_kwargs(), generator=_generator(seed, device))
     lm = DsdpoLM(
-        model, tokenizer, mask_token_id=mask_id, sampler=sampler, chat=chat, batch_size=batch_size,
+        model, tokenizer, mask_token_id=mask_id, sampler=sampler, chat=settings.chat, batch_size=batch_size,
         score=ScoreSettings(budget=budget, seed=seed, batch_size=batch_size), check_greedy=check_greedy,
         progress=progress,
     )  # fmt: skip
-    if chat and not lm.chat:
-        click.echo(f"{model_dir}: the tokenizer has no chat template; prompts are used as they are", err=True)
     results = run_tasks(
         lm, task_names, include_path=include_path, num_fewshot=num_fewshot, limit=_limit(limit),
         log_samples=log_samples, seed=seed, task_manager=task_manager,

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import click
 
-from dsdpo.config import DataConfig, ScoreConfig
+from dsdpo.config import DEFAULT_TOKENS, DataConfig, ScoreConfig
 from dsdpo.errors import DsdpoError
 from dsdpo.planner.cards import CARDS
-from dsdpo.planner.chunking import DEFAULT_TOKENS
 
 DATA, SCORE = DataConfig(), ScoreConfig()
 

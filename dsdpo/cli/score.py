@@ -12,9 +12,7 @@ from dsdpo.cli.common import (
     model_options,
     with_options,
 )
-from dsdpo.config import DataConfig, ScoreConfig
-from dsdpo.draws import ESTIMATORS
-from dsdpo.loss import LossConfig
+from dsdpo.config import ESTIMATORS, DataConfig, LossConfig, ScoreConfig
 
 # The defaults training uses (dsdpo.config): a score made with them sees the masks training saw.
 DATA, SCORE, LOSS = DataConfig(), ScoreConfig(), LossConfig()
@@ -191,7 +189,6 @@ def eval_preference_command(model_dir, ref_dir, loss_type, beta, label_smoothing
     beats the rejected one (a tie is not a win).
     """
     from dsdpo.evaluate import evaluate_preference
-    from dsdpo.loss import LossConfig
 
     loss = LossConfig(
         type=loss_type, beta=beta, label_smoothing=label_smoothing, reference_free=ref_dir is None

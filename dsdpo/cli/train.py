@@ -10,7 +10,6 @@ values (a number there and the option too is an error).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import typing
@@ -19,43 +18,20 @@ from pathlib import Path
 
 import click
 
+from dsdpo.cli.schema import section_options
 from dsdpo.config import SECTIONS, Config
 
 REPO = Path(__file__).resolve().parents[2]
-TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
-
-
-def schema_option(section: str, spec: dataclasses.Field, hint, default) -> click.Option:
-    """The option of one config field: --field-name (or its metadata's flag), its help and choices;
-    a bool is a flag that sets the other value than its default. A union such as `int | str` is taken
-    as text that dsdpo.config converts (naming the field when it cannot). Not given: None, which
-    leaves the config file's value alone."""
-    meta = spec.metadata
-    kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
-    dashed = spec.name.replace("_", "-")
-    name = f"{section}__{spec.name}"
-    help_text = meta.get("help", "")
-    if kinds == [bool]:
-        flag = meta.get("flag") or (f"--no-{dashed}" if default else f"--{dashed}")
-        return click.Option([flag, name], is_flag=True, flag_value=not default, default=None, help=help_text)
-    choices = meta.get("choices")
-    kind = click.Choice(choices) if choices else TYPES[kinds[0]] if len(kinds) == 1 else click.STRING
-    shown = "" if default in (None, "") else f" (default {default})"
-    return click.Option(
-        [meta.get("flag") or f"--{dashed}", name], type=kind, default=None, help=help_text + shown
-    )
+# A section whose options carry a prefix: the held-out sampler's --eval-gen-length ... --eval-chat.
+PREFIXES = {"eval_sampler": "eval-"}
 
 
 def schema_options() -> list[tuple[str, str, click.Option]]:
     """(section.field, parameter name, click option) for every field of every config section."""
-    defaults = Config()
     options = []
     for section, cls in typing.get_type_hints(Config).items():
-        hints = typing.get_type_hints(cls)
-        for spec in dataclasses.fields(cls):
-            default = getattr(getattr(defaults, section), spec.name)
-            option = schema_option(section, spec, hints[spec.name], default)
-            options.append((f"{section}.{spec.name}", option.name, option))
+        for option in section_options(cls, section, prefix=PREFIXES.get(section, "")):
+            options.append((f"{section}.{option.name.partition('__')[2]}", option.name, option))
     return options
 
 
@@ -105,10 +81,11 @@ def _train(
         python launch/train.py --demo                        # tiny model, built-in data, CPU, a minute
         dsdpo train --demo                                   # the same, as a dsdpo command
 
-    Options come from --config (YAML or JSON with sections model, data, score, loss, train), then the
-    flags below, then --set section.field=value; later wins. DeepSpeed settings (ZeRO, offload,
-    precision) live only in the --ds_config JSON; the learning rate, schedule, warmup, weight decay and
-    batch options below fill its "auto" values (a number there and the option too is an error).
+    Options come from --config (YAML or JSON with sections model, data, score, loss, train,
+    eval_sampler), then the flags below, then --set section.field=value; later wins. DeepSpeed settings
+    (ZeRO, offload, precision) live only in the --ds_config JSON; the learning rate, schedule, warmup,
+    weight decay and batch options below fill its "auto" values (a number there and the option too is
+    an error).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's collective deprecations
@@ -163,8 +140,8 @@ RUN_OPTIONS = [
     click.Option(
         ["--trust-checkpoint"],
         is_flag=True,
-        help="let the --resume checkpoint hold pickled code, not only weights (it could run anything): "
-        "only for checkpoints from someone you trust",
+        help="let the --resume checkpoint (and a checkpoint given as --model or --ref-model) hold pickled "
+        "code, not only weights (it could run anything): only for checkpoints from someone you trust",
     ),
     click.Option(["--nvme-path"], help='folder on a fast NVMe drive, for configs that offload to "nvme"'),
     click.Option(

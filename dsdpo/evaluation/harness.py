@@ -27,14 +27,15 @@ rendered text is tokenised without adding special tokens again, as dsdpo.generat
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from dsdpo.config import SamplerConfig
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.diffusion import elbo
@@ -52,9 +53,9 @@ except ImportError:
         "lm-evaluation-harness is not installed: pip install 'dsdpo[harness]' (lm_eval 0.4.x)"
     ) from None
 
-# The sampler's settings: dsdpo.generate.generate's keywords, read where `dsdpo eval accuracy` reads them
-# (dsdpo.cli.common.sampler_options); by name through lm_eval, their defaults are generate's own.
-SAMPLER_KNOBS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")
+# The sampler's settings by name through lm_eval: those of dsdpo.config.SamplerConfig, as every command
+# takes them (chat is its own model_arg); those not given come from the model, as in `dsdpo eval accuracy`.
+SAMPLER_KNOBS = tuple(spec.name for spec in fields(SamplerConfig) if spec.name != "chat")
 ROLLING_REFUSED = (
     "loglikelihood_rolling (perplexity tasks such as wikitext) is not defined for a masked diffusion "
     "model in dsdpo: it has no per-token conditionals to roll a window over; use loglikelihood "
@@ -127,29 +128,31 @@ class DsdpoLM(LM):
         trust_checkpoint: bool = False,
         seed: int = 0,
         budget: int = ScoreSettings.budget,
-        chat: bool = True,
+        chat: bool | None = None,
         batch_size: int = 8,
         check_greedy: bool = False,
         **sampler: Any,
     ) -> DsdpoLM:
         """Load a Hugging Face folder or a dsdpo checkpoint as `dsdpo eval accuracy` loads it; `sampler`:
-        some of SAMPLER_KNOBS (the others take generate's defaults)."""
-        from dsdpo.cli.common import _load_for_sampling, _resolve_device
+        some of SAMPLER_KNOBS, the others and `chat` (None) as the model gives them (the family's
+        published schedule, the chat template when its tokenizer has one: dsdpo.generate.sampler_for)."""
+        from dsdpo.cli.common import _generator, _load_for_sampling, _resolve_device
 
         unknown = set(sampler) - set(SAMPLER_KNOBS)
         if unknown:
             raise DsdpoError(f"unknown dsdpo model_args {', '.join(sorted(unknown))}")
-        device = _resolve_device(device)
-        settings = sampler_settings(sampler, seed=seed, device=device)
-        model, tokenizer, mask_id = _load_for_sampling(
-            pretrained, device, mask_token_id=mask_token_id, trust_remote_code=trust_remote_code,
-            trust_checkpoint=trust_checkpoint, dtype=dtype,
-        )  # fmt: skip
         if not str(batch_size).isdigit():
             raise DsdpoError(f"batch_size {batch_size!r}: dsdpo takes a number of prompts (no 'auto')")
         batch_size = int(batch_size)
+        device = _resolve_device(device)
+        settings = SamplerConfig(**sampler, chat=chat).validate()
+        model, tokenizer, mask_id, settings = _load_for_sampling(
+            pretrained, device, settings, mask_token_id=mask_token_id, trust_remote_code=trust_remote_code,
+            trust_checkpoint=trust_checkpoint, dtype=dtype,
+        )  # fmt: skip
         return cls(
-            model, tokenizer, mask_token_id=mask_id, sampler=settings, chat=chat, batch_size=batch_size,
+            model, tokenizer, mask_token_id=mask_id, chat=settings.chat, batch_size=batch_size,
+            sampler=dict(settings.generate_kwargs(), generator=_generator(seed, device)),
             score=ScoreSettings(budget=budget, seed=seed, batch_size=batch_size), check_greedy=check_greedy,
         )  # fmt: skip
 
@@ -237,17 +240,6 @@ class DsdpoLM(LM):
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         raise DsdpoError(ROLLING_REFUSED)
-
-
-def sampler_settings(knobs: dict, *, seed: int, device: str) -> dict:
-    """generate's keywords from the given sampler settings (the rest: generate's defaults), checked, with
-    a generator seeded by `seed`, as `dsdpo eval accuracy` builds them."""
-    from dsdpo.cli.common import _sampler_settings
-
-    defaults = inspect.signature(generate).parameters
-    return _sampler_settings(
-        **{name: knobs.get(name, defaults[name].default) for name in SAMPLER_KNOBS}, seed=seed, device=device
-    )
 
 
 def sampler_record(sampler: dict) -> dict:

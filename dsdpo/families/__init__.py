@@ -14,7 +14,9 @@ transformers does. The conventions are what the scorer, the sampler, LoRA and lo
 - trunk and head: where the hidden states end and the output layer starts (the scorer runs the
   head only at masked positions);
 - blocks: a block-diffusion model (SDAR) names the config field of its block length; its score is
-  the block-diffusion ELBO (dsdpo.blocks, docs/design.md, "The block-diffusion ELBO").
+  the block-diffusion ELBO (dsdpo.blocks, docs/design.md, "The block-diffusion ELBO");
+- sampler: the gen length and block length its authors evaluate with (GSM8K), the sampler's defaults
+  for its models (dsdpo.config.SamplerConfig.resolved); steps default to the gen length.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Family:
     trunk: str  # attribute path of the module whose output is the final hidden states
     head: str  # attribute path of the output layer
     block_size_field: str | None = None  # a block-diffusion model's config field of its block length
+    gen_length: int | None = None  # the published sampler's answer length (None: dsdpo's default)
+    block_length: int | None = None  # the published sampler's block length (None: dsdpo's default)
 
 
 LLADA = Family(
@@ -59,6 +63,10 @@ LLADA = Family(
     lora_target_modules=r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
     trunk="model",
     head="model.transformer.ff_out",
+    # LLaDA-8B-Instruct's GSM8K setting in LLaDA's OpenCompass configs (github ML-GSAI/LLaDA,
+    # opencompass/examples, GSM8K: eval_cfg gen_length 256, gen_blocksize 8, gen_steps 256).
+    gen_length=256,
+    block_length=8,
 )
 DREAM = Family(
     name="Dream",
@@ -71,6 +79,10 @@ DREAM = Family(
     lora_target_modules=r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
     trunk="model",
     head="lm_head",
+    # Dream-v0-Instruct-7B's GSM8K setting (github DreamLM/Dream, eval_instruct/eval.sh, gsm8k_cot:
+    # max_new_tokens=256, diffusion_steps=256); Dream's sampler has no blocks: one block of 256.
+    gen_length=256,
+    block_length=256,
 )
 # LoRA on LLaDA-MoE adapts attention, the dense MLPs and the shared experts, never the routed
 # experts nor the router `mlp.gate`: the routed experts are most of the parameters (64 per layer in
@@ -106,6 +118,9 @@ SDAR = Family(
     trunk="model",
     head="lm_head",
     block_size_field="block_size",  # config.json; generate.py's block_length (4 in the chat models)
+    # SDAR's generate.py (github JetAstra/SDAR, /work/shared/reference-models/sdar): --block_length 4
+    # --denoising_steps 4, one token a step (dsdpo's steps = gen length); no published gen length.
+    block_length=4,
 )
 FAMILIES = {family.model_type: family for family in (LLADA, DREAM, LLADA_MOE, SDAR)}
 

@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import torch
 
+from dsdpo.config import DEFAULT_TOKENS
 from dsdpo.errors import DsdpoError
 from dsdpo.planner.memory import (
     RunShape,
@@ -44,7 +45,6 @@ from dsdpo.planner.shapes import ModelShape, model_shape
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SAFETY = 0.9  # of the free memory; the rest is the allocator's fragmentation and what was not counted
-DEFAULT_TOKENS = 4096  # --max-tokens-per-forward unset, off CUDA
 
 
 def free_device_bytes(device: torch.device) -> int:
