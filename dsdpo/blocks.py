@@ -28,6 +28,17 @@ def response_segments(start: int, length: int, block_size: int | None) -> list[t
     return [(first, end) for first, end in itertools.pairwise(cuts) if end > first]
 
 
+def block_causal_mask(positions: Tensor, attention_mask: Tensor | None, block_size: int) -> Tensor:
+    """[B, 1, S, S] boolean (True = attend): query i sees key j iff j's block is not after i's and j is
+    not padding; blocks are position // block_size, from position 0 (SDAR's generate.py:79-87,
+    LLaDA 2.x's generate(), modeling_llada2_moe.py:1335-1347)."""
+    blocks = positions // block_size
+    mask = blocks[:, None, :, None] >= blocks[:, None, None, :]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    return mask
+
+
 def block_diffusion_mask(attention_mask: Tensor, block_size: int) -> Tensor:
     """[B, 1, 2S, 2S] boolean (True = attend) over [noised ; clean] rows of S positions each:
     noised block b sees noised block b and clean blocks < b; clean block b sees clean blocks <= b;

@@ -31,6 +31,7 @@ from dsdpo.families.layers import (
     rotary_tables,
     self_attention,
 )
+from dsdpo.families.routing import RoutedExperts
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -158,49 +159,21 @@ def route(router_logits: Tensor, expert_bias: Tensor | None, top_k: int) -> tupl
     return torch.topk(probabilities, top_k, dim=-1)
 
 
-class LLaDAMoESparseMoeBlock(nn.Module):
-    """The router `gate` and the experts, each its own module.
-
-    Every expert runs in every forward, in index order, with the tokens routed to it (possibly
-    none), as the published loop does (698-710): under ZeRO-3 each expert is gathered as a module
-    when it runs, every rank gathers the same experts in the same order (the gathers are collective),
-    and the prefetch trace does not change with the routing.
-    """
+class LLaDAMoESparseMoeBlock(RoutedExperts):
+    """The router `gate` and the experts, each its own module (dsdpo.families.routing)."""
 
     def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
+        experts = [LLaDAMoEMLP(config, config.expert_intermediate_size) for _ in range(config.num_experts)]
+        super().__init__(experts, config.num_experts_per_tok)
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            LLaDAMoEMLP(config, config.expert_intermediate_size) for _ in range(config.num_experts)
-        )
         if config.moe_router_enable_expert_bias:  # a buffer, set by the load balancer, never trained
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         else:
             self.expert_bias = None
-        # Token-slots routed to each expert since the last take_routed_tokens (dsdpo.families.routing):
-        # a plain attribute, not a buffer, which from_pretrained would leave uninitialised.
-        self.routed_tokens: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        batch, length, width = x.shape
-        tokens = x.reshape(-1, width)
-        weights, experts = route(self.gate(tokens), self.expert_bias, self.top_k)
-        weights = weights.to(x.dtype)  # the published cast (687): outputs are weighted in x's dtype
-        if torch._C._current_graph_task_id() == -1:  # not a checkpointed recomputation in backward
-            counts = torch.bincount(experts.flatten(), minlength=len(self.experts))
-            self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
-        out = torch.zeros_like(tokens)
-        for index, expert in enumerate(self.experts):
-            token, slot = torch.where(experts == index)
-            out.index_add_(0, token, expert(tokens[token]) * weights[token, slot, None])
-        return out.reshape(batch, length, width)
-
-    def take_routed_tokens(self) -> Tensor:
-        """[experts] token-slots routed to each since the last call; the count restarts."""
-        counts = self.routed_tokens if self.routed_tokens is not None else torch.zeros(len(self.experts))
-        self.routed_tokens = None
-        return counts.long().cpu()
+    def route(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        # The weights are cast to the activations' dtype (the published cast, 687): sum_dtype None.
+        return route(self.gate(tokens), self.expert_bias, self.top_k)
 
 
 class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
