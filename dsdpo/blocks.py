@@ -1,7 +1,8 @@
 """Block diffusion: how a block model's rows are laid out for scoring.
 
-docs/design.md, "The block-diffusion ELBO". A block model (SDAR) denoises a sequence block by block,
-blocks counted from position 0 of prompt + response (generate.py:79-81): block b is predicted from
+docs/design.md, "The block-diffusion ELBO". A block model (SDAR, LLaDA 2.x) denoises a sequence block
+by block, blocks counted from position 0 of prompt + response (generate.py:79-81; LLaDA 2.x's
+generate(), modeling_llada2_moe.py:1335-1357): block b is predicted from
 the clean blocks before it, bidirectionally inside itself, and never sees a later block. Its score
 is a sum over blocks, each block's bound computed with every earlier block clean, so one row of
 masks in several blocks cannot go through the model as one sequence (block b would see block b-1's

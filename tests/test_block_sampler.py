@@ -1,7 +1,9 @@
-"""SDAR's sampler (dsdpo/block_sampler.py) against the published one: the canvases generate.py's
-block_diffusion_generate returned on the tiny SDAR checkpoint (tests/fixtures/families/build_sdar.py,
-sampler_runs), greedy (top_k 1) under each remasking rule, sampled from the same seeded global RNG,
-and stopped after a block by a stop token."""
+"""The block samplers (dsdpo/block_sampler.py) against the published ones: the canvases SDAR's
+generate.py's block_diffusion_generate returned on the tiny SDAR checkpoint (tests/fixtures/families/
+build_sdar.py, sampler_runs), greedy (top_k 1) under each remasking rule, sampled from the same seeded
+global RNG, and stopped after a block by a stop token; and the answers LLaDA 2.x's generate()
+returned on the tiny LLaDA 2.x checkpoint (build_llada2.py), greedy (dllm's later argmax branch),
+sampled, stopped by EOS, and at the published temperature 0."""
 
 import json
 from pathlib import Path

@@ -17,6 +17,7 @@ from dsdpo.blocks import block_diffusion_inputs
 from dsdpo.families import LLADA2, block_size_of, family_of_config_dict, family_of_folder
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model, resolve_mask_token_id
+from dsdpo.planner.shapes import model_shape
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step
 
 FIXTURE = Path(__file__).parent / "fixtures" / "families" / "llada2"
@@ -104,3 +105,16 @@ def test_a_chunked_step_equals_the_unchunked_one_with_every_expert_partitioned(t
     assert max(float((whole[k] - before[k]).abs().max()) for k in experts) > 1e-3  # experts trained
     for name in before:
         assert torch.allclose(chunked[name], whole[name], atol=1e-6, rtol=0), name
+
+
+def test_dsdpo_plan_builds_the_released_layout_on_the_meta_device():
+    """The released config.json carries dFactory's `rotary_dim` beside partial_rotary_factor (which is
+    what the published model reads); the planner builds the family's model from it. 8 experts, top 2:
+    a token passes over 6 of the MoE layer's experts."""
+    config = {**json.loads((FIXTURE / "config.json").read_text()), "rotary_dim": 8}
+    shape = model_shape(config)
+    weights = load_file(FIXTURE / "model.safetensors")
+    total = sum(w.numel() for name, w in weights.items() if not name.endswith("expert_bias"))
+    expert = sum(w.numel() for name, w in weights.items() if ".mlp.experts.0." in name)
+    assert shape.parameters == total
+    assert shape.active_parameters == total - 6 * expert

@@ -107,7 +107,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
 
     @property
-    def rotary_dim(self) -> int:
+    def rope_dim(self) -> int:
         """transformers 4.57's default RoPE: int(head_dim · partial_rotary_factor) dimensions rotate."""
         return int(self.head_dim * self.partial_rotary_factor)
 
@@ -122,10 +122,10 @@ class LLaDA2MoeConfig(PretrainedConfig):
             raise DsdpoError(
                 f"config.json: rope_scaling = {scaling!r} is not supported (LLaDA 2.x uses none)"
             )
-        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+        if not 0 < self.rope_dim <= self.head_dim or self.rope_dim % 2:
             raise DsdpoError(
                 f"config.json: partial_rotary_factor = {self.partial_rotary_factor!r} rotates "
-                f"{self.rotary_dim} dimensions of a {self.head_dim}-wide head (an even number from 2 up)"
+                f"{self.rope_dim} dimensions of a {self.head_dim}-wide head (an even number from 2 up)"
             )
         if not self.num_key_value_heads or self.num_attention_heads % self.num_key_value_heads:
             raise DsdpoError(
@@ -305,7 +305,7 @@ class LLaDA2MoeModel(LLaDA2PreTrainedModel):
     ) -> BaseModelOutput:
         x = self.word_embeddings(input_ids)
         positions = default_positions(input_ids, position_ids)
-        rotary = rotary_tables(positions, self.config.rotary_dim, self.config.rope_theta)
+        rotary = rotary_tables(positions, self.config.rope_dim, self.config.rope_theta)
         mask = attention_mask_of(attention_mask, positions, self.config.block_size)
         for layer in self.layers:
             x = layer(x, rotary, mask)
