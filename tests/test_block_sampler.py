@@ -130,3 +130,20 @@ def test_dsdpo_generate_runs_llada2s_sampler_greedy_at_temperature_zero(llada2):
     assert answers[0].tolist() == run["answer"]
     alone = generate(llada2, [prompt[:2]], mask_token_id=MASK, gen_length=8, block_length=4, steps=8)
     assert torch.equal(answers[1], alone[0])
+
+
+def test_dsdpo_generate_samples_llada2_under_its_published_threshold(llada2):
+    """At temperature 0.25 some confidences fall between 0.85 and 0.95: generate() keeps them only as the
+    published default threshold (0.95) does."""
+    (run,) = [run for run in LLADA2_RUNS if run["options"].get("temperature") == 0.25]
+    torch.manual_seed(run["seed"])
+    answers = generate(
+        llada2,
+        [run["prompt_ids"]],
+        mask_token_id=MASK,
+        gen_length=8,
+        block_length=4,
+        steps=8,
+        temperature=0.25,
+    )
+    assert answers[0].tolist() == run["answer"]
