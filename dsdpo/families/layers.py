@@ -144,6 +144,21 @@ def gated_mlp(x: Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> Ten
     return down(F.silu(gate(x)) * up(x))
 
 
+class GatedMLP(nn.Module):
+    """gate_proj/up_proj/down_proj without biases, as one module: LLaDA-MoE's and LLaDA 2.x's dense MLP,
+    each of their experts and their shared experts (modeling_lladamoe.py:278-298,
+    modeling_llada2_moe.py:201-214)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
 class TrunkWithHead:
     """The denoiser of the families published as a trunk `model.*` and an output layer `lm_head`
     (Dream, LLaDA-MoE, SDAR, LLaDA 2.x): logits [B, S, V] = lm_head(trunk hidden states) at every

@@ -36,7 +36,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from dsdpo.blocks import block_causal_mask
 from dsdpo.errors import DsdpoError
-from dsdpo.families.layers import RMSNorm, TrunkWithHead, attend, default_positions, gated_mlp, rotary_tables
+from dsdpo.families.layers import GatedMLP, RMSNorm, TrunkWithHead, attend, default_positions, rotary_tables
 from dsdpo.families.routing import RoutedExperts
 
 
@@ -144,19 +144,6 @@ class LLaDA2MoeConfig(PretrainedConfig):
             )
 
 
-class LLaDA2MLP(nn.Module):
-    """gate_proj/up_proj/down_proj SwiGLU: the dense MLP, each expert and the shared experts (201-214)."""
-
-    def __init__(self, config: LLaDA2MoeConfig, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 class LLaDA2Gate(nn.Module):
     """The router `mlp.gate`: a weight [experts, D] and the `expert_bias` buffer (217-286).
 
@@ -204,11 +191,15 @@ class LLaDA2SparseMoeBlock(RoutedExperts):
     sum_dtype = torch.float32
 
     def __init__(self, config: LLaDA2MoeConfig):
-        experts = [LLaDA2MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)]
+        experts = [
+            GatedMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        ]
         super().__init__(experts, config.num_experts_per_tok)
         self.gate = LLaDA2Gate(config)
         if config.num_shared_experts is not None:
-            self.shared_experts = LLaDA2MLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            self.shared_experts = GatedMLP(
+                config.hidden_size, config.moe_intermediate_size * config.num_shared_experts
+            )
 
     def route(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         return self.gate(tokens)
@@ -243,7 +234,7 @@ class LLaDA2DecoderLayer(GradientCheckpointingLayer):
         self.mlp = (
             LLaDA2SparseMoeBlock(config)
             if config.is_moe_layer(index)
-            else LLaDA2MLP(config, config.intermediate_size)
+            else GatedMLP(config.hidden_size, config.intermediate_size)
         )
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:

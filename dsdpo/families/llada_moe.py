@@ -23,10 +23,10 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from dsdpo.errors import DsdpoError
 from dsdpo.families.layers import (
+    GatedMLP,
     RMSNorm,
     TrunkWithHead,
     default_positions,
-    gated_mlp,
     key_padding_mask,
     rotary_tables,
     self_attention,
@@ -133,19 +133,6 @@ class LLaDAMoEConfig(PretrainedConfig):
             )
 
 
-class LLaDAMoEMLP(nn.Module):
-    """gate_proj/up_proj/down_proj SwiGLU: the dense MLP, each expert and the shared expert (278-298)."""
-
-    def __init__(self, config: LLaDAMoEConfig, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 def route(router_logits: Tensor, expert_bias: Tensor | None, top_k: int) -> tuple[Tensor, Tensor]:
     """(weights, experts) [N, top_k] of each token: the published router (658-687).
 
@@ -163,7 +150,9 @@ class LLaDAMoESparseMoeBlock(RoutedExperts):
     """The router `gate` and the experts, each its own module (dsdpo.families.routing)."""
 
     def __init__(self, config: LLaDAMoEConfig):
-        experts = [LLaDAMoEMLP(config, config.expert_intermediate_size) for _ in range(config.num_experts)]
+        experts = [
+            GatedMLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+        ]
         super().__init__(experts, config.num_experts_per_tok)
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         if config.moe_router_enable_expert_bias:  # a buffer, set by the load balancer, never trained
@@ -197,10 +186,12 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
         moe = config.is_moe_layer(index)
         self.mlp = (
-            LLaDAMoESparseMoeBlock(config) if moe else LLaDAMoEMLP(config, config.dense_intermediate_size)
+            LLaDAMoESparseMoeBlock(config)
+            if moe
+            else GatedMLP(config.hidden_size, config.dense_intermediate_size)
         )
         if moe and config.shared_expert_intermediate_size is not None:
-            self.shared_expert = LLaDAMoEMLP(config, config.shared_expert_intermediate_size)
+            self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
         attn = self.self_attn
