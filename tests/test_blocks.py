@@ -107,7 +107,12 @@ def per_block_sums(model, batch: ScoringBatch, draws) -> torch.Tensor:
     return sums
 
 
-@pytest.mark.parametrize("estimator", ["l_over_L", "one_over_t", "trajectory"])
+# Every estimator's masks on SDAR; LLaDA 2.x (slower: its experts run one by one) with one of them.
+@pytest.mark.parametrize(
+    ("block_model", "estimator"),
+    [("sdar", "l_over_L"), ("sdar", "one_over_t"), ("sdar", "trajectory"), ("llada2", "l_over_L")],
+    indirect=["block_model"],
+)
 def test_one_forward_of_noised_and_clean_equals_one_forward_per_block(block_model, estimator):
     model, cases = block_model
     batch = right_padded(cases)
