@@ -1,7 +1,8 @@
 """Block diffusion: how a block model's rows are laid out for scoring.
 
-docs/design.md, "The block-diffusion ELBO". A block model (SDAR) denoises a sequence block by block,
-blocks counted from position 0 of prompt + response (generate.py:79-81): block b is predicted from
+docs/design.md, "The block-diffusion ELBO". A block model (SDAR, LLaDA 2.x) denoises a sequence block
+by block, blocks counted from position 0 of prompt + response (generate.py:79-81; LLaDA 2.x's
+generate(), modeling_llada2_moe.py:1335-1357): block b is predicted from
 the clean blocks before it, bidirectionally inside itself, and never sees a later block. Its score
 is a sum over blocks, each block's bound computed with every earlier block clean, so one row of
 masks in several blocks cannot go through the model as one sequence (block b would see block b-1's
@@ -26,6 +27,17 @@ def response_segments(start: int, length: int, block_size: int | None) -> list[t
         return [(0, length)]
     cuts = [0, *range(-start % block_size or block_size, length, block_size), length]
     return [(first, end) for first, end in itertools.pairwise(cuts) if end > first]
+
+
+def block_causal_mask(positions: Tensor, attention_mask: Tensor | None, block_size: int) -> Tensor:
+    """[B, 1, S, S] boolean (True = attend): query i sees key j iff j's block is not after i's and j is
+    not padding; blocks are position // block_size, from position 0 (SDAR's generate.py:79-87,
+    LLaDA 2.x's generate(), modeling_llada2_moe.py:1335-1347)."""
+    blocks = positions // block_size
+    mask = blocks[:, None, :, None] >= blocks[:, None, None, :]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    return mask
 
 
 def block_diffusion_mask(attention_mask: Tensor, block_size: int) -> Tensor:

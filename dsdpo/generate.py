@@ -302,23 +302,25 @@ def _block_model_answers(
     a time: its blocks count from position 0 of each row, so rows of other prompt lengths do not align.
     This sampler's options map onto it: the blocks are the model's own (config.json's block size,
     whatever block_length says: a block model denoises no other), `steps` keep their number per answer
-    token (steps · block size / gen_length a block, at least one), 'low_confidence' keeps the plan's
-    number of most confident tokens a step (its 'low_confidence_static'), temperature 0 is its greedy
-    (top_k 1). The canvas ends at a block boundary; its tokens past gen_length are dropped, and after
-    an early stop the answer is filled with the first stop token, as LLaDA's is."""
+    token (steps · block size / gen_length a block, at least one), 'low_confidence' is the family's
+    low-confidence rule (SDAR: the plan's number of most confident tokens a step, its
+    'low_confidence_static'; LLaDA 2.x: its only rule, the 0.95 threshold), temperature 0 is its greedy
+    (SDAR: top_k 1; LLaDA 2.x: dllm's argmax branch). The canvas ends at a block boundary; its tokens
+    past gen_length are dropped, and after an early stop the answer is filled with the first stop
+    token, as LLaDA's is."""
     if remasking != "low_confidence" or cfg_scale:
         raise DsdpoError(
             "a block model's sampler has low_confidence remasking only and no guidance (cfg_scale 0)"
         )
     block_size = block_size_of_model(model)
     steps_per_block = min(block_size, max(1, steps * block_size // gen_length))
+    options = family_of_model(model).block_sampling.options(temperature)
     answers = torch.full((len(prompt_ids), gen_length), mask_token_id, dtype=torch.long)
     for row, prompt in enumerate(prompt_ids):
         canvas = block_generate(
             model, prompt, mask_token_id=mask_token_id, block_length=block_size, gen_length=gen_length,
-            denoising_steps=steps_per_block, temperature=temperature or 1.0, top_k=0 if temperature else 1,
-            remasking="low_confidence_static", stop_token_ids=stop_token_ids, generator=generator,
-            device=device,
+            denoising_steps=steps_per_block, stop_token_ids=stop_token_ids, generator=generator,
+            device=device, **options,
         )  # fmt: skip
         answers[row] = canvas[len(prompt) : len(prompt) + gen_length].cpu()
     if stop_token_ids:

@@ -1,7 +1,8 @@
 """The block-diffusion ELBO (dsdpo/blocks.py; docs/design.md, "The block-diffusion ELBO") on the tiny
-SDAR checkpoint, against the numbers the published code computed (tests/fixtures/families/sdar/
-expected.json, build_sdar.py: every mask set of every block, each scored by the published model fed
-the sequence up to the end of that block under its sampler's block-causal mask)."""
+SDAR and LLaDA 2.x checkpoints, against the numbers the published code computed (tests/fixtures/
+families/{sdar,llada2}/expected.json, build_sdar.py and build_llada2.py: every mask set of every
+block, each scored by the published model fed the sequence up to the end of that block under its
+sampler's block-causal mask)."""
 
 import json
 from pathlib import Path
@@ -17,7 +18,8 @@ from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_model
 from dsdpo.tiny import build_tokenizer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "families" / "sdar"
+FIXTURES = Path(__file__).parent / "fixtures" / "families"
+FIXTURE = FIXTURES / "sdar"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 BLOCK = EXPECTED["block_size"]
 MASK = build_tokenizer().mask_token_id
@@ -26,6 +28,14 @@ MASK = build_tokenizer().mask_token_id
 @pytest.fixture(scope="module")
 def model():
     return load_model(FIXTURE).eval()
+
+
+@pytest.fixture(scope="module", params=["sdar", "llada2"])
+def block_model(request):
+    """Each block family's model and its published exact block ELBOs (both fixtures' blocks are 4)."""
+    expected = json.loads((FIXTURES / request.param / "expected.json").read_text())
+    assert expected["block_size"] == BLOCK
+    return load_model(FIXTURES / request.param).eval(), expected["cases"]
 
 
 def right_padded(cases) -> ScoringBatch:
@@ -49,10 +59,10 @@ def test_responses_split_where_the_blocks_of_prompt_plus_response_do():
     assert response_segments(15, 10, None) == [(0, 10)]  # no blocks: one segment
 
 
-def test_padded_batch_rows_score_as_rows_alone(model):
+def test_padded_batch_rows_score_as_rows_alone(block_model):
     """Alone, each case's exact ELBO is checked in tests/test_families.py; in one right-padded batch
     they give the same numbers, and so do Monte Carlo estimates with the same keys."""
-    cases = EXPECTED["cases"]
+    model, cases = block_model
     batch = right_padded(cases)
     exact = exact_elbo(
         model, batch.input_ids, batch.response_mask, mask_token_id=MASK, attention_mask=batch.attention_mask
@@ -97,9 +107,15 @@ def per_block_sums(model, batch: ScoringBatch, draws) -> torch.Tensor:
     return sums
 
 
-@pytest.mark.parametrize("estimator", ["l_over_L", "one_over_t", "trajectory"])
-def test_one_forward_of_noised_and_clean_equals_one_forward_per_block(model, estimator):
-    batch = right_padded(EXPECTED["cases"])
+# Every estimator's masks on SDAR; LLaDA 2.x (slower: its experts run one by one) with one of them.
+@pytest.mark.parametrize(
+    ("block_model", "estimator"),
+    [("sdar", "l_over_L"), ("sdar", "one_over_t"), ("sdar", "trajectory"), ("llada2", "l_over_L")],
+    indirect=["block_model"],
+)
+def test_one_forward_of_noised_and_clean_equals_one_forward_per_block(block_model, estimator):
+    model, cases = block_model
+    batch = right_padded(cases)
     draws = sample_draws(
         4, batch.response_lengths, 3, estimator, block_size=BLOCK, response_starts=batch.response_starts
     )
@@ -126,8 +142,8 @@ def test_block_draws_stratify_every_block_and_stay_inside_it():
 
 
 @pytest.mark.parametrize("estimator", ["l_over_L", "one_over_t", "trajectory"])
-def test_monte_carlo_estimate_converges_to_the_published_exact_block_elbo(model, estimator):
-    cases = EXPECTED["cases"]
+def test_monte_carlo_estimate_converges_to_the_published_exact_block_elbo(block_model, estimator):
+    model, cases = block_model
     batch = right_padded(cases)
     # The trajectory estimator with T = L_b steps in each block (the default): any-order AR, mean B.
     draws = sample_draws(

@@ -1,11 +1,12 @@
-"""LLaDA, Dream, LLaDA-MoE and SDAR as published: dsdpo's own implementations against the published
-code's numbers.
+"""LLaDA, Dream, LLaDA-MoE, SDAR and LLaDA 2.x as published: dsdpo's own implementations against the
+published code's numbers.
 
 tests/fixtures/families/ holds tiny random checkpoints in the published format and what the
-published modelling code (transformers 4.57, see build.py there; SDAR: 4.52.4, build_sdar.py)
-computed on them: logits in fp32 and bf16, logits of a right-padded batch, and exact ELBOs by
-enumeration (Dream's logits shifted as its own sampler shifts them; SDAR's the block-diffusion ELBO,
-every block scored as its sampler sees it). Nothing here runs the published code.
+published modelling code (transformers 4.57, see build.py there; SDAR: 4.52.4, build_sdar.py;
+LLaDA 2.x: 4.57.6, build_llada2.py) computed on them: logits in fp32 and bf16, logits of a
+right-padded batch, and exact ELBOs by enumeration (Dream's logits shifted as its own sampler shifts
+them; SDAR's and LLaDA 2.x's the block-diffusion ELBO, every block scored as its sampler sees it).
+Nothing here runs the published code.
 """
 
 import json
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from dsdpo.diffusion import exact_elbo
 from dsdpo.errors import DsdpoError
-from dsdpo.families import DREAM, LLADA, LLADA_MOE, SDAR, family_of_model, lora_targets
+from dsdpo.families import DREAM, LLADA, LLADA2, LLADA_MOE, SDAR, family_of_model, lora_targets
 from dsdpo.generate import denoise
 from dsdpo.logprobs import MaskedTokenScorer
 from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
@@ -27,7 +28,7 @@ from dsdpo.tiny import build_tokenizer
 from tests.cli_helpers import run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
-FAMILIES = {"llada": LLADA, "dream": DREAM, "llada_moe": LLADA_MOE, "sdar": SDAR}
+FAMILIES = {"llada": LLADA, "dream": DREAM, "llada_moe": LLADA_MOE, "sdar": SDAR, "llada2": LLADA2}
 # SDAR's logits are checked in tests/test_sdar.py: under the published (1, T, T) block mask torch's CPU
 # attention takes another bf16 kernel, so its bf16 bound is not this file's.
 LOGIT_FAMILIES = [name for name in FAMILIES if name != "sdar"]
@@ -88,7 +89,8 @@ def test_logits_equal_the_published_code(name):
     real = mask.bool()
     assert torch.allclose(padded[real], tensors["logits_padded_fp32"][real], atol=1e-5)
     # A padded row gives the logits it has alone (the published LLaDA before 2025-10 did not).
-    assert torch.allclose(padded[1, :8], tensors["logits_alone_row1_fp32"][0], atol=1e-5)
+    alone = tensors["logits_alone_row1_fp32"][0]
+    assert torch.allclose(padded[1, : len(alone)], alone, atol=1e-5)
     bf16 = load_model(FIXTURES / name, dtype="bf16").eval()
     with torch.no_grad(), torch_linear():
         logits = bf16(input_ids=ids).logits.float()
@@ -214,16 +216,17 @@ def test_lora_auto_targets_every_block_linear_but_the_output_layer_and_routed_ex
         for n, _ in peft.named_modules()
         if n.endswith(".lora_A")
     }
-    routed = {n for n in linear if ".mlp.experts." in n or n.endswith(".mlp.gate")}  # LLaDA-MoE's
-    assert bool(routed) == (family is LLADA_MOE)
+    # LLaDA-MoE's and LLaDA 2.x's (whose router `mlp.gate` is no linear layer: a bare weight)
+    routed = {n for n in linear if ".mlp.experts." in n or n.endswith(".mlp.gate")}
+    assert bool(routed) == (family in (LLADA_MOE, LLADA2))
     assert adapted == linear - {family.head} - routed
 
 
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory):
-    """A full fine-tuning run on LLaDA, LLaDA-MoE and SDAR and a LoRA run on Dream, each with the
-    trainer's defaults (ZeRO-3 partitioned loading, gradient checkpointing on, a reference engine or
-    adapters off)."""
+    """A full fine-tuning run on LLaDA, LLaDA-MoE, SDAR and LLaDA 2.x and a LoRA run on Dream, each
+    with the trainer's defaults (ZeRO-3 partitioned loading, gradient checkpointing on, a reference
+    engine or adapters off)."""
     from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
     from dsdpo.demo import addition_pairs, write_jsonl
     from dsdpo.train import train
@@ -236,30 +239,51 @@ def trained_runs(tmp_path_factory):
     problems = [
         {"question": row["prompt"], "answer": int(row["chosen"])} for row in addition_pairs(2, seed=4)
     ]
-    # SDAR also evaluates held-out pairs (its block ELBO) and problems (its own sampler) at start and end.
+    # The block models also evaluate held-out pairs (their block ELBO) and problems (their own samplers)
+    # at start and end.
     eval_pairs = [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(2, seed=5)]
     held_out = {
         "eval_data": str(write_jsonl(eval_pairs, folder / "eval_pairs.jsonl")),
         "eval_problems": str(write_jsonl(problems, folder / "problems.jsonl")),
+        "eval_gen_length": 8,  # two blocks: one sampler forward per step, several seconds for 64 tokens
     }
     runs = {}
-    for name, extra in (("llada", {}), ("dream", {"lora_rank": 4}), ("llada_moe", {}), ("sdar", {})):
+    for name, extra in (
+        ("llada", {}),
+        ("dream", {"lora_rank": 4}),
+        ("llada_moe", {}),
+        ("sdar", {}),
+        ("llada2", {}),
+    ):
         model_dir = published_folder(name, folder / f"{name}-model")
         config = Config(
             model=ModelConfig(path=str(model_dir), trust_remote_code=True, **extra),
             data=DataConfig(path=str(data)),
-            train=TrainConfig(output=str(folder / f"{name}-run"), **(held_out if name == "sdar" else {})),
+            train=TrainConfig(
+                output=str(folder / f"{name}-run"), **(held_out if FAMILIES[name].block_size_field else {})
+            ),
         )
         train(config, folder / "ds.json")
         runs[name] = (model_dir, folder / f"{name}-run", data)
     return runs
 
 
-def test_a_block_model_run_evaluates_held_out_pairs_and_problems(trained_runs):
-    _, run_dir, _ = trained_runs["sdar"]
+@pytest.mark.parametrize("name", ["sdar", "llada2"])
+def test_a_block_model_run_evaluates_held_out_pairs_and_problems(trained_runs, name):
+    _, run_dir, _ = trained_runs[name]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [row for row in rows if "eval/accuracy" in row]
     assert len(evaluated) >= 2 and all("eval/loss" in row for row in evaluated), rows
+
+
+def test_a_llada2_run_logs_its_router_statistics(trained_runs):
+    _, run_dir, _ = trained_runs["llada2"]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in steps if "loss" in row]
+    # 8 experts, top-2: an expert's load is 0 to 4 times an even share.
+    assert steps and all(
+        1 <= row["router/load_max"] <= 4 and 0 <= row["router/load_min"] <= 1 for row in steps
+    )
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -275,11 +275,12 @@ def test_dsdpo_plan_prints_the_total_and_active_counts_and_block_rows(model, say
 
 
 def test_a_model_type_nobody_knows_is_one_short_line(tmp_path):
-    """As LLaDA2.0-mini's config.json ("llada2_moe_veomni") is until its family lands: the file, the
-    type and dsdpo's families, not transformers' list of every model type it knows (10,000 characters)."""
+    """As dFactory's copy of LLaDA2.0-mini's config.json ("llada2_moe_veomni", fused experts) is: the
+    file, the type and dsdpo's families, not transformers' list of every model type it knows (10,000
+    characters)."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_model", "hidden_size": 8}))
     result = run("plan", "--model", tmp_path, "--ds_config", REPO / "ds_configs/rtx4080.json")
     assert result.exit_code == 1
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"Error: {tmp_path / 'config.json'}: model_type 'no_such_model' is not one")
-    assert "nor a dsdpo family's (Dream, llada, lladamoe, sdar" in line and len(line) < 300
+    assert "nor a dsdpo family's (Dream, llada, llada2_moe, lladamoe, sdar" in line and len(line) < 300

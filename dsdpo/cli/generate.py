@@ -29,8 +29,9 @@ from dsdpo.cli.common import (
 def generate_command(model_dir, device, prompts, data, out, **knobs):
     """Generate answers with LLaDA's sampler (block semi-autoregressive, low-confidence remasking).
 
-    A block-diffusion model (SDAR) uses its own published sampler instead: its own blocks whatever
-    --block-length says, the same steps per answer token, temperature 0 as its greedy (top-k 1).
+    A block-diffusion model (SDAR, LLaDA 2.x) uses its own published sampler instead: its own blocks
+    whatever --block-length says, the same steps per answer token, temperature 0 as its greedy (SDAR:
+    top-k 1; LLaDA 2.x: the argmax).
     Prints each answer, separated by a line of dashes, or writes them to --out.
     """
     from dsdpo.errors import DsdpoError

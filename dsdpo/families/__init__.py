@@ -9,12 +9,13 @@ transformers does. The conventions are what the scorer, the sampler, LoRA and lo
 - logit shift: Dream predicts token i at position i-1 (its sampler shifts the logits right by one,
   generation_utils.py: `logits = cat([logits[:, :1], logits[:, :-1]])`); LLaDA reads position i;
 - stop tokens: where a generated answer ends (besides the tokenizer's EOS);
-- LoRA targets: every linear layer of the blocks, never the output layer; for LLaDA-MoE, never
-  its routed experts or router either (see LLADA_MOE);
+- LoRA targets: every linear layer of the blocks, never the output layer; for LLaDA-MoE and
+  LLaDA 2.x, never their routed experts or router either (see LLADA_MOE);
 - trunk and head: where the hidden states end and the output layer starts (the scorer runs the
   head only at masked positions);
-- blocks: a block-diffusion model (SDAR) names the config field of its block length; its score is
-  the block-diffusion ELBO (dsdpo.blocks, docs/design.md, "The block-diffusion ELBO");
+- blocks: a block-diffusion model (SDAR, LLaDA 2.x) names the config field of its block length and
+  its published sampler (dsdpo.block_sampler); its score is the block-diffusion ELBO (dsdpo.blocks,
+  docs/design.md, "The block-diffusion ELBO");
 - sampler: the gen length and block length its authors evaluate with (GSM8K), the sampler's defaults
   for its models (dsdpo.config.SamplerConfig.resolved); steps default to the gen length.
 """
@@ -29,8 +30,10 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
+from dsdpo.block_sampler import BlockSampling
 from dsdpo.families.dream import DreamConfig, DreamModel
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
+from dsdpo.families.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dsdpo.families.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 from dsdpo.families.sdar import SDARConfig, SDARForCausalLM
 
@@ -50,6 +53,7 @@ class Family:
     block_size_field: str | None = None  # a block-diffusion model's config field of its block length
     gen_length: int | None = None  # the published sampler's answer length (None: dsdpo's default)
     block_length: int | None = None  # the published sampler's block length (None: dsdpo's default)
+    block_sampling: BlockSampling | None = None  # a block-diffusion model's published sampler
 
 
 LLADA = Family(
@@ -121,8 +125,37 @@ SDAR = Family(
     # SDAR's generate.py (github JetAstra/SDAR, /work/shared/reference-models/sdar): --block_length 4
     # --denoising_steps 4, one token a step (dsdpo's steps = gen length); no published gen length.
     block_length=4,
+    block_sampling=BlockSampling(remasking="low_confidence_static"),
 )
-FAMILIES = {family.model_type: family for family in (LLADA, DREAM, LLADA_MOE, SDAR)}
+# LoRA on LLaDA 2.x follows LLaDA-MoE's rule: attention (the fused query_key_value and dense), the
+# dense MLPs of the first layers and the shared experts, never the routed experts nor the router
+# `mlp.gate` (not a linear layer in the published code either: a bare weight and the expert bias).
+LLADA2 = Family(
+    name="LLaDA 2.x",
+    model_type="llada2_moe",  # the model page's; dFactory's fused-expert copy ("llada2_moe_veomni") is not
+    config_class=LLaDA2MoeConfig,
+    model_class=LLaDA2MoeModelLM,
+    mask_token_id=156895,  # generate()'s mask_id, dFactory's training (FRONTIER_CONVENTIONS.md, llada2_moe)
+    logit_shift=0,  # modeling_llada2_moe.py:1096-1102; generate() reads the block's own positions (1382)
+    stop_tokens=LLADA_MOE.stop_tokens,  # the same (Ling) tokenizer and chat template; EOS 156892
+    lora_target_modules=(
+        r".*\.layers\.\d+\.(attention\.(query_key_value|dense)|mlp\.(shared_experts\.)?(gate|up|down)_proj)"
+    ),
+    trunk="model",
+    head="lm_head",
+    block_size_field="block_size",  # dsdpo's field; 32 when absent (dsdpo.families.llada2)
+    # generate()'s block_length 32, one token a step (modeling_llada2_moe.py:1265-1266); its gen_length
+    # default (2048) is a ceiling for chat, not an evaluation setting: dsdpo's default stands.
+    block_length=32,
+    block_sampling=BlockSampling(
+        remasking="low_confidence_dynamic",
+        confidence_threshold=0.95,
+        minimal_topk=1,
+        keep_at_most_masked=True,
+        greedy_by_argmax=True,
+    ),
+)
+FAMILIES = {family.model_type: family for family in (LLADA, DREAM, LLADA_MOE, SDAR, LLADA2)}
 
 
 def config_key(model_type: str | None, fields: Mapping[str, object]) -> str | None:

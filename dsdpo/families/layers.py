@@ -1,9 +1,9 @@
-"""The pieces the families share: RMS norm, rotary embeddings, bidirectional attention, gated MLP.
+"""The pieces the families share: RMS norm, rotary embeddings, attention, gated MLP.
 
-LLaDA, Dream and LLaDA-MoE are Llama-shaped transformers without the causal mask. They differ in
-parameter names, biases, q/k norms, partial rotary embeddings and one precision detail (where RoPE
-is applied in fp32), so each family module wires these functions into its own module tree, under
-the parameter names of its published checkpoints.
+LLaDA, Dream, LLaDA-MoE, SDAR and LLaDA 2.x are Llama-shaped transformers without the causal mask
+(the last two block-causal). They differ in parameter names, biases, q/k norms, partial rotary
+embeddings and one precision detail (where RoPE is applied in fp32), so each family module wires
+these functions into its own module tree, under the parameter names of its published checkpoints.
 """
 
 from __future__ import annotations
@@ -100,13 +100,38 @@ def self_attention(
     query and key before RoPE, with one weight shared by the heads (LLaDA-MoE's `qk_layernorm`).
     """
     q_proj, k_proj, v_proj, out_proj = projections
+    return attend(
+        (q_proj(x), k_proj(x), v_proj(x)),
+        out_proj,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        rotary=rotary,
+        rope_in_fp32=rope_in_fp32,
+        mask=mask,
+        qk_norms=qk_norms,
+    )
+
+
+def attend(
+    qkv: tuple[Tensor, Tensor, Tensor],
+    out_proj: nn.Module,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    rotary: tuple[Tensor, Tensor],
+    rope_in_fp32: bool,
+    mask: Tensor | None,
+    qk_norms: tuple[nn.Module, nn.Module] | None = None,
+) -> Tensor:
+    """self_attention from projected queries, keys and values [B, S, heads · head_dim] (a model with
+    one fused q/k/v projection, LLaDA 2.x's `query_key_value`, splits it and comes in here)."""
     cos, sin = rotary
-    q, k = _split_heads(q_proj(x), num_heads), _split_heads(k_proj(x), num_kv_heads)
+    q, k = _split_heads(qkv[0], num_heads), _split_heads(qkv[1], num_kv_heads)
     if qk_norms is not None:
         q, k = qk_norms[0](q), qk_norms[1](k)
     q = apply_rotary(q, cos, sin, in_fp32=rope_in_fp32)
     k = apply_rotary(k, cos, sin, in_fp32=rope_in_fp32)
-    v = _split_heads(v_proj(x), num_kv_heads)
+    v = _split_heads(qkv[2], num_kv_heads)
     heads = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=False, enable_gqa=num_kv_heads != num_heads
     )
@@ -119,10 +144,27 @@ def gated_mlp(x: Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> Ten
     return down(F.silu(gate(x)) * up(x))
 
 
+class GatedMLP(nn.Module):
+    """gate_proj/up_proj/down_proj without biases, as one module: LLaDA-MoE's and LLaDA 2.x's dense MLP,
+    each of their experts and their shared experts (modeling_lladamoe.py:278-298,
+    modeling_llada2_moe.py:201-214)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
 class TrunkWithHead:
     """The denoiser of the families published as a trunk `model.*` and an output layer `lm_head`
-    (Dream, LLaDA-MoE, SDAR): logits [B, S, V] = lm_head(trunk hidden states) at every position.
-    Mixed in before the family's PreTrainedModel class, which sets `trunk_class`."""
+    (Dream, LLaDA-MoE, SDAR, LLaDA 2.x): logits [B, S, V] = lm_head(trunk hidden states) at every
+    position. Mixed in before the family's PreTrainedModel class, which sets `trunk_class` (and
+    `_tied_weights_keys` where the trunk's embeddings are not `embed_tokens`: the trunk class names
+    them in `_input_embed_layer`, transformers' convention)."""
 
     trunk_class: type[nn.Module]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
@@ -134,7 +176,7 @@ class TrunkWithHead:
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
+        return getattr(self.model, self.model._input_embed_layer)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

@@ -23,14 +23,15 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from dsdpo.errors import DsdpoError
 from dsdpo.families.layers import (
+    GatedMLP,
     RMSNorm,
     TrunkWithHead,
     default_positions,
-    gated_mlp,
     key_padding_mask,
     rotary_tables,
     self_attention,
 )
+from dsdpo.families.routing import RoutedExperts
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -132,19 +133,6 @@ class LLaDAMoEConfig(PretrainedConfig):
             )
 
 
-class LLaDAMoEMLP(nn.Module):
-    """gate_proj/up_proj/down_proj SwiGLU: the dense MLP, each expert and the shared expert (278-298)."""
-
-    def __init__(self, config: LLaDAMoEConfig, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 def route(router_logits: Tensor, expert_bias: Tensor | None, top_k: int) -> tuple[Tensor, Tensor]:
     """(weights, experts) [N, top_k] of each token: the published router (658-687).
 
@@ -158,49 +146,23 @@ def route(router_logits: Tensor, expert_bias: Tensor | None, top_k: int) -> tupl
     return torch.topk(probabilities, top_k, dim=-1)
 
 
-class LLaDAMoESparseMoeBlock(nn.Module):
-    """The router `gate` and the experts, each its own module.
-
-    Every expert runs in every forward, in index order, with the tokens routed to it (possibly
-    none), as the published loop does (698-710): under ZeRO-3 each expert is gathered as a module
-    when it runs, every rank gathers the same experts in the same order (the gathers are collective),
-    and the prefetch trace does not change with the routing.
-    """
+class LLaDAMoESparseMoeBlock(RoutedExperts):
+    """The router `gate` and the experts, each its own module (dsdpo.families.routing)."""
 
     def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
+        experts = [
+            GatedMLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+        ]
+        super().__init__(experts, config.num_experts_per_tok)
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            LLaDAMoEMLP(config, config.expert_intermediate_size) for _ in range(config.num_experts)
-        )
         if config.moe_router_enable_expert_bias:  # a buffer, set by the load balancer, never trained
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         else:
             self.expert_bias = None
-        # Token-slots routed to each expert since the last take_routed_tokens (dsdpo.families.routing):
-        # a plain attribute, not a buffer, which from_pretrained would leave uninitialised.
-        self.routed_tokens: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        batch, length, width = x.shape
-        tokens = x.reshape(-1, width)
-        weights, experts = route(self.gate(tokens), self.expert_bias, self.top_k)
-        weights = weights.to(x.dtype)  # the published cast (687): outputs are weighted in x's dtype
-        if torch._C._current_graph_task_id() == -1:  # not a checkpointed recomputation in backward
-            counts = torch.bincount(experts.flatten(), minlength=len(self.experts))
-            self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
-        out = torch.zeros_like(tokens)
-        for index, expert in enumerate(self.experts):
-            token, slot = torch.where(experts == index)
-            out.index_add_(0, token, expert(tokens[token]) * weights[token, slot, None])
-        return out.reshape(batch, length, width)
-
-    def take_routed_tokens(self) -> Tensor:
-        """[experts] token-slots routed to each since the last call; the count restarts."""
-        counts = self.routed_tokens if self.routed_tokens is not None else torch.zeros(len(self.experts))
-        self.routed_tokens = None
-        return counts.long().cpu()
+    def route(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        # The weights are cast to the activations' dtype (the published cast, 687): sum_dtype None.
+        return route(self.gate(tokens), self.expert_bias, self.top_k)
 
 
 class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
@@ -224,10 +186,12 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
         moe = config.is_moe_layer(index)
         self.mlp = (
-            LLaDAMoESparseMoeBlock(config) if moe else LLaDAMoEMLP(config, config.dense_intermediate_size)
+            LLaDAMoESparseMoeBlock(config)
+            if moe
+            else GatedMLP(config.hidden_size, config.dense_intermediate_size)
         )
         if moe and config.shared_expert_intermediate_size is not None:
-            self.shared_expert = LLaDAMoEMLP(config, config.shared_expert_intermediate_size)
+            self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
         attn = self.self_attn

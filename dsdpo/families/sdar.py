@@ -25,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
+from dsdpo.blocks import block_causal_mask
 from dsdpo.errors import DsdpoError
 from dsdpo.families.layers import (
     RMSNorm,
@@ -95,16 +96,6 @@ class FusedRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
-
-
-def block_causal_mask(positions: Tensor, attention_mask: Tensor | None, block_size: int) -> Tensor:
-    """[B, 1, S, S] boolean (True = attend): query i sees key j iff j's block is not after i's and j is
-    not padding; blocks are position // block_size, from position 0 (generate.py:79-87)."""
-    blocks = positions // block_size
-    mask = blocks[:, None, :, None] >= blocks[:, None, None, :]
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, :]
-    return mask
 
 
 class SDARDecoderLayer(GradientCheckpointingLayer):
