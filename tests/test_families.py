@@ -227,7 +227,7 @@ def trained_runs(tmp_path_factory):
     """A full fine-tuning run on LLaDA, LLaDA-MoE, SDAR and LLaDA 2.x and a LoRA run on Dream, each
     with the trainer's defaults (ZeRO-3 partitioned loading, gradient checkpointing on, a reference
     engine or adapters off)."""
-    from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
+    from dsdpo.config import Config, DataConfig, ModelConfig, SamplerConfig, TrainConfig
     from dsdpo.demo import addition_pairs, write_jsonl
     from dsdpo.train import train
     from tests.ds_helpers import CPU_CONFIG
@@ -245,8 +245,9 @@ def trained_runs(tmp_path_factory):
     held_out = {
         "eval_data": str(write_jsonl(eval_pairs, folder / "eval_pairs.jsonl")),
         "eval_problems": str(write_jsonl(problems, folder / "problems.jsonl")),
-        "eval_gen_length": 8,  # two blocks: one sampler forward per step, several seconds for 64 tokens
     }
+    # Two blocks: one sampler forward per step, several seconds for 64 tokens.
+    eval_sampler = SamplerConfig(gen_length=8)
     runs = {}
     for name, extra in (
         ("llada", {}),
@@ -262,6 +263,7 @@ def trained_runs(tmp_path_factory):
             train=TrainConfig(
                 output=str(folder / f"{name}-run"), **(held_out if FAMILIES[name].block_size_field else {})
             ),
+            eval_sampler=eval_sampler,
         )
         train(config, folder / "ds.json")
         runs[name] = (model_dir, folder / f"{name}-run", data)
