@@ -178,6 +178,7 @@ def test_evaluate_accuracy_judges_and_records_every_example(tmp_path, tokenizer)
         "generation": "So #### 5",
         "extracted": "5",
         "correct": False,
+        "chat": True,  # how the prompt was given (evaluate_accuracy's default: a user turn)
     }
 
 
