@@ -284,3 +284,33 @@ def test_a_model_type_nobody_knows_is_one_short_line(tmp_path):
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"Error: {tmp_path / 'config.json'}: model_type 'no_such_model' is not one")
     assert "nor a dsdpo family's (Dream, llada, llada2_moe, lladamoe, sdar" in line and len(line) < 300
+
+
+def test_llada2_mini_total_and_active_parameters_by_hand_and_its_plans_on_an_rtx4080():
+    """LLaDA2.0-mini (tests/fixtures/planner/SOURCES.md): 20 layers of attention (fused q/k/v d·(2048 +
+    2·512), output d², q/k norms 2·128) and 2 norms; layer 0 a dense MLP 3·d·5120, layers 1-19 a
+    router 256·d, 256 experts of 3·d·512 and a shared expert of the same width; untied V·d embedding
+    and output layer (V 157184), a final norm. A token runs 8 of the 256 experts: active = total -
+    19·248·3·d·512, the model page's "16B total, 1.4B active".
+    On an RTX 4080 every shipped config fits the card (activations follow the active count); full
+    fine-tuning needs ~391 GiB of CPU RAM with rtx4080.json (Adam 12·P = 181.7 GiB, pinned 16-bit and
+    fp32 partitions rounded up to 32 + 64 GiB, the sub-groups' fp32 gradients 4·P, the reference 2·P):
+    only LoRA fits a 64 GB box."""
+    d, v, expert = 2048, 157184, 3 * 2048 * 512
+    attention = d * (2048 + 2 * 512) + d * d + 2 * 128
+    moe_layer = 256 * d + 256 * expert + expert
+    total = 20 * (attention + 2 * d) + 3 * d * 5120 + 19 * moe_layer + 2 * v * d + d
+    shape = model_shape(FIXTURES / "planner" / "llada2-mini.json")
+    assert shape.parameters == total == 16_255_638_528
+    assert shape.active_parameters == total - 19 * 248 * expert == 1_432_968_192
+    assert shape.block_size == 32  # not in the config: the family's default (generate()'s)
+    plans = _plans("llada2-mini.json")
+    assert all(result["fits_gpu"] for result in plans.values())
+    assert plans["rtx4080.json"]["totals"]["cpu"] / GIB == pytest.approx(390.8, abs=1)
+    result = run(
+        "plan", "--model", FIXTURES / "planner" / "llada2-mini.json", "--ds_config",
+        REPO / "ds_configs/rtx4080_lora.json", "--lora-rank", "16", "--ram-gib", "64",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "no full fine-tuning setting fits" in result.output
+    assert "fastest LoRA (rank 16) that fits: rtx4080_lora.json" in result.output
