@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from dsdpo.ds_config import AUTO_DEFAULTS, LR_SCHEDULERS
+from dsdpo.ds_config import AUTO_DEFAULTS, LORA_AUTO_DEFAULTS, LR_SCHEDULERS
 from dsdpo.errors import DsdpoError
 from dsdpo.loss_config import LossConfig
 from dsdpo.trackers import TRACKERS, check_installed
@@ -361,7 +361,9 @@ class TrainConfig:
     # "auto" for its key (dsdpo.ds_config.fill_training_options); None leaves the JSON's number, or
     # AUTO_DEFAULTS where it says "auto". Given here and as a number in the JSON is an error. ---
     learning_rate: float | None = setting(
-        None, f"peak learning rate (default {AUTO_DEFAULTS['learning_rate']} where the JSON says auto)"
+        None,
+        f"peak learning rate (default {AUTO_DEFAULTS['learning_rate']}, with --lora-rank "
+        f"{LORA_AUTO_DEFAULTS['learning_rate']}, where the JSON says auto)",
     )
     lr_scheduler: str | None = setting(
         None,
@@ -380,7 +382,9 @@ class TrainConfig:
         None, "warmup as a fraction of the run's steps: ceil(ratio x steps), as Hugging Face's Trainer"
     )
     weight_decay: float | None = setting(
-        None, f"AdamW's weight decay (default {AUTO_DEFAULTS['weight_decay']} where the JSON says auto)"
+        None,
+        f"AdamW's weight decay (default {AUTO_DEFAULTS['weight_decay']}, with --lora-rank "
+        f"{LORA_AUTO_DEFAULTS['weight_decay']}, where the JSON says auto)",
     )
     per_device_batch_size: int | None = setting(
         None,

@@ -42,6 +42,10 @@ AUTO_DEFAULTS = {
     "per_device_batch_size": 1,
     "gradient_accumulation_steps": 16,
 }
+# With --lora-rank: only the adapters train, from zero (B = 0), so they take a rate ~100x a full
+# fine-tune's and no weight decay (which would pull them back to the base model); rtx4080_lora.json's
+# values before it said "auto".
+LORA_AUTO_DEFAULTS = {**AUTO_DEFAULTS, "learning_rate": 5e-5, "weight_decay": 0.0}
 # --lr-scheduler: the DeepSpeed scheduler of that shape after the warmup
 LR_SCHEDULERS = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
 ADD_SCHEDULER = 'add "scheduler": {"type": "auto"}'
@@ -186,9 +190,12 @@ def _fill(block: dict, key: str, dotted: str, option: str, given: Any, default: 
         block[key] = given
 
 
-def fill_training_options(config: dict[str, Any], options: Any, source: str) -> dict[str, Any]:
+def fill_training_options(
+    config: dict[str, Any], options: Any, source: str, *, lora: bool = False
+) -> dict[str, Any]:
     """A copy of the JSON with the batch, optimizer and scheduler "auto" values filled from the
-    training options (`options`: dsdpo.config.TrainConfig; an option not given, or None: AUTO_DEFAULTS).
+    training options (`options`: dsdpo.config.TrainConfig; an option not given, or None: AUTO_DEFAULTS,
+    LORA_AUTO_DEFAULTS for a LoRA run).
     The warmup and decay lengths wait for the run's length (resolve_ds_config). Batch "auto" keys are
     left to resolve_batch_sizes when the JSON fixes train_batch_size and no option is given."""
     filled = copy.deepcopy(config)
@@ -203,7 +210,7 @@ def fill_training_options(config: dict[str, Any], options: Any, source: str) -> 
         if not isinstance(block, dict):
             continue  # no optimizer block: refused by resolve_ds_config
         batch = option in ("per_device_batch_size", "gradient_accumulation_steps")
-        default = None if batch and fixed_total else AUTO_DEFAULTS[option]
+        default = None if batch and fixed_total else (LORA_AUTO_DEFAULTS if lora else AUTO_DEFAULTS)[option]
         _fill(block, key, dotted, option, getattr(options, option, None), default, source)
     _fill_scheduler_type(filled, getattr(options, "lr_scheduler", None), source)
     return filled
@@ -306,17 +313,19 @@ def resolve_ds_config(
     largest_parameter: int | None = None,
     source: str = "DeepSpeed config",
     planning: bool = False,
+    lora: bool = False,
 ) -> dict[str, Any]:
     """The policy engine's config: checked, with every "auto" the trainer knows filled in
     (`options`: the training options that fill batch, optimizer and schedule, None: AUTO_DEFAULTS;
-    `largest_parameter`: elements of the model's largest parameter, for NVMe swap buffers).
+    `largest_parameter`: elements of the model's largest parameter, for NVMe swap buffers; `lora`: a
+    LoRA run, whose "auto" rate and decay default to LORA_AUTO_DEFAULTS).
 
     planning: for `dsdpo plan`, which starts no run: the same checks, but an NVMe folder is neither
     needed nor looked at (a placeholder stands for --nvme-path)."""
     for block in OBJECT_BLOCKS:
         if block in config and not isinstance(config[block], dict):
             raise DsdpoError(f'{source}: "{block}" must be a JSON object, got {config[block]!r}')
-    resolved = fill_training_options(config, options, source)
+    resolved = fill_training_options(config, options, source, lora=lora)
     zero = resolved.get("zero_optimization") or {}
     if zero.get("stage") != 3:
         raise DsdpoError(

@@ -199,8 +199,11 @@ def plan_run(
     rank, ranks = launcher_rank_and_world()
     output = Path(config.train.output)
     raw_ds_config = read_ds_config(ds_config_path)
+    lora = bool(config.model.lora_rank)  # the "auto" rate and decay of adapters (LORA_AUTO_DEFAULTS)
     batch_sizes = resolve_batch_sizes(
-        fill_training_options(raw_ds_config, config.train, str(ds_config_path)), ranks, str(ds_config_path)
+        fill_training_options(raw_ds_config, config.train, str(ds_config_path), lora=lora),
+        ranks,
+        str(ds_config_path),
     )
     examples, skipped = load_preference_data(
         config.data.path, skip_invalid=config.data.skip_invalid, completions=config.loss.supervised
@@ -234,6 +237,7 @@ def plan_run(
         nvme_path=nvme_path,
         largest_parameter=largest_parameter(hf_config),
         source=str(ds_config_path),
+        lora=lora,
     )
     reference_scores = _precomputed_reference(
         config, pairs, tokenizer, precision(ds_config), -(-total_steps // len(batcher))

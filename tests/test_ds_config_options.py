@@ -18,7 +18,7 @@ from tests.run_helpers import REPO
 BEFORE = json.loads((REPO / "tests" / "fixtures" / "ds_configs_resolved_before_auto.json").read_text())
 
 
-def _resolve(raw, options=None, total_steps=100, world_size=1, source="ds.json"):
+def _resolve(raw, options=None, total_steps=100, world_size=1, source="ds.json", lora=False):
     return resolve_ds_config(
         raw,
         world_size=world_size,
@@ -27,6 +27,7 @@ def _resolve(raw, options=None, total_steps=100, world_size=1, source="ds.json")
         largest_parameter=126464 * 4096,
         source=source,
         planning=True,
+        lora=lora,
     )
 
 
@@ -51,8 +52,27 @@ def _with_default_warmup_type(resolved: dict) -> dict:
 def test_shipped_configs_without_options_resolve_as_before_they_said_auto(name):
     world_size = 8 if name == "multi_gpu.json" else 1
     raw = read_ds_config(REPO / "ds_configs" / name)
-    resolved = _resolve(raw, TrainConfig(), world_size=world_size, source=name)
+    lora = name == "rtx4080_lora.json"  # used with --lora-rank: the adapters' defaults
+    resolved = _resolve(raw, TrainConfig(), world_size=world_size, source=name, lora=lora)
     assert _with_default_warmup_type(resolved) == _with_default_warmup_type(BEFORE[name])
+
+
+def test_every_recipe_for_one_card_takes_the_rate_and_decay_options():
+    """The rtx4080 recipes say "auto" where an option fills (HF's convention): --learning-rate and
+    --weight-decay are taken, not refused as given both ways; the LoRA recipe's defaults differ only."""
+    options = TrainConfig(learning_rate=2e-5, weight_decay=0.01)
+    for path in sorted((REPO / "ds_configs").glob("rtx4080*.json")):
+        lora = path.name == "rtx4080_lora.json"
+        params = _resolve(read_ds_config(path), options, source=path.name, lora=lora)["optimizer"]["params"]
+        assert (params["lr"], params["weight_decay"]) == (2e-5, 0.01), path.name
+    lora_defaults = _resolve(read_ds_config(REPO / "ds_configs/rtx4080.json"), TrainConfig(), lora=True)
+    assert (
+        lora_defaults["optimizer"]["params"]["lr"],
+        lora_defaults["optimizer"]["params"]["weight_decay"],
+    ) == (
+        5e-5,
+        0.0,
+    )
 
 
 def test_options_fill_the_auto_values():
