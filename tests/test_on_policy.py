@@ -121,7 +121,19 @@ def test_make_pairs_from_a_block_model_uses_its_block_sampler_and_the_pairs_trai
     problems, out = tmp_path / "problems.jsonl", tmp_path / "pairs.jsonl"
     lines = [json.dumps({"question": q, "answer": r}) for q, r in zip(questions, references, strict=True)]
     problems.write_text("\n".join(lines) + "\n")
-    options = ["--gen-length", 8, "--block-length", 8, "--steps", 8, "--temperature", 1.0, "--seed", 7]
+    options = [
+        "--gen-length",
+        8,
+        "--block-length",
+        8,
+        "--steps",
+        8,
+        "--temperature",
+        1.0,
+        "--seed",
+        7,
+        "--no-chat",
+    ]
     result = run(
         "make-pairs", "--source", "model", "--model", folder, "--problems", problems, "--out", out,
         "--samples", SAMPLES, "--batch-size", BATCH, *options,

@@ -153,10 +153,10 @@ def _load_for_sampling(
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     mask_id = resolve_mask_token_id(mask_token_id, config, tokenizer)
     settings = sampler_for(settings, config, tokenizer)
-    click.echo(settings.summary(), err=True)
     model = load_model(
         model_dir, dtype=dtype, trust_remote_code=trust_remote_code, trust_checkpoint=trust_checkpoint
     )
+    click.echo(settings.summary(), err=True)  # once the weights load: a refused model is one line
     return model.to(device).eval(), tokenizer, mask_id, settings
 
 
