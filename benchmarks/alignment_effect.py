@@ -2,7 +2,9 @@
 matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
 
 1. Data: arithmetic word problems from templates ("Ann has 12 pens and gets 7 more. How many
-   pens?"), split into training and held-out problems with no shared question.
+   pens?"), or any question/answer task (--task: a JSONL of {"question", "answer"} rows as `dsdpo eval
+   accuracy --data` reads them, or a reasoning-gym generator by name, judged by its own scorer), split
+   into training and held-out problems with no shared question.
 2. SFT from scratch: a small bidirectional transformer (dsdpo.tiny, character tokenizer) trained with
    `--loss sft` (LLaDA's masked-diffusion SFT objective) on prompt/completion rows, with held-out
    accuracy and a checkpoint every --sft-eval-every steps. DPO starts from the --sft-start-step
@@ -25,6 +27,11 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
    logs it. Pooled rows add up the seeds' problems.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/alignment_effect.py [--seeds 3] [--out runs/alignment]
+
+Another task, e.g. reasoning-gym's chain_sum with one-digit numbers (answers must fit the sampler's
+4 positions; the character tokenizer reads any printable ASCII):
+
+    ... alignment_effect.py --task chain_sum --task-options '{"max_digits": 1, "max_terms": 3}'
 
 With --eval-curve N each DPO run also logs held-out generation accuracy every N steps (--eval-problems).
 
@@ -74,6 +81,52 @@ def word_problems(seed: int) -> list[dict]:
     return [{"question": question, "answer": answer} for question, answer in rows]
 
 
+def task_problems(task: str | None, size: int, options: dict, out: Path) -> list:
+    """The benchmark's problems (dsdpo.answers.Problem), one per question, in the order they split in.
+
+    No task: the word problems (already shuffled). A JSONL file or a reasoning-gym generator: through
+    dsdpo's own loaders, shuffled; a question asked twice is kept once, so no question is both trained
+    on and held out.
+    """
+    from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
+
+    if task is None:
+        return load_problems_jsonl(write_jsonl(word_problems(seed=0), out / "word_problems.jsonl"))
+    if task.endswith(".jsonl"):
+        problems = load_problems_jsonl(task)
+    else:
+        problems = load_reasoning_gym(task, size, seed=0, **options)
+    problems = list({problem.question: problem for problem in problems}.values())
+    random.Random(0).shuffle(problems)
+    return problems
+
+
+def check_fits(problems, tokenizer) -> None:
+    """Every reference answer fits the sampler's canvas, and is a number (the training-time curve,
+    --eval-problems, reads numbers only)."""
+    from dsdpo.answers import parse_number
+
+    for problem in problems:
+        if len(tokenizer(problem.reference, add_special_tokens=False)["input_ids"]) > SAMPLER["gen_length"]:
+            sys.exit(
+                f"--task: the answer {problem.reference!r} is longer than the sampler's "
+                f"{SAMPLER['gen_length']} positions; choose a task with shorter answers"
+            )
+        if parse_number(problem.reference) is None:
+            sys.exit(f"--task: the answer {problem.reference!r} is not a number")
+
+
+def split_task(task: str | None, size: int, options: dict, heldout: int, out: Path) -> tuple[list, list]:
+    """The task's first `heldout` problems held out, the rest for training."""
+    from dsdpo.tiny import build_tokenizer
+
+    problems = task_problems(task, size, options, out)
+    check_fits(problems, build_tokenizer())
+    if heldout >= len(problems):
+        sys.exit(f"--heldout {heldout} leaves no training problems of the task's {len(problems)}")
+    return problems[:heldout], problems[heldout:]
+
+
 def write_jsonl(rows, path: Path) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -113,7 +166,6 @@ def metrics(run: Path) -> dict[int, dict]:
 def accuracy(model_dir: Path, problems, batch_size: int, out: Path):
     """Greedy held-out accuracy; and each problem's right (True) or wrong, from the records in `out`."""
     from dsdpo.accuracy import evaluate_accuracy
-    from dsdpo.answers import load_problems_jsonl
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
@@ -121,7 +173,7 @@ def accuracy(model_dir: Path, problems, batch_size: int, out: Path):
     report = evaluate_accuracy(
         model,
         tokenizer,
-        load_problems_jsonl(problems),
+        problems,
         mask_token_id=mask,
         sampler={**SAMPLER, "temperature": 0.0},
         batch_size=batch_size,
@@ -149,7 +201,6 @@ def paired(right: list[bool], sft_right: list[bool]) -> dict:
 def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature: float, seed: int) -> dict:
     import torch
 
-    from dsdpo.answers import load_problems_jsonl
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
     from dsdpo.on_policy import on_policy_pairs
 
@@ -159,7 +210,7 @@ def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature
     rows, counts = on_policy_pairs(
         model,
         tokenizer,
-        load_problems_jsonl(problems),
+        problems,
         mask_token_id=mask,
         sampler=sampler,
         samples=samples,
@@ -249,6 +300,21 @@ def main() -> None:
     p.add_argument(
         "--arms", default="abcr", help="the arms to run, by letter (b: a quick look; r: the SFT control)"
     )
+    p.add_argument(
+        "--task",
+        default=None,
+        help='the problems: a .jsonl of {"question", "answer"} rows (as `dsdpo eval accuracy --data` reads '
+        "them) or a reasoning-gym generator's name (e.g. chain_sum); default: the script's word problems",
+    )
+    p.add_argument(
+        "--task-size", type=int, default=2000, help="problems a reasoning-gym task generates (before dedup)"
+    )
+    p.add_argument(
+        "--task-options",
+        type=json.loads,
+        default={},
+        help="the reasoning-gym generator's settings as JSON, e.g. '{\"max_digits\": 1}'",
+    )
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -293,14 +359,16 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    problems = word_problems(seed=0)
-    held_out, training = problems[: args.heldout], problems[args.heldout :]
-    held_out_file = write_jsonl(held_out, out / "held_out_problems.jsonl")
+    held_out, training = split_task(args.task, args.task_size, args.task_options, args.heldout, out)
+    held_out_rows = [{"question": problem.question, "answer": problem.reference} for problem in held_out]
+    held_out_file = write_jsonl(
+        held_out_rows, out / "held_out_problems.jsonl"
+    )  # for training's --eval-problems
     args.pair_problems = min(args.pair_problems or len(training), len(training))
-    pair_problems = write_jsonl(training[: args.pair_problems], out / "pair_problems.jsonl")
+    pair_problems = training[: args.pair_problems]
     sft_rows = [
-        {"id": f"sft-{i}", "prompt": r["question"], "completion": str(r["answer"])}
-        for i, r in enumerate(training)
+        {"id": f"sft-{i}", "prompt": problem.question, "completion": problem.reference}
+        for i, problem in enumerate(training)
     ]
     sft_data = write_jsonl(sft_rows, out / "sft.jsonl")
     print(f"{len(training)} training problems, {len(held_out)} held out", flush=True)
@@ -364,7 +432,7 @@ def main() -> None:
         export(start, sft_model)
     sft_curve = {s: r["eval/accuracy"] for s, r in sorted(metrics(sft_run).items()) if "eval/accuracy" in r}
     print(f"SFT held-out accuracy by step: {sft_curve}", flush=True)
-    sft_report, sft_right = accuracy(sft_model, held_out_file, 100, out / "sft_model-held_out.jsonl")
+    sft_report, sft_right = accuracy(sft_model, held_out, 100, out / "sft_model-held_out.jsonl")
     print(f"SFT: held-out {sft_report.summary()} ({time.time() - started:.0f} s)", flush=True)
 
     # Pairs of each sampling setting kept apart, so a rerun with other settings samples anew.
@@ -382,7 +450,7 @@ def main() -> None:
             ),
             on_policy(
                 sft_model,
-                held_out_file,
+                held_out,
                 eval_pairs,
                 samples=args.samples,
                 temperature=args.temperature,
@@ -439,7 +507,7 @@ def main() -> None:
                     ],
                     out / f"{run.name}.log",
                 )
-            report, right = accuracy(run, held_out_file, 100, out / f"{run.name}-held_out.jsonl")
+            report, right = accuracy(run, held_out, 100, out / f"{run.name}-held_out.jsonl")
             rows.append(arm_row(name, seed, report, paired(right, sft_right), metrics(run), args.dpo_steps))
             print(f"{name} seed {seed}: {report.summary()} ({time.time() - started:.0f} s)", flush=True)
             if "accuracy_curve" in rows[-1]:
