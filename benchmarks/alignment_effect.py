@@ -191,10 +191,11 @@ def mcnemar_p(won: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired(right: list[bool], sft_right: list[bool]) -> dict:
-    """Against the SFT model on the same problems: problems won (right now, wrong before) and lost."""
-    won = sum(a and not b for a, b in zip(right, sft_right, strict=True))
-    lost = sum(b and not a for a, b in zip(right, sft_right, strict=True))
+def paired(right: list[bool], baseline: list[bool]) -> dict:
+    """Against a baseline (the SFT model, the control r) on the same problems: problems won (right here,
+    wrong there) and lost."""
+    won = sum(a and not b for a, b in zip(right, baseline, strict=True))
+    lost = sum(b and not a for a, b in zip(right, baseline, strict=True))
     return {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)}
 
 
@@ -255,17 +256,21 @@ def table(rows) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| arm | seed | held-out accuracy [95% CI] | vs SFT: won/lost (McNemar p) | held-out reward acc "
-        "| diff_stderr | grad-norm var |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seed | held-out accuracy [95% CI] | vs SFT: won/lost (McNemar p) "
+        "| vs r: won/lost (McNemar p) | held-out reward acc | diff_stderr | grad-norm var |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def versus(row, key):
+        won_lost = row.get(key)
+        return f"+{won_lost['won']}/-{won_lost['lost']} (p={won_lost['mcnemar_p']:.3f})" if won_lost else "-"
+
     for row in rows:
         low, high = row["ci95"]
         ci = f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({row['correct']}/{row['n']})"
-        versus = row.get("vs_sft")
-        versus = f"+{versus['won']}/-{versus['lost']} (p={versus['mcnemar_p']:.3f})" if versus else "-"
         lines.append(
-            f"| {row['arm']} | {row['seed']} | {ci} | {versus} | {fmt(row.get('eval_reward_accuracy'))} | "
+            f"| {row['arm']} | {row['seed']} | {ci} | {versus(row, 'vs_sft')} | {versus(row, 'vs_r')} | "
+            f"{fmt(row.get('eval_reward_accuracy'))} | "
             f"{fmt(row.get('diff_stderr'), 4)} | {fmt(row.get('grad_norm_var'), 5)} |"
         )
     return "\n".join(lines)
@@ -280,7 +285,13 @@ def pooled(rows, name) -> dict:
         k: [r[k] for r in mine if r[k] is not None]
         for k in ("eval_reward_accuracy", "diff_stderr", "grad_norm_var")
     }
-    won, lost = (sum(r["vs_sft"][k] for r in mine) for k in ("won", "lost"))
+
+    def summed(key):
+        if key not in mine[0]:
+            return {}
+        won, lost = (sum(r[key][k] for r in mine) for k in ("won", "lost"))
+        return {key: {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)}}
+
     return {
         "arm": name,
         "seed": "pooled",
@@ -288,7 +299,8 @@ def pooled(rows, name) -> dict:
         "n": n,
         "accuracy": correct / n,
         "ci95": list(wilson_interval(correct, n)),
-        "vs_sft": {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)},
+        **summed("vs_sft"),
+        **summed("vs_r"),
         **{k: statistics.fmean(v) if v else None for k, v in values.items()},
     }
 
@@ -470,7 +482,7 @@ def main() -> None:
     settings = f"{pairs_tag}-lr{args.dpo_lr:g}-beta{args.beta:g}-batch{args.dpo_batch}-sft{args.sft_weight:g}"
     settings += f"-steps{args.dpo_steps}" + ("" if args.pad_responses else "-bare")
     settings += f"-curve{args.eval_curve}" if args.eval_curve else ""
-    rows = []
+    rows, rights = [], {}  # rights: each (arm, seed)'s per-problem right or wrong
     for seed in range(args.seeds):
         for name, options in ARMS.items():
             if name[0] not in args.arms:
@@ -509,9 +521,15 @@ def main() -> None:
                 )
             report, right = accuracy(run, held_out, 100, out / f"{run.name}-held_out.jsonl")
             rows.append(arm_row(name, seed, report, paired(right, sft_right), metrics(run), args.dpo_steps))
+            rights[name, seed] = right
             print(f"{name} seed {seed}: {report.summary()} ({time.time() - started:.0f} s)", flush=True)
             if "accuracy_curve" in rows[-1]:
                 print(f"  eval/accuracy by step: {rows[-1]['accuracy_curve']}", flush=True)
+    # What the preference adds to SFT on the chosen answers: each arm against r, problem by problem.
+    control = next(name for name in ARMS if name[0] == "r")
+    for row in rows:
+        if (control, row["seed"]) in rights and row["arm"] != control:
+            row["vs_r"] = paired(rights[row["arm"], row["seed"]], rights[control, row["seed"]])
     sft_row = {
         "arm": "SFT (start)",
         "seed": "-",

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from benchmarks.alignment_effect import split_task, word_problems
+from benchmarks.alignment_effect import paired, pooled, split_task, table, word_problems
 
 
 def test_the_default_task_is_the_word_problems_split_as_before(tmp_path):
@@ -53,3 +53,16 @@ def test_answers_longer_than_the_sampler_canvas_are_refused(tmp_path):
     task.write_text(json.dumps({"question": "big?", "answer": 12345}) + "\n")
     with pytest.raises(SystemExit, match="longer than the sampler's 4 positions"):
         split_task(str(task), 0, {}, 0, tmp_path)
+
+
+def test_arms_against_the_control_pool_over_seeds_with_an_exact_mcnemar_test():
+    right, control = [True, True, True, False, False], [True, False, False, True, False]
+    assert paired(right, control) == {"won": 2, "lost": 1, "mcnemar_p": 1.0}  # 2 * (1 + 3) / 8 = 1
+    rows = [
+        {"arm": "b", "seed": seed, "correct": 1, "n": 2, "vs_sft": {"won": 0, "lost": 0}, "vs_r": vs_r}
+        | dict.fromkeys(("eval_reward_accuracy", "diff_stderr", "grad_norm_var"))
+        for seed, vs_r in enumerate([{"won": 3, "lost": 1}, {"won": 2, "lost": 0}])
+    ]
+    both = pooled(rows, "b")
+    assert both["vs_r"] == {"won": 5, "lost": 1, "mcnemar_p": 2 * (1 + 6) / 64}  # P(X <= 1), X ~ B(6, 1/2)
+    assert "| +5/-1 (p=0.219) |" in table([both])
