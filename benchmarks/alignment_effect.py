@@ -24,7 +24,8 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
    interval, held-out reward accuracy (eval/rewards/accuracies at the last step, same draws at every
    evaluation), the standard error of B̂_θ − B̂_ref over draws (vrpo/diff_stderr, mean over steps) and
    the spread of the gradient: the variance over steps of the gradient norm (grad_norm) when the run
-   logs it. Pooled rows add up the seeds' problems.
+   logs it. Each arm is compared with the SFT model and with the control r (same seed), problem by
+   problem: problems won and lost, exact McNemar p. Pooled rows add up the seeds' problems.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/alignment_effect.py [--seeds 3] [--out runs/alignment]
 
