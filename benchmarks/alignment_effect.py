@@ -34,6 +34,8 @@ Another task, e.g. reasoning-gym's chain_sum with one-digit numbers (answers mus
 
     ... alignment_effect.py --task chain_sum --task-options '{"max_digits": 1, "max_terms": 3}'
 
+(One --out per task: a rerun reuses the SFT run, the SFT model and the pairs it finds in OUT.)
+
 With --eval-curve N each DPO run also logs held-out generation accuracy every N steps (--eval-problems).
 
 --arms picks arms by letter (--arms b: a quick look). The numbers go to OUT/results-SETTINGS-*.json
