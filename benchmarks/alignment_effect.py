@@ -2,7 +2,9 @@
 matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
 
 1. Data: arithmetic word problems from templates ("Ann has 12 pens and gets 7 more. How many
-   pens?"), split into training and held-out problems with no shared question.
+   pens?"), or any question/answer task (--task: a JSONL of {"question", "answer"} rows as `dsdpo eval
+   accuracy --data` reads them, or a reasoning-gym generator by name, judged by its own scorer), split
+   into training and held-out problems with no shared question.
 2. SFT from scratch: a small bidirectional transformer (dsdpo.tiny, character tokenizer) trained with
    `--loss sft` (LLaDA's masked-diffusion SFT objective) on prompt/completion rows, with held-out
    accuracy and a checkpoint every --sft-eval-every steps. DPO starts from the --sft-start-step
@@ -22,9 +24,17 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
    interval, held-out reward accuracy (eval/rewards/accuracies at the last step, same draws at every
    evaluation), the standard error of B̂_θ − B̂_ref over draws (vrpo/diff_stderr, mean over steps) and
    the spread of the gradient: the variance over steps of the gradient norm (grad_norm) when the run
-   logs it. Pooled rows add up the seeds' problems.
+   logs it. Each arm is compared with the SFT model and with the control r (same seed), problem by
+   problem: problems won and lost, exact McNemar p. Pooled rows add up the seeds' problems.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/alignment_effect.py [--seeds 3] [--out runs/alignment]
+
+Another task, e.g. reasoning-gym's chain_sum with one-digit numbers (answers must fit the sampler's
+4 positions; the character tokenizer reads any printable ASCII):
+
+    ... alignment_effect.py --task chain_sum --task-options '{"max_digits": 1, "max_terms": 3}'
+
+(One --out per task: a rerun reuses the SFT run, the SFT model and the pairs it finds in OUT.)
 
 With --eval-curve N each DPO run also logs held-out generation accuracy every N steps (--eval-problems).
 
@@ -74,6 +84,52 @@ def word_problems(seed: int) -> list[dict]:
     return [{"question": question, "answer": answer} for question, answer in rows]
 
 
+def task_problems(task: str | None, size: int, options: dict, out: Path) -> list:
+    """The benchmark's problems (dsdpo.answers.Problem), one per question, in the order they split in.
+
+    No task: the word problems (already shuffled). A JSONL file or a reasoning-gym generator: through
+    dsdpo's own loaders, shuffled; a question asked twice is kept once, so no question is both trained
+    on and held out.
+    """
+    from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
+
+    if task is None:
+        return load_problems_jsonl(write_jsonl(word_problems(seed=0), out / "word_problems.jsonl"))
+    if task.endswith(".jsonl"):
+        problems = load_problems_jsonl(task)
+    else:
+        problems = load_reasoning_gym(task, size, seed=0, **options)
+    problems = list({problem.question: problem for problem in problems}.values())
+    random.Random(0).shuffle(problems)
+    return problems
+
+
+def check_fits(problems, tokenizer) -> None:
+    """Every reference answer fits the sampler's canvas, and is a number (the training-time curve,
+    --eval-problems, reads numbers only)."""
+    from dsdpo.answers import parse_number
+
+    for problem in problems:
+        if len(tokenizer(problem.reference, add_special_tokens=False)["input_ids"]) > SAMPLER["gen_length"]:
+            sys.exit(
+                f"--task: the answer {problem.reference!r} is longer than the sampler's "
+                f"{SAMPLER['gen_length']} positions; choose a task with shorter answers"
+            )
+        if parse_number(problem.reference) is None:
+            sys.exit(f"--task: the answer {problem.reference!r} is not a number")
+
+
+def split_task(task: str | None, size: int, options: dict, heldout: int, out: Path) -> tuple[list, list]:
+    """The task's first `heldout` problems held out, the rest for training."""
+    from dsdpo.tiny import build_tokenizer
+
+    problems = task_problems(task, size, options, out)
+    check_fits(problems, build_tokenizer())
+    if heldout >= len(problems):
+        sys.exit(f"--heldout {heldout} leaves no training problems of the task's {len(problems)}")
+    return problems[:heldout], problems[heldout:]
+
+
 def write_jsonl(rows, path: Path) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -113,7 +169,6 @@ def metrics(run: Path) -> dict[int, dict]:
 def accuracy(model_dir: Path, problems, batch_size: int, out: Path):
     """Greedy held-out accuracy; and each problem's right (True) or wrong, from the records in `out`."""
     from dsdpo.accuracy import evaluate_accuracy
-    from dsdpo.answers import load_problems_jsonl
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
@@ -121,7 +176,7 @@ def accuracy(model_dir: Path, problems, batch_size: int, out: Path):
     report = evaluate_accuracy(
         model,
         tokenizer,
-        load_problems_jsonl(problems),
+        problems,
         mask_token_id=mask,
         sampler={**SAMPLER, "temperature": 0.0},
         batch_size=batch_size,
@@ -139,17 +194,17 @@ def mcnemar_p(won: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired(right: list[bool], sft_right: list[bool]) -> dict:
-    """Against the SFT model on the same problems: problems won (right now, wrong before) and lost."""
-    won = sum(a and not b for a, b in zip(right, sft_right, strict=True))
-    lost = sum(b and not a for a, b in zip(right, sft_right, strict=True))
+def paired(right: list[bool], baseline: list[bool]) -> dict:
+    """Against a baseline (the SFT model, the control r) on the same problems: problems won (right here,
+    wrong there) and lost."""
+    won = sum(a and not b for a, b in zip(right, baseline, strict=True))
+    lost = sum(b and not a for a, b in zip(right, baseline, strict=True))
     return {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)}
 
 
 def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature: float, seed: int) -> dict:
     import torch
 
-    from dsdpo.answers import load_problems_jsonl
     from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
     from dsdpo.on_policy import on_policy_pairs
 
@@ -159,7 +214,7 @@ def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature
     rows, counts = on_policy_pairs(
         model,
         tokenizer,
-        load_problems_jsonl(problems),
+        problems,
         mask_token_id=mask,
         sampler=sampler,
         samples=samples,
@@ -204,17 +259,21 @@ def table(rows) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| arm | seed | held-out accuracy [95% CI] | vs SFT: won/lost (McNemar p) | held-out reward acc "
-        "| diff_stderr | grad-norm var |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seed | held-out accuracy [95% CI] | vs SFT: won/lost (McNemar p) "
+        "| vs r: won/lost (McNemar p) | held-out reward acc | diff_stderr | grad-norm var |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def versus(row, key):
+        won_lost = row.get(key)
+        return f"+{won_lost['won']}/-{won_lost['lost']} (p={won_lost['mcnemar_p']:.3f})" if won_lost else "-"
+
     for row in rows:
         low, high = row["ci95"]
         ci = f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({row['correct']}/{row['n']})"
-        versus = row.get("vs_sft")
-        versus = f"+{versus['won']}/-{versus['lost']} (p={versus['mcnemar_p']:.3f})" if versus else "-"
         lines.append(
-            f"| {row['arm']} | {row['seed']} | {ci} | {versus} | {fmt(row.get('eval_reward_accuracy'))} | "
+            f"| {row['arm']} | {row['seed']} | {ci} | {versus(row, 'vs_sft')} | {versus(row, 'vs_r')} | "
+            f"{fmt(row.get('eval_reward_accuracy'))} | "
             f"{fmt(row.get('diff_stderr'), 4)} | {fmt(row.get('grad_norm_var'), 5)} |"
         )
     return "\n".join(lines)
@@ -229,7 +288,13 @@ def pooled(rows, name) -> dict:
         k: [r[k] for r in mine if r[k] is not None]
         for k in ("eval_reward_accuracy", "diff_stderr", "grad_norm_var")
     }
-    won, lost = (sum(r["vs_sft"][k] for r in mine) for k in ("won", "lost"))
+
+    def summed(key):
+        if key not in mine[0]:
+            return {}
+        won, lost = (sum(r[key][k] for r in mine) for k in ("won", "lost"))
+        return {key: {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)}}
+
     return {
         "arm": name,
         "seed": "pooled",
@@ -237,7 +302,8 @@ def pooled(rows, name) -> dict:
         "n": n,
         "accuracy": correct / n,
         "ci95": list(wilson_interval(correct, n)),
-        "vs_sft": {"won": won, "lost": lost, "mcnemar_p": mcnemar_p(won, lost)},
+        **summed("vs_sft"),
+        **summed("vs_r"),
         **{k: statistics.fmean(v) if v else None for k, v in values.items()},
     }
 
@@ -248,6 +314,21 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--arms", default="abcr", help="the arms to run, by letter (b: a quick look; r: the SFT control)"
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help='the problems: a .jsonl of {"question", "answer"} rows (as `dsdpo eval accuracy --data` reads '
+        "them) or a reasoning-gym generator's name (e.g. chain_sum); default: the script's word problems",
+    )
+    p.add_argument(
+        "--task-size", type=int, default=2000, help="problems a reasoning-gym task generates (before dedup)"
+    )
+    p.add_argument(
+        "--task-options",
+        type=json.loads,
+        default={},
+        help="the reasoning-gym generator's settings as JSON, e.g. '{\"max_digits\": 1}'",
     )
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--hidden", type=int, default=128)
@@ -293,14 +374,16 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    problems = word_problems(seed=0)
-    held_out, training = problems[: args.heldout], problems[args.heldout :]
-    held_out_file = write_jsonl(held_out, out / "held_out_problems.jsonl")
+    held_out, training = split_task(args.task, args.task_size, args.task_options, args.heldout, out)
+    held_out_rows = [{"question": problem.question, "answer": problem.reference} for problem in held_out]
+    held_out_file = write_jsonl(
+        held_out_rows, out / "held_out_problems.jsonl"
+    )  # for training's --eval-problems
     args.pair_problems = min(args.pair_problems or len(training), len(training))
-    pair_problems = write_jsonl(training[: args.pair_problems], out / "pair_problems.jsonl")
+    pair_problems = training[: args.pair_problems]
     sft_rows = [
-        {"id": f"sft-{i}", "prompt": r["question"], "completion": str(r["answer"])}
-        for i, r in enumerate(training)
+        {"id": f"sft-{i}", "prompt": problem.question, "completion": problem.reference}
+        for i, problem in enumerate(training)
     ]
     sft_data = write_jsonl(sft_rows, out / "sft.jsonl")
     print(f"{len(training)} training problems, {len(held_out)} held out", flush=True)
@@ -364,7 +447,7 @@ def main() -> None:
         export(start, sft_model)
     sft_curve = {s: r["eval/accuracy"] for s, r in sorted(metrics(sft_run).items()) if "eval/accuracy" in r}
     print(f"SFT held-out accuracy by step: {sft_curve}", flush=True)
-    sft_report, sft_right = accuracy(sft_model, held_out_file, 100, out / "sft_model-held_out.jsonl")
+    sft_report, sft_right = accuracy(sft_model, held_out, 100, out / "sft_model-held_out.jsonl")
     print(f"SFT: held-out {sft_report.summary()} ({time.time() - started:.0f} s)", flush=True)
 
     # Pairs of each sampling setting kept apart, so a rerun with other settings samples anew.
@@ -382,7 +465,7 @@ def main() -> None:
             ),
             on_policy(
                 sft_model,
-                held_out_file,
+                held_out,
                 eval_pairs,
                 samples=args.samples,
                 temperature=args.temperature,
@@ -402,7 +485,7 @@ def main() -> None:
     settings = f"{pairs_tag}-lr{args.dpo_lr:g}-beta{args.beta:g}-batch{args.dpo_batch}-sft{args.sft_weight:g}"
     settings += f"-steps{args.dpo_steps}" + ("" if args.pad_responses else "-bare")
     settings += f"-curve{args.eval_curve}" if args.eval_curve else ""
-    rows = []
+    rows, rights = [], {}  # rights: each (arm, seed)'s per-problem right or wrong
     for seed in range(args.seeds):
         for name, options in ARMS.items():
             if name[0] not in args.arms:
@@ -439,11 +522,17 @@ def main() -> None:
                     ],
                     out / f"{run.name}.log",
                 )
-            report, right = accuracy(run, held_out_file, 100, out / f"{run.name}-held_out.jsonl")
+            report, right = accuracy(run, held_out, 100, out / f"{run.name}-held_out.jsonl")
             rows.append(arm_row(name, seed, report, paired(right, sft_right), metrics(run), args.dpo_steps))
+            rights[name, seed] = right
             print(f"{name} seed {seed}: {report.summary()} ({time.time() - started:.0f} s)", flush=True)
             if "accuracy_curve" in rows[-1]:
                 print(f"  eval/accuracy by step: {rows[-1]['accuracy_curve']}", flush=True)
+    # What the preference adds to SFT on the chosen answers: each arm against r, problem by problem.
+    control = next(name for name in ARMS if name[0] == "r")
+    for row in rows:
+        if (control, row["seed"]) in rights and row["arm"] != control:
+            row["vs_r"] = paired(rights[row["arm"], row["seed"]], rights[control, row["seed"]])
     sft_row = {
         "arm": "SFT (start)",
         "seed": "-",

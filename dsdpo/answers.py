@@ -157,8 +157,11 @@ def load_problems_jsonl(path: str | Path, limit: int | None = None) -> list[Prob
     return problems
 
 
-def load_reasoning_gym(name: str, size: int, seed: int = 0) -> list[Problem]:
-    """`size` problems from a reasoning-gym generator, each judged by the generator's own scorer."""
+def load_reasoning_gym(name: str, size: int, seed: int = 0, **options) -> list[Problem]:
+    """`size` problems from a reasoning-gym generator, each judged by the generator's own scorer.
+
+    options: the generator's own settings (e.g. chain_sum's max_digits=1), passed to its config.
+    """
     try:
         import reasoning_gym
     except ImportError:
@@ -166,9 +169,11 @@ def load_reasoning_gym(name: str, size: int, seed: int = 0) -> list[Problem]:
             "--reasoning-gym needs the reasoning-gym package: pip install 'dsdpo[reasoning]'"
         ) from None
     try:
-        dataset = reasoning_gym.create_dataset(name, size=size, seed=seed)
+        dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
     except (KeyError, ValueError) as err:
         raise DsdpoError(f"reasoning-gym has no usable generator {name!r}: {err}") from None
+    except (TypeError, AssertionError) as err:  # an unknown option; a value its config's validate() refuses
+        raise DsdpoError(f"reasoning-gym's {name} refused the options {options}: {err}") from None
     return [_gym_problem(dataset, entry) for entry in dataset]
 
 

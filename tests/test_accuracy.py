@@ -126,6 +126,9 @@ def test_reasoning_gym_problems_use_the_generators_scorer():
         assert not problem.is_correct(str(float(problem.reference) + 1))
     with pytest.raises(DsdpoError, match="no usable generator"):
         load_reasoning_gym("no_such_generator", 1)
+    for refused in ({"no_such_option": 1}, {"min_digits": 3, "max_digits": 1}):  # unknown; invalid
+        with pytest.raises(DsdpoError, match="chain_sum refused the options"):
+            load_reasoning_gym("chain_sum", 1, **refused)
 
 
 def test_prompt_templates_must_hold_only_the_question():
