@@ -254,7 +254,9 @@ def plan_run(
     if checkpoint is not None and is_universal(checkpoint):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     start_models = StartModels.of(config.model, precision(ds_config), trust_checkpoint=trust_checkpoint)
-    check_finite_weights(model_folder)  # reads every weight: the last check
+    # Reads every weight, the last check; of the folder the engines load: a checkpoint's hf/ holds no
+    # weights (they are in its ZeRO shards), its export does.
+    check_finite_weights(start_models.model_config.path)
     summary = (
         f"{len(pairs)} pairs (rows skipped: {skipped or 'none'}; truncated: {truncated}), "
         f"{total_steps} steps of {batch_sizes['train_batch_size']} pairs, {schedule_summary(ds_config)}"
