@@ -408,7 +408,11 @@ class TrainConfig:
         for name in ("epochs", "log_every", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise DsdpoError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every"):
+        optional_counts = (
+            "max_steps", "save_every", "eval_num_problems", "eval_samples", "per_device_batch_size",
+            "gradient_accumulation_steps",
+        )  # fmt: skip
+        for name in optional_counts:  # None: not given
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DsdpoError(f"train.{name} must be at least 1, got {value}")
@@ -422,18 +426,11 @@ class TrainConfig:
             raise DsdpoError(
                 "train.eval_every needs held-out data: give --eval-data FILE or --eval-problems FILE"
             )
-        self._validate_eval_problems()
         self._validate_keep_best()
         self._validate_optimizer()
         self._validate_report_to()
         if not 0 < self.ref_sync_alpha <= 1:
             raise DsdpoError(f"train.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha}")
-
-    def _validate_eval_problems(self):
-        for name in ("eval_num_problems", "eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DsdpoError(f"train.{name} must be at least 1, got {value}")
 
     def _validate_optimizer(self):
         for name in ("learning_rate", "weight_decay", "warmup_ratio"):
@@ -446,10 +443,6 @@ class TrainConfig:
             raise DsdpoError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise DsdpoError("train.warmup_steps and train.warmup_ratio: give one of the two")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DsdpoError(f"train.{name} must be at least 1, got {value}")
         if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
             raise DsdpoError(
                 f"train.lr_scheduler: unknown {self.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}"
