@@ -1,12 +1,19 @@
-"""Torch's extension builds of DeepSpeed's ops: stale locks, and a "built successfully" line when
-nothing was built (quiet_cached_op_loads).
+"""What killed or finished DeepSpeed processes leave behind on this machine, and the "built
+successfully" line when nothing was built (quiet_cached_op_loads).
 
-Stale locks would make every later run wait forever.
-DeepSpeed compiles its C++ ops on first use (torch.utils.cpp_extension): the building process
-creates `<extensions dir>/<op>/lock`, holds it open while it builds, and removes it when done. A
-process killed meanwhile leaves the file, and every later load of that op waits for it to go away,
-with no output. A lock that no process on this machine holds open is such a leftover: it is removed
-(said on stderr) before DeepSpeed starts. Linux only (it reads /proc); elsewhere nothing is done.
+Build locks. DeepSpeed compiles its C++ ops on first use (torch.utils.cpp_extension): the building
+process creates `<extensions dir>/<op>/lock`, holds it open while it builds, and removes it when
+done. A process killed meanwhile leaves the file, and every later load of that op waits for it to go
+away, with no output.
+
+Shared-memory buffers. Under the `deepspeed` launcher the CPU accelerator's communication op maps a
+66 MB file per rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (DeepSpeed's
+csrc/cpu/comm/shm.cpp), and never removes it: RAM lost until reboot, 19 GB after a day of test runs,
+until the machine's memory ran out. dsdpo.engine removes its own ranks' names once every rank has
+mapped them; runs from before that, or of other programs, are cleared here.
+
+Either file, when no process on this machine holds it open, is such a leftover: it is removed (said
+on stderr) before DeepSpeed starts. Linux only (it reads /proc); elsewhere nothing is done.
 """
 
 from __future__ import annotations
@@ -71,16 +78,37 @@ def open_files() -> set[Path] | None:
     return held
 
 
-def clear_stale_build_locks() -> list[Path]:
-    """Remove the build locks no process holds open; return them."""
-    locks = extension_locks()
-    if not locks:
+def _remove_unheld(paths: list[Path], what: str) -> list[Path]:
+    """Remove those of `paths` that no process holds open; return them."""
+    if not paths:
         return []
     held = open_files()
     if held is None:
         return []
-    stale = [lock for lock in locks if lock.resolve() not in held]
-    for lock in stale:
-        lock.unlink(missing_ok=True)
-        print(f"note: removed {lock}, left by a build of a DeepSpeed op that was killed", file=sys.stderr)
+    stale = [path for path in paths if path.resolve() not in held]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        print(f"note: removed {path}, {what}", file=sys.stderr)
     return stale
+
+
+def clear_stale_build_locks() -> list[Path]:
+    """Remove the build locks no process holds open; return them."""
+    return _remove_unheld(extension_locks(), "left by a build of a DeepSpeed op that was killed")
+
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def shared_allreduce_buffers() -> list[Path]:
+    """This user's DeepSpeed CPU all-reduce files in /dev/shm."""
+    return sorted(SHARED_MEMORY.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
+def clear_stale_shared_buffers() -> list[Path]:
+    """Remove this user's DeepSpeed all-reduce files that no process holds open; return them.
+
+    The rank that creates one keeps its descriptor open from creation to exit (shm.cpp, shared_create),
+    so a file listed before /proc is read and held by nobody then belongs to a process that is gone.
+    """
+    return _remove_unheld(shared_allreduce_buffers(), "a 66 MB DeepSpeed buffer left by an earlier run")

@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from dsdpo.build_locks import clear_stale_build_locks, quiet_cached_op_loads
+from dsdpo.build_locks import (
+    SHARED_MEMORY,
+    clear_stale_build_locks,
+    clear_stale_shared_buffers,
+    quiet_cached_op_loads,
+)
 from dsdpo.config import ModelConfig
 from dsdpo.ds_config import precision, reference_ds_config
 from dsdpo.errors import DsdpoError
@@ -42,13 +47,30 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     clear_stale_build_locks()  # DeepSpeed loads its communication op below
+    clear_stale_shared_buffers()
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
-    backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
+    on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     with quiet_cached_op_loads():  # DeepSpeed says "built successfully" also when it built nothing
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, auto_mpi_discovery=False)
+    if on_cpu:
+        _unlink_shared_allreduce_buffer()
+
+
+def _unlink_shared_allreduce_buffer() -> None:
+    """Remove the name of this rank's /dev/shm all-reduce buffer (dsdpo.build_locks), keeping the
+    buffer: every rank opens every rank's file inside deepspeed.init_distributed, so after a barrier
+    the names can go, and the mappings live until the process exits. A run that crashes or is killed
+    later leaves nothing behind.
+    """
+    dist.barrier()
+    name = "_".join(
+        ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+         os.environ.get("MASTER_PORT", ""), str(dist.get_rank())]
+    )  # fmt: skip
+    (SHARED_MEMORY / name).unlink(missing_ok=True)
 
 
 def finish_distributed() -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ finish_distributed()
 def _launch_two_ranks(script, *args, timeout=300) -> str:
     """`deepspeed --num_gpus 2 SCRIPT ARGS`; its output. A hang (mismatched collectives) fails the test
     and the ranks are killed with the launcher (their own process group)."""
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), script, *args]
+    port = free_port()
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, script, *args]
     process = subprocess.Popen(
         [str(part) for part in command], env=_environment(None), cwd=REPO, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -71,6 +73,8 @@ def _launch_two_ranks(script, *args, timeout=300) -> str:
         process.communicate()
         pytest.fail(f"two ranks still running after {timeout} s: a collective that only one rank ran")
     assert process.returncode == 0, output[-3000:]
+    # DeepSpeed's CPU all-reduce files (66 MB a rank) are unlinked once every rank has mapped them.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return output
 
 
