@@ -5,13 +5,13 @@ matter? A miniature of LLaDA 1.5's experiment (issue 12), on the CPU.
    pens?"), or any question/answer task (--task: a JSONL of {"question", "answer"} rows as `dsdpo eval
    accuracy --data` reads them, or a reasoning-gym generator by name, judged by its own scorer), split
    into training and held-out problems with no shared question.
-2. SFT from scratch: a small bidirectional transformer (dsdpo.tiny, character tokenizer) trained with
+2. SFT from scratch: a small bidirectional transformer (dsdpo.models.tiny, character tokenizer) trained with
    `--loss sft` (LLaDA's masked-diffusion SFT objective) on prompt/completion rows, with held-out
    accuracy and a checkpoint every --sft-eval-every steps. DPO starts from the --sft-start-step
    checkpoint: one whose accuracy is well inside (0, 1), with room to improve.
    Every response is scored on the sampler's canvas (--pad-responses-to gen_length).
 3. On-policy pairs: the SFT model samples --samples answers per problem at --temperature
-   (dsdpo.on_policy, as `dsdpo make-pairs --source model` does); a right and a wrong answer make a
+   (dsdpo.evaluation.on_policy, as `dsdpo make-pairs --source model` does); a right and a wrong answer make a
    pair. Training problems give the DPO data, held-out problems the held-out pairs.
 4. From the SFT model, at equal steps and seeds, DPO with RPO's NLL term (--sft-weight; 0: plain DPO)
    in three arms, and a control:
@@ -85,13 +85,14 @@ def word_problems(seed: int) -> list[dict]:
 
 
 def task_problems(task: str | None, size: int, options: dict, out: Path) -> list:
-    """The benchmark's problems (dsdpo.answers.Problem), one per question, in the order they split in.
+    """The benchmark's problems (dsdpo.evaluation.answers.Problem), one per question, in the order they
+    split in.
 
     No task: the word problems (already shuffled). A JSONL file or a reasoning-gym generator: through
     dsdpo's own loaders, shuffled; a question asked twice is kept once, so no question is both trained
     on and held out.
     """
-    from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
+    from dsdpo.evaluation.answers import load_problems_jsonl, load_reasoning_gym
 
     if task is None:
         return load_problems_jsonl(write_jsonl(word_problems(seed=0), out / "word_problems.jsonl"))
@@ -107,7 +108,7 @@ def task_problems(task: str | None, size: int, options: dict, out: Path) -> list
 def check_fits(problems, tokenizer) -> None:
     """Every reference answer fits the sampler's canvas, and is a number (the training-time curve,
     --eval-problems, reads numbers only)."""
-    from dsdpo.answers import parse_number
+    from dsdpo.evaluation.answers import parse_number
 
     for problem in problems:
         if len(tokenizer(problem.reference, add_special_tokens=False)["input_ids"]) > SAMPLER["gen_length"]:
@@ -121,7 +122,7 @@ def check_fits(problems, tokenizer) -> None:
 
 def split_task(task: str | None, size: int, options: dict, heldout: int, out: Path) -> tuple[list, list]:
     """The task's first `heldout` problems held out, the rest for training."""
-    from dsdpo.tiny import build_tokenizer
+    from dsdpo.models.tiny import build_tokenizer
 
     problems = task_problems(task, size, options, out)
     check_fits(problems, build_tokenizer())
@@ -168,8 +169,8 @@ def metrics(run: Path) -> dict[int, dict]:
 
 def accuracy(model_dir: Path, problems, batch_size: int, out: Path):
     """Greedy held-out accuracy; and each problem's right (True) or wrong, from the records in `out`."""
-    from dsdpo.accuracy import evaluate_accuracy
-    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
+    from dsdpo.evaluation.accuracy import evaluate_accuracy
+    from dsdpo.models.loading import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
     mask = resolve_mask_token_id(None, load_config(model_dir), tokenizer)
@@ -205,8 +206,8 @@ def paired(right: list[bool], baseline: list[bool]) -> dict:
 def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature: float, seed: int) -> dict:
     import torch
 
-    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
-    from dsdpo.on_policy import on_policy_pairs
+    from dsdpo.evaluation.on_policy import on_policy_pairs
+    from dsdpo.models.loading import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
     mask = resolve_mask_token_id(None, load_config(model_dir), tokenizer)
@@ -228,7 +229,7 @@ def on_policy(model_dir: Path, problems, out: Path, *, samples: int, temperature
 
 
 def export(run: Path, out: Path) -> Path:
-    from dsdpo.export import export_checkpoint
+    from dsdpo.runtime.export import export_checkpoint
 
     return export_checkpoint(run, out, dtype="fp32", max_shard_size="5GB")
 
@@ -280,7 +281,7 @@ def table(rows) -> str:
 
 
 def pooled(rows, name) -> dict:
-    from dsdpo.accuracy import wilson_interval
+    from dsdpo.evaluation.accuracy import wilson_interval
 
     mine = [row for row in rows if row["arm"] == name]
     correct, n = sum(r["correct"] for r in mine), sum(r["n"] for r in mine)
@@ -369,7 +370,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sys.path.insert(0, str(REPO))
-    from dsdpo.tiny import init_tiny
+    from dsdpo.models.tiny import init_tiny
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ A tiny Gemma denoiser (default hidden 256, 4 layers, FFN 1024) is wrapped in a Z
 with CPU offload of parameters and optimizer (ds_configs/cpu.json, the CPU accelerator, gloo) and
 a frozen ZeRO-3 reference engine, built as tests/ds_helpers.py builds them. One optimizer step is
 one micro-batch of --pairs preference pairs (sequences of about --seq-len tokens) scored with a
-budget of n draws: dsdpo.gradient.preference_micro_step, then policy.step().
+budget of n draws: dsdpo.objective.gradient.preference_micro_step, then policy.step().
 
 Modes, measured on the same engines, interleaved (mode A, B, C, A, B, C, ...) so that they share
 the machine's load:
@@ -53,15 +53,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dsdpo.config import ModelConfig
-from dsdpo.diffusion import ScoringBatch
-from dsdpo.draws import DrawKey, sample_draws
-from dsdpo.ds_config import resolve_ds_config
-from dsdpo.engine import build_engines, init_distributed
-from dsdpo.gradient import preference_micro_step
-from dsdpo.loss import LossConfig
-from dsdpo.models import load_tokenizer
-from dsdpo.reference import as_reference
-from dsdpo.tiny import init_tiny
+from dsdpo.models.loading import load_tokenizer
+from dsdpo.models.tiny import init_tiny
+from dsdpo.objective.draws import DrawKey, sample_draws
+from dsdpo.objective.elbo import ScoringBatch
+from dsdpo.objective.gradient import preference_micro_step
+from dsdpo.objective.losses import LossConfig
+from dsdpo.reference.interface import as_reference
+from dsdpo.runtime.ds_config import resolve_ds_config
+from dsdpo.runtime.engine import build_engines, init_distributed
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
 INFINITE = 1 << 40

@@ -7,7 +7,7 @@ Runs offline on a machine with only this repository and its pip install:
 
 1. tests/test_gpu.py (the tests marked `gpu`), with a time limit.
 2. A ~1B LLaDA-format model (dsdpo's LLaDA, random weights, LLaDA's 126464-token vocabulary) and
-   the character tokenizer of dsdpo.tiny, written to a temporary folder; synthetic pairs whose
+   the character tokenizer of dsdpo.models.tiny, written to a temporary folder; synthetic pairs whose
    rows are exactly --prompt-tokens + --response-tokens wide (responses filled with EOS).
 3. For each DeepSpeed config (default rtx4080.json and rtx4080_hybrid.json, with the batch triple
    replaced by 1 pair × --accumulation so that a step is short): the planner's GPU peak, time per
@@ -19,7 +19,7 @@ Runs offline on a machine with only this repository and its pip install:
 4. The compute alone: forward and backward of one chunk of the trainer's size on the model held
    whole on the GPU (no ZeRO), timed; TFLOPS against the card's bf16 peak is the number that the
    planner's MATMUL_EFFICIENCY (0.4) assumes.
-5. The sampler: dsdpo.generate on a few prompts, generated tokens per second.
+5. The sampler: dsdpo.evaluation.sampler on a few prompts, generated tokens per second.
 
 Time on one H100, by design (nothing measured yet): the tests at most --tests-timeout (200 s: six
 training subprocesses of tiny models; they also compile DeepSpeed's cpu_adam and async_io ops that
@@ -50,15 +50,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from dsdpo.demo import write_jsonl  # noqa: E402
-from dsdpo.ds_config import read_ds_config  # noqa: E402
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from dsdpo.models.tiny import build_tokenizer  # noqa: E402
 from dsdpo.planner.cards import card  # noqa: E402
 from dsdpo.planner.memory import RunShape, Sweeps, sweeps_per_step  # noqa: E402
 from dsdpo.planner.monitor import offloads_to_nvme  # noqa: E402
 from dsdpo.planner.report import GIB, plan, step_flops  # noqa: E402
 from dsdpo.planner.shapes import model_shape  # noqa: E402
-from dsdpo.tiny import build_tokenizer  # noqa: E402
+from dsdpo.runtime.ds_config import read_ds_config  # noqa: E402
+from dsdpo.training.demo import write_jsonl  # noqa: E402
 from tests.run_helpers import free_port, nvme_available  # noqa: E402
 
 CONFIGS = ("rtx4080.json", "rtx4080_hybrid.json")
@@ -96,7 +96,7 @@ class Shape:
 
 def build_model(folder: Path, dims: tuple[int, int, int, int, int], device: str) -> Path:
     """dsdpo's LLaDA (the published config with the widths `dims`: hidden, layers, heads, MLP width,
-    vocabulary), random bf16 weights, and the character tokenizer of dsdpo.tiny, as a model folder."""
+    vocabulary), random bf16 weights, and the character tokenizer of dsdpo.models.tiny, as a model folder."""
     tokenizer = build_tokenizer()
     hidden, layers, heads, mlp, vocab = dims
     published = json.loads((REPO / "tests/fixtures/planner/llada-8b.json").read_text())
@@ -263,7 +263,7 @@ def timed(function, device: str, repeats: int) -> float:
 def compute_rate(model, shape: Shape, card_name: str, device: str) -> dict:
     """One chunk of max_tokens_per_forward tokens, forward and backward with gradient checkpointing,
     on the whole model held on the device: the matmul rate the planner multiplies by 0.4."""
-    from dsdpo.logprobs import MaskedTokenScorer
+    from dsdpo.objective.logprobs import MaskedTokenScorer
     from dsdpo.planner.measure import scored_inputs
 
     rows = max(2, shape.max_tokens_per_forward // shape.width // 2 * 2)  # chosen and rejected rows
@@ -289,7 +289,7 @@ def compute_rate(model, shape: Shape, card_name: str, device: str) -> dict:
 
 def sampler_rate(model, tokenizer, device: str, *, prompts: int, gen_length: int) -> dict:
     """Greedy LLaDA sampling of `prompts` prompts, one token revealed a step: answer tokens a second."""
-    from dsdpo.generate import generate
+    from dsdpo.evaluation.sampler import generate
 
     prompt_ids = [tokenizer(f"Question {i}: what is {i} + {i}?").input_ids for i in range(prompts)]
 
@@ -310,7 +310,7 @@ def sampler_rate(model, tokenizer, device: str, *, prompts: int, gen_length: int
 
 
 def in_process_rates(model_dir: Path, shape: Shape, args) -> dict:
-    from dsdpo.models import load_model, load_tokenizer
+    from dsdpo.models.loading import load_model, load_tokenizer
 
     device = accelerator(args)
     model = load_model(model_dir, dtype="bf16").to(device)

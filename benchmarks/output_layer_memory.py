@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
-from dsdpo.tiny import build_tokenizer
+from dsdpo.models.tiny import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 126464  # LLaDA-8B's

@@ -65,7 +65,7 @@ MAX_LENGTH, BUDGET, STEPS = 64, 2, 2
 
 def llada_config(hidden, layers, heads, mlp, vocab) -> dict:
     """The published LLaDA-8B config with other widths; special tokens are the tiny tokenizer's."""
-    from dsdpo.tiny import build_tokenizer
+    from dsdpo.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = json.loads((REPO / "tests/fixtures/planner/llada-8b.json").read_text())
@@ -80,7 +80,7 @@ def llada_config(hidden, layers, heads, mlp, vocab) -> dict:
 def llada_moe_model(hidden, layers, heads, experts, top_k, expert_width, vocab):
     """LLaDA-MoE's released layout (tests/fixtures/planner/llada-moe-7b-a1b.json) with other widths."""
     from dsdpo.families.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
-    from dsdpo.tiny import build_tokenizer
+    from dsdpo.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = json.loads((REPO / "tests/fixtures/planner/llada-moe-7b-a1b.json").read_text())
@@ -100,7 +100,7 @@ def model_folder(size: str, work: Path) -> Path:
     import torch
 
     from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
-    from dsdpo.tiny import build_tokenizer
+    from dsdpo.models.tiny import build_tokenizer
 
     folder = work / f"llada-{size}"
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
@@ -155,9 +155,9 @@ def measured_peak(model: Path, ds_config: Path, data: Path, work: Path, swap: Pa
 
 def planned(ds_config: Path, model: Path, swap: Path, reference: str) -> tuple[float, dict]:
     """(predicted peak RSS on the CPU accelerator, the plan's totals): CPU RAM + GPU (module docstring)."""
-    from dsdpo.ds_config import read_ds_config, resolve_ds_config
     from dsdpo.planner.memory import RunShape, memory_plan
     from dsdpo.planner.shapes import model_shape
+    from dsdpo.runtime.ds_config import read_ds_config, resolve_ds_config
 
     shape = model_shape(model)
     resolved = resolve_ds_config(
@@ -226,7 +226,7 @@ def main():
     if args.activations:
         activation_table(args.activations)
         return
-    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.training.demo import addition_pairs, write_jsonl
 
     args.work.mkdir(parents=True, exist_ok=True)
     swap = args.swap or args.work / "swap"

@@ -41,11 +41,11 @@ import time
 
 import torch
 
-from dsdpo.diffusion import ScoringBatch, draw_terms, elbo_terms, exact_elbo, forward_rows
-from dsdpo.draws import DrawKey, sample_draws
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_model, load_tokenizer
-from dsdpo.tiny import init_tiny
+from dsdpo.models.loading import load_model, load_tokenizer
+from dsdpo.models.tiny import init_tiny
+from dsdpo.objective.draws import DrawKey, sample_draws
+from dsdpo.objective.elbo import ScoringBatch, draw_terms, elbo_terms, exact_elbo, forward_rows
+from dsdpo.objective.logprobs import MaskedTokenScorer
 
 PAIRS = [
     ("What is 2+3? ", "It is 5.", "It is 6!"),

@@ -2,7 +2,7 @@
 
 A config comes from a YAML/JSON file with one section per dataclass (model, data, score, loss,
 train, eval_sampler), then command-line overrides. DeepSpeed settings (ZeRO, offload, precision) are
-not here: they live in the DeepSpeed JSON (see dsdpo/ds_config.py). The batch, optimizer and schedule
+not here: they live in the DeepSpeed JSON (see dsdpo/runtime/ds_config.py). The batch, optimizer and schedule
 options (train.learning_rate, ...) fill that JSON's "auto" values, as Hugging Face's Trainer does.
 """
 
@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 
-from dsdpo.ds_config import AUTO_DEFAULTS, LORA_AUTO_DEFAULTS, LR_SCHEDULERS
 from dsdpo.errors import DsdpoError
-from dsdpo.loss_config import LossConfig
-from dsdpo.trackers import TRACKERS, check_installed
+from dsdpo.objective.loss_config import LossConfig
+from dsdpo.runtime.ds_config import AUTO_DEFAULTS, LORA_AUTO_DEFAULTS, LR_SCHEDULERS
+from dsdpo.training.trackers import TRACKERS, check_installed
 
 # The choices the settings offer, importable without torch (the command line is built from them):
-ESTIMATORS = ("l_over_L", "one_over_t", "trajectory")  # the ELBO estimators of dsdpo.draws
-REMASKING = ("low_confidence", "random")  # which proposals LLaDA's sampler keeps (dsdpo.generate)
+ESTIMATORS = ("l_over_L", "one_over_t", "trajectory")  # the ELBO estimators of dsdpo.objective.draws
+REMASKING = ("low_confidence", "random")  # which proposals LLaDA's sampler keeps (dsdpo.evaluation.sampler)
 
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, **kwargs):
@@ -135,7 +135,7 @@ DEFAULT_TOKENS = 4096  # --max-tokens-per-forward unset, off CUDA (dsdpo/planner
 
 @dataclass
 class ScoreConfig:
-    estimator: str = setting("l_over_L", "ELBO estimator (dsdpo/draws.py)", choices=ESTIMATORS)
+    estimator: str = setting("l_over_L", "ELBO estimator (dsdpo/objective/draws.py)", choices=ESTIMATORS)
     budget: int = setting(8, "Monte Carlo draws per response (VRPO's n)")
     steps: int | None = setting(
         None, "unmasking steps T of the trajectory estimator (default L)", flag="--trajectory-steps"
@@ -205,7 +205,7 @@ DEFAULT_GEN_LENGTH, DEFAULT_BLOCK_LENGTH = 128, 32
 
 @dataclass
 class SamplerConfig:
-    """LLaDA's sampler (dsdpo.generate), set the same way by every command that generates: `dsdpo
+    """LLaDA's sampler (dsdpo.evaluation.sampler), set the same way by every command that generates: `dsdpo
     generate`, `dsdpo eval accuracy`, `dsdpo make-pairs` (--gen-length ... --chat/--no-chat) and
     training's held-out accuracy (the section eval_sampler: --eval-gen-length ... --eval-chat). A
     field left None is filled from the model when it is loaded (`resolved`)."""
@@ -291,7 +291,7 @@ class SamplerConfig:
         )
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of dsdpo.generate.generate (a resolved config)."""
+        """The keyword arguments of dsdpo.evaluation.sampler.generate (a resolved config)."""
         names = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")
         return {name: getattr(self, name) for name in names}
 
@@ -324,7 +324,7 @@ class TrainConfig:
     save_every: int | None = setting(None, "optimizer steps between checkpoints (always at the end)")
     keep_last: int = setting(2, "checkpoints to keep")
     max_bad_steps: int = setting(3, "consecutive non-finite steps before stopping")
-    # TR-DPO (dsdpo.reference_sync): every ref_sync_steps steps θ_ref ← α·θ + (1 − α)·θ_ref
+    # TR-DPO (dsdpo.reference.refresh): every ref_sync_steps steps θ_ref ← α·θ + (1 − α)·θ_ref
     ref_sync_steps: int = setting(
         0, "TR-DPO: every this many steps move the reference engine towards the policy (0: never)"
     )
@@ -338,7 +338,7 @@ class TrainConfig:
         "eval/* metrics in metrics.jsonl and TensorBoard",
     )
     eval_every: int = setting(0, "steps between evaluations (0: before the first step and at the end)")
-    # --- generation accuracy at every evaluation (dsdpo.held_out.HeldOutAccuracy), the best checkpoint ---
+    # --- generation accuracy at each evaluation (held_out.HeldOutAccuracy), the best checkpoint ---
     eval_problems: str | None = setting(
         None,
         "held-out problems (question/answer JSONL, as `dsdpo eval accuracy --data`): at every evaluation "
@@ -358,7 +358,7 @@ class TrainConfig:
         choices=KEEP_BEST_METRICS,
     )
     # --- optimizer, schedule and batch: HF's TrainingArguments names. Each fills the DeepSpeed JSON's
-    # "auto" for its key (dsdpo.ds_config.fill_training_options); None leaves the JSON's number, or
+    # "auto" for its key (dsdpo.runtime.ds_config.fill_training_options); None leaves the JSON's number, or
     # AUTO_DEFAULTS where it says "auto". Given here and as a number in the JSON is an error. ---
     learning_rate: float | None = setting(
         None,

@@ -14,7 +14,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from dsdpo.cli.train import train_command
-    from dsdpo.engine import finish_distributed
+    from dsdpo.runtime.engine import finish_distributed
 
     try:
         train_command.main(args=argv, prog_name="launch/train.py")

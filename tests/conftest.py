@@ -23,8 +23,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dsdpo.models import load_model, load_tokenizer  # noqa: E402
-from dsdpo.tiny import init_tiny  # noqa: E402
+from dsdpo.models.loading import load_model, load_tokenizer  # noqa: E402
+from dsdpo.models.tiny import init_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

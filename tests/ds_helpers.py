@@ -9,13 +9,13 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from dsdpo.config import ModelConfig
-from dsdpo.diffusion import ScoringBatch
-from dsdpo.draws import DrawKey, sample_draws
-from dsdpo.ds_config import resolve_ds_config
-from dsdpo.engine import build_engines, init_distributed
-from dsdpo.gradient import preference_micro_step
-from dsdpo.loss import LossConfig
-from dsdpo.reference import as_reference
+from dsdpo.objective.draws import DrawKey, sample_draws
+from dsdpo.objective.elbo import ScoringBatch
+from dsdpo.objective.gradient import preference_micro_step
+from dsdpo.objective.losses import LossConfig
+from dsdpo.reference.interface import as_reference
+from dsdpo.runtime.ds_config import resolve_ds_config
+from dsdpo.runtime.engine import build_engines, init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = json.loads((REPO / "ds_configs" / "cpu.json").read_text())

@@ -5,8 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from dsdpo.accuracy import AccuracyReport, check_prompt_template, evaluate_accuracy, wilson_interval
-from dsdpo.answers import (
+from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.accuracy import (
+    AccuracyReport,
+    check_prompt_template,
+    evaluate_accuracy,
+    wilson_interval,
+)
+from dsdpo.evaluation.answers import (
     extract_answer,
     load_problems_jsonl,
     load_reasoning_gym,
@@ -14,7 +20,6 @@ from dsdpo.answers import (
     parse_number,
     reference_answer,
 )
-from dsdpo.errors import DsdpoError
 
 
 @pytest.mark.parametrize(
@@ -186,7 +191,7 @@ def test_evaluate_accuracy_judges_and_records_every_example(tmp_path, tokenizer)
 
 
 def test_one_answer_module_serves_make_pairs_and_eval():
-    from dsdpo.answers import answers_match, extract_final_answer, final_answer_line, is_correct
+    from dsdpo.evaluation.answers import answers_match, extract_final_answer, final_answer_line, is_correct
 
     solution = "3 + 4 = 7\n" + final_answer_line("1,007")
     assert extract_final_answer(solution) == "1,007" and extract_answer(solution) == "1,007"

@@ -8,7 +8,7 @@ gradient. Real DeepSpeed engines on the CPU with ds_configs/rtx4080.json (bf16, 
 
 import torch
 
-from dsdpo.ds_config import read_ds_config
+from dsdpo.runtime.ds_config import read_ds_config
 from tests.ds_helpers import REPO, cpu_ds_config, engines_for, full_gradient, micro_step
 
 CHUNK_TOKENS = 16  # two rows of a pair 8 tokens wide: its 8 rows (budget 4) in 4 chunks

@@ -1,4 +1,4 @@
-"""The block samplers (dsdpo/block_sampler.py) against the published ones: the canvases SDAR's
+"""The block samplers (dsdpo/evaluation/block_sampler.py) against the published ones: the canvases SDAR's
 generate.py's block_diffusion_generate returned on the tiny SDAR checkpoint (tests/fixtures/families/
 build_sdar.py, sampler_runs), greedy (top_k 1) under each remasking rule, sampled from the same seeded
 global RNG, and stopped after a block by a stop token; and the answers LLaDA 2.x's generate()
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdpo.block_sampler import block_generate, transfer_counts
 from dsdpo.errors import DsdpoError
-from dsdpo.generate import generate
-from dsdpo.models import load_model
-from dsdpo.tiny import build_tokenizer
+from dsdpo.evaluation.block_sampler import block_generate, transfer_counts
+from dsdpo.evaluation.sampler import generate
+from dsdpo.models.loading import load_model
+from dsdpo.models.tiny import build_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "families" / "sdar"
 RUNS = json.loads((FIXTURE / "expected.json").read_text())["sampler_runs"]

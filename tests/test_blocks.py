@@ -1,4 +1,5 @@
-"""The block-diffusion ELBO (dsdpo/blocks.py; docs/design.md, "The block-diffusion ELBO") on the tiny
+"""The block-diffusion ELBO (dsdpo/objective/blocks.py; docs/design.md, "The block-diffusion ELBO") on the
+tiny
 SDAR and LLaDA 2.x checkpoints, against the numbers the published code computed (tests/fixtures/
 families/{sdar,llada2}/expected.json, build_sdar.py and build_llada2.py: every mask set of every
 block, each scored by the published model fed the sequence up to the end of that block under its
@@ -10,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdpo.blocks import response_segments
-from dsdpo.diffusion import ScoringBatch, draw_terms, elbo, exact_elbo, plan_chunks, row_logprob_sums
-from dsdpo.draws import DrawKey, sample_draws
 from dsdpo.errors import DsdpoError
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_model
-from dsdpo.tiny import build_tokenizer
+from dsdpo.models.loading import load_model
+from dsdpo.models.tiny import build_tokenizer
+from dsdpo.objective.blocks import response_segments
+from dsdpo.objective.draws import DrawKey, sample_draws
+from dsdpo.objective.elbo import ScoringBatch, draw_terms, elbo, exact_elbo, plan_chunks, row_logprob_sums
+from dsdpo.objective.logprobs import MaskedTokenScorer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
 FIXTURE = FIXTURES / "sdar"

@@ -4,7 +4,11 @@ hang, and a shared-memory buffer no longer holds 66 MB of RAM until reboot."""
 import os
 from pathlib import Path
 
-from dsdpo.build_locks import clear_stale_build_locks, clear_stale_shared_buffers, shared_allreduce_buffers
+from dsdpo.runtime.leftovers import (
+    clear_stale_build_locks,
+    clear_stale_shared_buffers,
+    shared_allreduce_buffers,
+)
 from tests.run_helpers import run_train, tail
 
 

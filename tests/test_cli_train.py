@@ -16,8 +16,8 @@ from dsdpo.cli import main
 from dsdpo.cli.schema import schema_option
 from dsdpo.cli.train import SCHEMA_OPTIONS, build_config
 from dsdpo.config import ESTIMATORS, KEEP_BEST_METRICS, REMASKING, Config, config_from_dict, setting
-from dsdpo.ds_config import LR_SCHEDULERS
-from dsdpo.loss import F_DIVERGENCES, OBJECTIVES
+from dsdpo.objective.losses import F_DIVERGENCES, OBJECTIVES
+from dsdpo.runtime.ds_config import LR_SCHEDULERS
 from tests.run_helpers import REPO
 
 # Every flag launch/train.py documented before it became a shim: the same spelling, the same field.

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from dsdpo.diffusion import ScoringBatch, elbo, elbo_terms, exact_elbo, forward_rows, plan_chunks
-from dsdpo.draws import draw_keys, sample_draws
 from dsdpo.errors import DsdpoError
-from dsdpo.logprobs import MaskedTokenScorer
+from dsdpo.objective.draws import draw_keys, sample_draws
+from dsdpo.objective.elbo import ScoringBatch, elbo, elbo_terms, exact_elbo, forward_rows, plan_chunks
+from dsdpo.objective.logprobs import MaskedTokenScorer
 
 MASK = 4  # the tiny tokenizer's [MASK]
 
@@ -151,7 +151,7 @@ def test_chunked_forwards_give_the_same_terms_in_the_planned_number_of_calls(tin
 @pytest.mark.parametrize("fixture", ["tiny_gemma", "tiny_bert"])
 def test_head_on_masked_positions_only_equals_full_logits(request, fixture, tiny_bert_dir, batch):
     if fixture == "tiny_bert":
-        from dsdpo.models import load_model
+        from dsdpo.models.loading import load_model
 
         model = load_model(tiny_bert_dir).eval()
     else:
@@ -184,7 +184,7 @@ def test_output_layer_in_slices_gives_the_same_scores_and_gradients(tiny_gemma_d
     """The head a few positions at a time (each slice checkpointed) against all positions at once."""
     from peft import LoraConfig, get_peft_model
 
-    from dsdpo.models import load_model
+    from dsdpo.models.loading import load_model
 
     model = load_model(tiny_gemma_dir).train()
     vocab = model.config.vocab_size
@@ -216,7 +216,7 @@ def test_output_layer_in_slices_gives_the_same_scores_and_gradients(tiny_gemma_d
 
 def test_shared_draws_cancel_noise_in_the_policy_reference_difference(tiny_gemma, tiny_gemma_dir, batch):
     """Antithetic sampling (VRPO): Var[B̂_θ − B̂_ref] with shared draws ≪ with independent draws."""
-    from dsdpo.models import load_model
+    from dsdpo.models.loading import load_model
 
     reference = load_model(tiny_gemma_dir).eval()
     with torch.no_grad():

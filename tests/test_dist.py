@@ -3,7 +3,7 @@
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dsdpo.dist import all_reduce_max, all_reduce_mean, collective_tensor, device
+from dsdpo.runtime.dist import all_reduce_max, all_reduce_mean, collective_tensor, device
 
 
 def test_collectives_use_the_accelerators_device():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dsdpo.draws import DrawKey, draw_keys, sample_draws
 from dsdpo.errors import DsdpoError
+from dsdpo.objective.draws import DrawKey, draw_keys, sample_draws
 
 
 def _same(a, b):
@@ -90,7 +90,7 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
 @pytest.mark.parametrize("estimator", ["l_over_L", "one_over_t"])
 def test_chosen_and_rejected_draw_k_share_stratum_k(estimator):
     """The per-draw objective pairs draw k of y_w with draw k of y_l: same stratum, own key."""
-    from dsdpo.draws import pair_draws
+    from dsdpo.objective.draws import pair_draws
 
     n, length = 4, 40
     draws = pair_draws(

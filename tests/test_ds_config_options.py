@@ -9,8 +9,8 @@ import pytest
 from deepspeed.runtime import lr_schedules
 
 from dsdpo.config import TrainConfig
-from dsdpo.ds_config import BATCH_FIELDS, read_ds_config, resolve_ds_config
 from dsdpo.errors import DsdpoError
+from dsdpo.runtime.ds_config import BATCH_FIELDS, read_ds_config, resolve_ds_config
 from tests.run_helpers import REPO
 
 # Each shipped config resolved by the code before its values became "auto" (world size 8 for
@@ -221,7 +221,7 @@ def _engine_rates(resolved: dict, steps: int) -> list[float]:
     import deepspeed
     import torch
 
-    from dsdpo.engine import init_distributed
+    from dsdpo.runtime.engine import init_distributed
 
     init_distributed()
     torch.manual_seed(0)
@@ -274,7 +274,7 @@ def test_the_engines_rates_are_transformers_schedule_one_step_late_in_the_warmup
 
 
 def test_dsdpo_train_refuses_a_value_given_both_ways_before_deepspeed_starts(tiny_gemma_dir, tmp_path):
-    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.training.demo import addition_pairs, write_jsonl
     from tests.cli_helpers import run
 
     data = write_jsonl(addition_pairs(8, seed=3), tmp_path / "pairs.jsonl")

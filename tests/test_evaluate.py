@@ -1,4 +1,4 @@
-"""dsdpo.evaluate: preference metrics, scores and comparisons against direct elbo() computations."""
+"""dsdpo.evaluation.reports: preference metrics, scores and comparisons against direct elbo() computations."""
 
 import json
 import math
@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from dsdpo.data import collate_pairs, load_preference_data, tokenize_pairs
-from dsdpo.diffusion import elbo, elbo_terms
-from dsdpo.draws import draw_keys_for, sample_draws
-from dsdpo.evaluate import (
+from dsdpo.evaluation.reports import (
     PairedDifference,
     ScoreSettings,
     compare_preference,
     evaluate_preference,
     score_pairs,
 )
-from dsdpo.loss import LossConfig
-from dsdpo.models import load_model
-from dsdpo.tiny import init_tiny
+from dsdpo.models.loading import load_model
+from dsdpo.models.tiny import init_tiny
+from dsdpo.objective.draws import draw_keys_for, sample_draws
+from dsdpo.objective.elbo import elbo, elbo_terms
+from dsdpo.objective.losses import LossConfig
 
 ROWS = [
     {"id": "a", "prompt": "2+2=", "chosen": "4", "rejected": "five"},

@@ -8,14 +8,20 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from dsdpo.checkpoint import STATE_FILE, TrainState, check_checkpoint, load_checkpoint, save_checkpoint
 from dsdpo.cli import main
-from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.diffusion import forward_rows
-from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_config, load_model, load_tokenizer
+from dsdpo.models.loading import load_config, load_model, load_tokenizer
+from dsdpo.objective.elbo import forward_rows
+from dsdpo.objective.logprobs import MaskedTokenScorer
+from dsdpo.runtime.checkpoint import (
+    STATE_FILE,
+    TrainState,
+    check_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dsdpo.runtime.dist import barrier
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, micro_step
 
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsdpo.diffusion import exact_elbo
 from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.sampler import denoise
 from dsdpo.families import DREAM, LLADA, LLADA2, LLADA_MOE, SDAR, family_of_model, lora_targets
-from dsdpo.generate import denoise
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
-from dsdpo.tiny import build_tokenizer
+from dsdpo.models.loading import load_config, load_model, load_tokenizer, resolve_mask_token_id
+from dsdpo.models.tiny import build_tokenizer
+from dsdpo.objective.elbo import exact_elbo
+from dsdpo.objective.logprobs import MaskedTokenScorer
 from tests.cli_helpers import run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
@@ -228,8 +228,8 @@ def trained_runs(tmp_path_factory):
     with the trainer's defaults (ZeRO-3 partitioned loading, gradient checkpointing on, a reference
     engine or adapters off)."""
     from dsdpo.config import Config, DataConfig, ModelConfig, SamplerConfig, TrainConfig
-    from dsdpo.demo import addition_pairs, write_jsonl
-    from dsdpo.train import train
+    from dsdpo.training.demo import addition_pairs, write_jsonl
+    from dsdpo.training.loop import train
     from tests.ds_helpers import CPU_CONFIG
 
     folder = tmp_path_factory.mktemp("family-runs")
@@ -421,7 +421,7 @@ def test_a_model_without_gradient_checkpointing_stops_before_training(ignores_pa
 def test_two_ranks_train_a_model_that_ignores_padding(ignores_padding_dir, tmp_path):
     """Issue 20 (confirmed): such a model runs one forward per distinct row length, a count that differs
     between ranks; ZeRO-3's collective gathers then hung. Every rank now runs the most any rank needs."""
-    from dsdpo.demo import write_jsonl
+    from dsdpo.training.demo import write_jsonl
     from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
     rows = [

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dsdpo.errors import DsdpoError
-from dsdpo.freeze import frozen_names
-from dsdpo.models import load_model
+from dsdpo.models.freeze import frozen_names
+from dsdpo.models.loading import load_model
 from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step
 
 
@@ -44,8 +44,8 @@ def test_a_frozen_run_resumes_exactly(tiny_gemma_dir, tmp_path):
     import json
 
     from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-    from dsdpo.demo import addition_pairs, write_jsonl
-    from dsdpo.train import train
+    from dsdpo.training.demo import addition_pairs, write_jsonl
+    from dsdpo.training.loop import train
     from tests.ds_helpers import CPU_CONFIG
     from tests.run_helpers import metrics_by_step
 

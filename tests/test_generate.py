@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dsdpo.generate
+import dsdpo.evaluation.sampler
 from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.sampler import check_schedule, cut_at_stop, generate, generate_text, reveal_plan
 from dsdpo.families import family_of_model
-from dsdpo.generate import check_schedule, cut_at_stop, generate, generate_text, reveal_plan
-from dsdpo.models import load_model
+from dsdpo.models.loading import load_model
 
 MASK = 4  # the tiny tokenizer's [MASK]; the target models below only need it to differ from targets
 VOCAB = 32
@@ -220,7 +220,7 @@ def llada_greedy(model, prompt, *, gen_length, block_length, steps, cfg_scale):
 def test_greedy_answers_equal_full_logits_decoding(family, cfg_scale, monkeypatch):
     """The output layer on the block's still-masked positions, 3 at a time (padded batch), against
     full logits of each prompt alone."""
-    monkeypatch.setattr(dsdpo.generate, "positions_per_slice", lambda vocab: 3)
+    monkeypatch.setattr(dsdpo.evaluation.sampler, "positions_per_slice", lambda vocab: 3)
     model = load_model(FAMILY_FIXTURES / family).eval()
     prompts = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
     schedule = dict(gen_length=8, block_length=4, steps=4, cfg_scale=cfg_scale)

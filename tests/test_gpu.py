@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.tiny import init_tiny
+from dsdpo.models.tiny import init_tiny
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.run_helpers import REPO, metrics_by_step, nvme_available, run_train, tail, train_args
 
 pytestmark = [
@@ -34,7 +34,7 @@ def test_rtx4080_config_trains_on_the_gpu_with_pinned_cpu_offload(tiny_gemma_dir
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_train_with_nccl_collectives(tiny_gemma_dir, tmp_path):
-    """NCCL reduces CUDA tensors only: the trainer's collectives (dsdpo.dist) must be on the GPU."""
+    """NCCL reduces CUDA tensors only: the trainer's collectives (dsdpo.runtime.dist) must be on the GPU."""
     data = write_jsonl(addition_pairs(32), tmp_path / "pairs.jsonl")
     args = train_args(
         REPO / "ds_configs" / "multi_gpu.json", tiny_gemma_dir, data, tmp_path / "run", max_steps=2, budget=4
@@ -49,7 +49,7 @@ def test_planner_activations_match_the_cuda_allocators_peak(checkpointing):
     """The planner's activation formula against torch.cuda.max_memory_allocated of one scored chunk
     (forward and backward, bf16, dsdpo's LLaDA) above what was allocated before it."""
     from dsdpo.families.llada import LLaDAModelLM
-    from dsdpo.logprobs import MaskedTokenScorer
+    from dsdpo.objective.logprobs import MaskedTokenScorer
     from dsdpo.planner.measure import scored_inputs
     from dsdpo.planner.memory import activation_bytes
     from dsdpo.planner.shapes import model_shape

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dsdpo.diffusion import elbo_terms
-from dsdpo.loss import LossConfig
+from dsdpo.objective.elbo import elbo_terms
+from dsdpo.objective.losses import LossConfig
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step
 
 
@@ -149,7 +149,7 @@ def _per_draw_step(model_dir, tokenizer, reference, max_tokens):
 
 def test_per_draw_objective_is_the_mean_of_per_draw_losses(tiny_gemma_dir, tokenizer, reference_terms):
     """Checked against per-draw terms computed independently (elbo_terms on the plain model)."""
-    from dsdpo.models import load_model
+    from dsdpo.models.loading import load_model
 
     plain = load_model(tiny_gemma_dir).eval()
     _, _, result, batch, draws = _per_draw_step(tiny_gemma_dir, tokenizer, reference_terms, 1 << 20)
@@ -195,9 +195,9 @@ def test_per_draw_equals_sequence_for_a_loss_linear_in_h(tiny_gemma_dir, tokeniz
 
 def _independent_reference_step(model_dir, tokenizer, max_tokens):
     """One step where the reference engine scores its own draws (score.antithetic false)."""
-    from dsdpo.draws import DrawKey, sample_draws
-    from dsdpo.gradient import preference_micro_step
-    from dsdpo.reference import as_reference
+    from dsdpo.objective.draws import DrawKey, sample_draws
+    from dsdpo.objective.gradient import preference_micro_step
+    from dsdpo.reference.interface import as_reference
     from tests.ds_helpers import pair_batch
 
     engines = engines_for(model_dir, cpu_ds_config(micro=4))

@@ -15,11 +15,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import elbo
-from dsdpo.draws import DrawKey
 from dsdpo.errors import DsdpoError
 from dsdpo.evaluation.harness import DsdpoLM, run_tasks, sampler_record
-from dsdpo.scoring import ScoreSettings
+from dsdpo.objective.draws import DrawKey
+from dsdpo.objective.elbo import elbo
+from dsdpo.objective.scoring import ScoreSettings
 from tests.cli_helpers import run
 
 SAMPLER = ["--gen-length", "8", "--block-length", "4", "--steps", "4", "--temperature", "1.5"]

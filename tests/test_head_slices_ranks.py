@@ -1,7 +1,7 @@
 """The output layer in slices on two ranks whose chunks hold different numbers of masked positions.
 
 Under ZeRO-3 every call of the head module gathers its weight, a collective: both ranks must call it
-as often (dsdpo.logprobs.position_slices), or the run hangs or pairs the wrong collectives.
+as often (dsdpo.objective.logprobs.position_slices), or the run hangs or pairs the wrong collectives.
 """
 
 import json
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdpo.diffusion import elbo_terms
-from dsdpo.draws import sample_draws
-from dsdpo.generate import generate
-from dsdpo.models import load_model
+from dsdpo.evaluation.sampler import generate
+from dsdpo.models.loading import load_model
+from dsdpo.objective.draws import sample_draws
+from dsdpo.objective.elbo import elbo_terms
 from tests.ds_helpers import MASK, pair_batch
 from tests.run_helpers import DEEPSPEED, REPO, _environment, free_port
 
@@ -25,14 +25,14 @@ PROMPTS = [[[10, 11, 12], [20, 21]], [[30]]]
 SAMPLER = dict(mask_token_id=MASK, gen_length=8, block_length=4, steps=4)
 SCRIPT = """
 import json, sys
-import dsdpo.generate
-from dsdpo.dist import rank
-from dsdpo.draws import sample_draws
-from dsdpo.models import load_tokenizer
-from dsdpo.scoring import engine_terms
+import dsdpo.evaluation.sampler
+from dsdpo.runtime.dist import rank
+from dsdpo.objective.draws import sample_draws
+from dsdpo.models.loading import load_tokenizer
+from dsdpo.objective.scoring import engine_terms
 from dsdpo.config import ModelConfig
-from dsdpo.ds_config import resolve_ds_config
-from dsdpo.engine import build_engines, finish_distributed, init_distributed
+from dsdpo.runtime.ds_config import resolve_ds_config
+from dsdpo.runtime.engine import build_engines, finish_distributed, init_distributed
 from tests.ds_helpers import MASK, cpu_ds_config, micro_step, pair_batch
 from tests.test_head_slices_ranks import INDICES, PROMPTS, SAMPLER
 
@@ -43,14 +43,14 @@ init_distributed()
 engines = build_engines(ModelConfig(path=model_dir), ds_config)
 for engine in (engines.policy, engines.reference):
     engine.module.head_slice_bytes = 4 * tokenizer.vocab_size * 2  # two positions a slice
-dsdpo.generate.positions_per_slice = lambda vocab: 2
+dsdpo.evaluation.sampler.positions_per_slice = lambda vocab: 2
 indices = INDICES[rank()]
 batch, keys = pair_batch(tokenizer, indices)
 draws = sample_draws(len(keys), batch.response_lengths, 4, "l_over_L", keys=keys)
 terms, _ = engine_terms(engines.reference, batch, draws, mask_token_id=MASK, max_tokens=1 << 20)
 loss = micro_step(engines, tokenizer, indices)[0].metrics["loss"]
 engines.policy.step()
-answers = dsdpo.generate.generate(engines.reference.module.model, PROMPTS[rank()], **SAMPLER)
+answers = dsdpo.evaluation.sampler.generate(engines.reference.module.model, PROMPTS[rank()], **SAMPLER)
 with open(f"{out}/{rank()}.json", "w") as file:
     json.dump({"terms": terms.tolist(), "loss": loss, "answers": answers.tolist()}, file)
 finish_distributed()

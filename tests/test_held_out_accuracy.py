@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from dsdpo.accuracy import wilson_interval
-from dsdpo.demo import addition_pairs, write_jsonl
+from dsdpo.evaluation.accuracy import wilson_interval
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.cli_helpers import run
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
@@ -124,12 +124,12 @@ def test_questions_are_chat_turns_or_plain_text_and_answered_as_eval_accuracy_do
     tiny_gemma, tokenizer, monkeypatch, tmp_path, chat
 ):
     """In-process, without DeepSpeed: the prompts HeldOutAccuracy samples from, and its records, are
-    those of dsdpo.accuracy.evaluate_accuracy with the same chat setting."""
+    those of dsdpo.evaluation.accuracy.evaluate_accuracy with the same chat setting."""
     from types import SimpleNamespace
 
-    import dsdpo.held_out as held_out
-    from dsdpo.accuracy import evaluate_accuracy
-    from dsdpo.answers import load_problems_jsonl
+    import dsdpo.evaluation.held_out as held_out
+    from dsdpo.evaluation.accuracy import evaluate_accuracy
+    from dsdpo.evaluation.answers import load_problems_jsonl
 
     rows = [{"question": f"{a}+{a}=", "answer": 2 * a} for a in range(10, 13)]
     problems = load_problems_jsonl(write_jsonl(rows, tmp_path / "problems.jsonl"))

@@ -87,27 +87,29 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_cycle_finder_finds_a_planted_cycle():
     graph = import_graph()
-    graph["dsdpo.checkpoint"] = graph["dsdpo.checkpoint"] | {"dsdpo.export"}  # export -> checkpoint
+    graph["dsdpo.runtime.checkpoint"] = graph["dsdpo.runtime.checkpoint"] | {
+        "dsdpo.runtime.export"
+    }  # export -> checkpoint
     assert _cycle(graph) is not None
 
 
 def test_checkpoint_reading_runs_one_way_models_then_export():
     graph = import_graph()
-    assert "dsdpo.checkpoint" in graph["dsdpo.models"]
-    assert "dsdpo.export" not in graph["dsdpo.models"]
-    assert {"dsdpo.models", "dsdpo.export"}.isdisjoint(graph["dsdpo.checkpoint"])
+    assert "dsdpo.runtime.checkpoint" in graph["dsdpo.models.loading"]
+    assert "dsdpo.runtime.export" not in graph["dsdpo.models.loading"]
+    assert {"dsdpo.models.loading", "dsdpo.runtime.export"}.isdisjoint(graph["dsdpo.runtime.checkpoint"])
 
 
 # Modules that may import DeepSpeed (at the top or in a function): they build engines, write or read
 # checkpoints, check a DeepSpeed config against DeepSpeed's own schema, ask it for the device, or (the
 # planner) put DeepSpeed's own model-state estimator beside dsdpo's formulas.
 DEEPSPEED_MODULES = {
-    "dsdpo.engine",
-    "dsdpo.checkpoint",
-    "dsdpo.reference_sync",
-    "dsdpo.ds_config",
-    "dsdpo.safe_load",
-    "dsdpo.dist",
+    "dsdpo.runtime.engine",
+    "dsdpo.runtime.checkpoint",
+    "dsdpo.reference.refresh",
+    "dsdpo.runtime.ds_config",
+    "dsdpo.runtime.safe_load",
+    "dsdpo.runtime.dist",
     "dsdpo.planner.memory",
 }
 
@@ -131,8 +133,9 @@ def test_deepspeed_is_imported_only_where_engines_and_checkpoints_are():
 def test_scoring_losses_and_the_micro_step_load_without_deepspeed():
     """A fresh interpreter: importing the math and the micro-step must not pull DeepSpeed in."""
     modules = [
-        "dsdpo.diffusion", "dsdpo.draws", "dsdpo.loss", "dsdpo.gradient", "dsdpo.scoring",
-        "dsdpo.reference", "dsdpo.evaluate", "dsdpo.held_out", "dsdpo.sft", "dsdpo.models",
+        "dsdpo.objective.elbo", "dsdpo.objective.draws", "dsdpo.objective.losses", "dsdpo.objective.gradient",
+        "dsdpo.objective.scoring", "dsdpo.objective.sft", "dsdpo.reference.interface",
+        "dsdpo.evaluation.reports", "dsdpo.evaluation.held_out", "dsdpo.models.loading",
     ]  # fmt: skip
     code = (
         f"import sys\nfor m in {modules!r}: __import__(m)\n"

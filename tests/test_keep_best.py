@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from dsdpo.checkpoint import TrainState
 from dsdpo.config import Config, TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.train import _best_improved
+from dsdpo.runtime.checkpoint import TrainState
+from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.loop import _best_improved
 from tests.cli_helpers import run
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
@@ -91,7 +91,7 @@ def test_unknown_metric_or_one_without_its_data_is_refused():
 
 def _fake_checkpoint(output, step: int, best_step: int | None) -> None:
     """A folder that complete_checkpoints counts: only its state file matters to pruning."""
-    from dsdpo.checkpoint import STATE_FILE, step_tag
+    from dsdpo.runtime.checkpoint import STATE_FILE, step_tag
 
     folder = output / step_tag(step)
     folder.mkdir()
@@ -101,7 +101,7 @@ def _fake_checkpoint(output, step: int, best_step: int | None) -> None:
 def test_pruning_spares_the_best_that_a_kept_checkpoint_would_restore(tmp_path):
     """Best at 10, a plain checkpoint at 20 (its best: 10), a new best at 25 with --keep-last 2:
     step_000010 must stay, since `--resume step_000020` points `best` at it again (issue 20)."""
-    from dsdpo.checkpoint import _prune, write_best
+    from dsdpo.runtime.checkpoint import _prune, write_best
 
     _fake_checkpoint(tmp_path, 10, best_step=10)
     _fake_checkpoint(tmp_path, 20, best_step=10)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.tiny import init_tiny
+from dsdpo.models.tiny import init_tiny
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.run_helpers import REPO, metrics_by_step, nvme_available, run_train, tail, train_args
 
 

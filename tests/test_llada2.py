@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsdpo.blocks import block_diffusion_inputs
 from dsdpo.families import LLADA2, block_size_of, family_of_config_dict, family_of_folder
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_config, load_model, resolve_mask_token_id
+from dsdpo.models.loading import load_config, load_model, resolve_mask_token_id
+from dsdpo.objective.blocks import block_diffusion_inputs
+from dsdpo.objective.logprobs import MaskedTokenScorer
 from dsdpo.planner.shapes import model_shape
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, micro_step
 

@@ -17,9 +17,9 @@ from dsdpo.errors import DsdpoError
 from dsdpo.families import LLADA, LLADA_MOE, family_of, family_of_config_dict, family_of_folder
 from dsdpo.families.llada_moe import LLaDAMoEConfig
 from dsdpo.families.routing import router_metrics, take_router_counts
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import load_config, load_model, resolve_mask_token_id
-from dsdpo.tiny import build_tokenizer
+from dsdpo.models.loading import load_config, load_model, resolve_mask_token_id
+from dsdpo.models.tiny import build_tokenizer
+from dsdpo.objective.logprobs import MaskedTokenScorer
 from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
@@ -177,7 +177,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.training.demo import addition_pairs, write_jsonl
 
     return write_jsonl(addition_pairs(16, seed=3), tmp_path_factory.mktemp("data") / "pairs.jsonl")
 

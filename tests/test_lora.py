@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from dsdpo.cli import main
 from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.diffusion import forward_rows
-from dsdpo.draws import sample_draws
-from dsdpo.engine import AdapterDisabledReference
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.loss import LossConfig
-from dsdpo.models import load_model
-from dsdpo.train import train
+from dsdpo.models.loading import load_model
+from dsdpo.objective.draws import sample_draws
+from dsdpo.objective.elbo import forward_rows
+from dsdpo.objective.logprobs import MaskedTokenScorer
+from dsdpo.objective.losses import LossConfig
+from dsdpo.runtime.engine import AdapterDisabledReference
+from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.loop import train
 from tests.ds_helpers import CPU_CONFIG, MASK, cpu_ds_config, engines_for, micro_step, pair_batch
 from tests.run_helpers import metrics_by_step
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig, preference_loss
+from dsdpo.objective.losses import LossConfig, preference_loss
 
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.5))
 
@@ -198,7 +198,7 @@ def test_aot_losses_compare_sorted_log_ratios(loss_type, deltas):
 
 
 def test_every_loss_type_has_a_hand_worked_test():
-    from dsdpo.loss import LOSS_TYPES
+    from dsdpo.objective.losses import LOSS_TYPES
 
     tested = {"sigmoid", "ipo", "hinge", "cdpo", "robust", "soft", "aot", "aot_unpaired"}
     tested |= {t for config, _ in HAND_WORKED for t in config.types}

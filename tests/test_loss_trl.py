@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdpo.loss import LossConfig, preference_loss
+from dsdpo.objective.losses import LossConfig, preference_loss
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "trl" / "expected.json").read_text())
 # float64: TRL's float64 arithmetic, in another order; float32 (TRL's alpha_divergence accepts no float64).

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dsdpo.loss import LossConfig, preference_loss
-from dsdpo.metrics import DisplacementMonitor
+from dsdpo.objective.losses import LossConfig, preference_loss
+from dsdpo.training.metrics import DisplacementMonitor
 
 
 def test_drift_is_the_score_change_from_the_reference_in_nats():

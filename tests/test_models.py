@@ -6,7 +6,13 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM, GemmaForCausalLM
 
 from dsdpo.cli import main
 from dsdpo.errors import DsdpoError
-from dsdpo.models import load_config, load_model, load_tokenizer, model_class_for, resolve_mask_token_id
+from dsdpo.models.loading import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_class_for,
+    resolve_mask_token_id,
+)
 
 
 def test_tiny_models_load_as_their_kind(tiny_gemma_dir, tiny_bert_dir):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-import dsdpo.gradient
+import dsdpo.objective.gradient
 from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig
-from dsdpo.train import train
+from dsdpo.objective.losses import LossConfig
+from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.loop import train
 from tests.ds_helpers import CPU_CONFIG
 from tests.run_helpers import metrics_by_step
 
@@ -21,7 +21,7 @@ from tests.run_helpers import metrics_by_step
 @pytest.fixture
 def nan_on_calls(monkeypatch):
     """Make the preference loss NaN on the given (1-based) calls: one call per micro-batch."""
-    calls, real = [], dsdpo.gradient.preference_loss
+    calls, real = [], dsdpo.objective.gradient.preference_loss
 
     def install(bad_calls):
         calls.clear()  # counted from the next run's first micro-batch
@@ -33,7 +33,7 @@ def nan_on_calls(monkeypatch):
                 out.losses = out.losses * float("nan")
             return out
 
-        monkeypatch.setattr(dsdpo.gradient, "preference_loss", loss)
+        monkeypatch.setattr(dsdpo.objective.gradient, "preference_loss", loss)
 
     return install
 
@@ -86,7 +86,7 @@ def test_a_run_of_non_finite_steps_stops_training_after_saving(tiny_gemma_dir, t
 def test_a_finite_loss_with_an_infinite_gradient_is_a_skipped_step(tiny_gemma_dir, tmp_path):
     """beta 1e30: the loss is log 2 at the start, its gradient overflows; DeepSpeed skips the update
     (its global gradient norm is not finite) and dsdpo counts it like a non-finite loss."""
-    from dsdpo.models import load_model
+    from dsdpo.models.loading import load_model
 
     with pytest.raises(DsdpoError, match="2 steps in a row had a non-finite loss or gradient"):
         _run(tmp_path, tiny_gemma_dir, steps=10, max_bad_steps=2, beta=1e30)

@@ -1,16 +1,16 @@
 """The gradient boundary of an optimizer swapped to NVMe, one sub-group at a time
-(dsdpo.engine.finalize_swapped_gradients): the step DeepSpeed's own finalize gives, without holding
+(dsdpo.runtime.engine.finalize_swapped_gradients): the step DeepSpeed's own finalize gives, without holding
 every parameter's fp32 gradient at once (on a GPU: 4 bytes a parameter, 29.9 GiB for LLaDA-8B)."""
 
 import pytest
 import torch
 
 from dsdpo.config import ModelConfig
-from dsdpo.ds_config import resolve_ds_config
-from dsdpo.engine import build_engines, finalize_swapped_gradients, init_distributed
-from dsdpo.loss import LossConfig
+from dsdpo.models.tiny import init_tiny
+from dsdpo.objective.losses import LossConfig
 from dsdpo.planner.measure import LiveTensorBytes
-from dsdpo.tiny import init_tiny
+from dsdpo.runtime.ds_config import resolve_ds_config
+from dsdpo.runtime.engine import build_engines, finalize_swapped_gradients, init_distributed
 from tests.ds_helpers import cpu_ds_config, full_weights, micro_step
 from tests.run_helpers import nvme_available
 

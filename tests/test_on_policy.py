@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from dsdpo.answers import Problem, extract_answer, numbers_match
-from dsdpo.generate import generate_text
-from dsdpo.on_policy import on_policy_pairs
+from dsdpo.evaluation.answers import Problem, extract_answer, numbers_match
+from dsdpo.evaluation.on_policy import on_policy_pairs
+from dsdpo.evaluation.sampler import generate_text
 from tests.cli_helpers import assert_one_line_error, run
 
 MASK = 4
@@ -90,14 +90,14 @@ def test_make_pairs_from_a_model_writes_rows_and_refuses_bad_options(tiny_gemma_
 
 def test_make_pairs_from_a_block_model_uses_its_block_sampler_and_the_pairs_train(tmp_path, monkeypatch):
     """SDAR (tests/fixtures/families/sdar: a tiny random checkpoint in the published layout, block 4):
-    `make-pairs --source model` samples every answer with the block sampler (dsdpo.block_sampler,
+    `make-pairs --source model` samples every answer with the block sampler (dsdpo.evaluation.block_sampler,
     watched, not replaced), writes the pairs the same samples give (each problem's reference set to the
     first number its samples say, so that some problems have a right and a wrong answer), and those
     pairs train: one optimizer step of the block-diffusion ELBO."""
-    import dsdpo.generate
+    import dsdpo.evaluation.sampler
     from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
-    from dsdpo.models import load_model, load_tokenizer
-    from dsdpo.train import train
+    from dsdpo.models.loading import load_model, load_tokenizer
+    from dsdpo.training.loop import train
     from tests.ds_helpers import cpu_ds_config
     from tests.test_families import published_folder
 
@@ -114,9 +114,11 @@ def test_make_pairs_from_a_block_model_uses_its_block_sampler_and_the_pairs_trai
     assert expected, answers  # the case this test needs
 
     calls = []
-    sampler = dsdpo.generate.block_generate
+    sampler = dsdpo.evaluation.sampler.block_generate
     monkeypatch.setattr(
-        dsdpo.generate, "block_generate", lambda *a, **k: calls.append(k["block_length"]) or sampler(*a, **k)
+        dsdpo.evaluation.sampler,
+        "block_generate",
+        lambda *a, **k: calls.append(k["block_length"]) or sampler(*a, **k),
     )
     problems, out = tmp_path / "problems.jsonl", tmp_path / "pairs.jsonl"
     lines = [json.dumps({"question": q, "answer": r}) for q, r in zip(questions, references, strict=True)]

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from dsdpo.config import ScoreConfig
-from dsdpo.diffusion import plan_chunks
-from dsdpo.draws import sample_draws
 from dsdpo.errors import DsdpoError
-from dsdpo.gradient import preference_micro_step
-from dsdpo.loss import LossConfig
+from dsdpo.objective.draws import sample_draws
+from dsdpo.objective.elbo import plan_chunks
+from dsdpo.objective.gradient import preference_micro_step
+from dsdpo.objective.losses import LossConfig
 from dsdpo.planner.chunking import auto_chunk_tokens, resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.memory import RunShape, activation_bytes
-from dsdpo.reference import as_reference
+from dsdpo.reference.interface import as_reference
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, pair_batch
 
 MICRO_BATCHES = [[0, 1], [2, 3]]
@@ -202,20 +202,20 @@ def _train(tmp_path, model_dir, name, monkeypatch, *, tokens, inject=None, steps
     import copy
     import json
 
-    import dsdpo.train
+    import dsdpo.training.loop
     from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
-    from dsdpo.demo import addition_pairs, write_jsonl
+    from dsdpo.training.demo import addition_pairs, write_jsonl
     from tests.ds_helpers import CPU_CONFIG
 
     if inject is not None:
-        real = dsdpo.train.build_engines
+        real = dsdpo.training.loop.build_engines
 
         def build_engines(*args, **kwargs):
             engines = real(*args, **kwargs)
             inject(engines.policy)
             return engines
 
-        monkeypatch.setattr(dsdpo.train, "build_engines", build_engines)
+        monkeypatch.setattr(dsdpo.training.loop, "build_engines", build_engines)
     ds = copy.deepcopy(CPU_CONFIG)
     ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
     ds.pop("scheduler")
@@ -228,7 +228,7 @@ def _train(tmp_path, model_dir, name, monkeypatch, *, tokens, inject=None, steps
         loss=LossConfig(beta=0.5),
         train=TrainConfig(output=str(tmp_path / name), max_steps=steps, save_every=1, keep_last=10),
     )
-    dsdpo.train.train(config, tmp_path / "ds.json")
+    dsdpo.training.loop.train(config, tmp_path / "ds.json")
     return tmp_path / name
 
 

@@ -116,7 +116,7 @@ def test_lora_parameters_are_those_peft_trains():
 def test_lora_parameters_of_all_linear_leave_out_the_output_layer(tiny_gemma_dir):
     from peft import LoraConfig, get_peft_model
 
-    from dsdpo.models import load_model
+    from dsdpo.models.loading import load_model
 
     model = load_model(tiny_gemma_dir)
     with torch.device("cpu"):

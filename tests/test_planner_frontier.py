@@ -108,12 +108,13 @@ def test_moe_activations_are_those_measured():
 
 
 def test_block_model_activations_of_noised_and_clean_rows_are_those_measured():
-    """SDAR scoring 4 rows of [noised ; clean] (dsdpo.blocks, 2 x 64 tokens, 32 masked positions a row in
+    """SDAR scoring 4 rows of [noised ; clean] (dsdpo.objective.blocks, 2 x 64 tokens, 32 masked positions
+    a row in
     the noised copy), with head_dim 32 for 4 heads of a 64-wide model (d_q = 128 = 2d, as SDAR-4B's
     32 x 128 heads on hidden 2560) and q/k norms: measured 1.03 and 1.05 of the live tensor bytes with
     and without checkpointing; 0.79-0.83 with the q/k norms left out, less with d_q taken as d."""
-    from dsdpo.blocks import block_diffusion_inputs
     from dsdpo.families.sdar import SDARConfig, SDARForCausalLM
+    from dsdpo.objective.blocks import block_diffusion_inputs
 
     config = SDARConfig(
         vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -136,8 +137,9 @@ def test_block_model_activations_of_noised_and_clean_rows_are_those_measured():
 
 
 def test_a_block_models_rows_are_twice_their_length():
-    """SDAR scores [noised ; clean] rows (dsdpo.blocks): with rows of 64 tokens a forward of 256 tokens
-    holds 2 rows, not 4 (dsdpo.diffusion.plan_chunks counts the same), each with its 64 masked
+    """SDAR scores [noised ; clean] rows (dsdpo.objective.blocks): with rows of 64 tokens a forward of 256
+    tokens
+    holds 2 rows, not 4 (dsdpo.objective.elbo.plan_chunks counts the same), each with its 64 masked
     positions; 16 rows a micro-batch take 8 forwards with gradients and 2 without (1024 tokens)."""
     shape = model_shape(FIXTURES / "families" / "sdar")
     assert shape.block_size == 4

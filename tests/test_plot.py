@@ -13,7 +13,7 @@ def _run_folder(path, records, torn_tail=False):
 
 
 def test_plot_draws_each_runs_logged_values(tmp_path):
-    from dsdpo.plot import plot_runs
+    from dsdpo.training.plot import plot_runs
 
     first = _run_folder(
         tmp_path / "a",
@@ -49,7 +49,7 @@ def test_plot_cli_writes_the_file_and_bad_runs_are_one_line(tmp_path):
 
 
 def test_plot_draws_every_logged_held_out_metric_by_default(tmp_path):
-    from dsdpo.plot import plot_runs
+    from dsdpo.training.plot import plot_runs
 
     records = [
         {"step": 0, "eval/loss": 0.69, "eval/accuracy": 0.25, "eval/accuracy_ci95_low": 0.1},

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from dsdpo.cli import main
 from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig
-from dsdpo.models import load_tokenizer
-from dsdpo.train import train
+from dsdpo.models.loading import load_tokenizer
+from dsdpo.objective.losses import LossConfig
+from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.loop import train
 from tests.ds_helpers import CPU_CONFIG
 from tests.run_helpers import metrics_by_step
 

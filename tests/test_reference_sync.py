@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig
-from dsdpo.reference_sync import REFERENCE_WEIGHTS, mix_reference
-from dsdpo.train import train
+from dsdpo.objective.losses import LossConfig
+from dsdpo.reference.refresh import REFERENCE_WEIGHTS, mix_reference
+from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.loop import train
 from tests.ds_helpers import CPU_CONFIG, cpu_ds_config, engines_for, full_weights, micro_step
 from tests.run_helpers import metrics_by_step
 
@@ -91,7 +91,7 @@ def test_a_refresh_without_a_reference_engine_is_refused(change, message):
 def test_the_loop_refreshes_at_step_two_with_the_configured_alpha(sync_runs, tiny_gemma_dir):
     from safetensors.torch import load_file
 
-    from dsdpo.models import load_model
+    from dsdpo.models.loading import load_model
 
     checkpoint = sync_runs / "straight" / "step_000002"
     refreshed = load_file(checkpoint / REFERENCE_WEIGHTS)

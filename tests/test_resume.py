@@ -1,4 +1,4 @@
-"""Crash and resume: SIGKILL at exact points (dsdpo.faults), then --resume auto continues exactly."""
+"""Crash and resume: SIGKILL at exact points (dsdpo.runtime.faults), then --resume auto continues exactly."""
 
 import copy
 import json
@@ -9,11 +9,11 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from dsdpo.checkpoint import LATEST_FILE, STATE_FILE
 from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
-from dsdpo.train import train
+from dsdpo.runtime.checkpoint import LATEST_FILE, STATE_FILE
+from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.loop import train
 from tests.ds_helpers import CPU_CONFIG
 from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail, train_args
 
@@ -207,7 +207,7 @@ def test_a_flipped_byte_in_an_optimizer_shard_is_refused_naming_the_file(tiny_ge
 
 def test_a_checkpoint_without_digests_is_read_with_a_note(tmp_path, capsys):
     """Checkpoints saved before digests existed still load; the note says they are not verified."""
-    from dsdpo.checkpoint import verify_checkpoint
+    from dsdpo.runtime.checkpoint import verify_checkpoint
 
     (tmp_path / STATE_FILE).write_text(json.dumps({"state": {}, "world_size": 1}))
     (tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from dsdpo.checkpoint import LATEST_FILE, STATE_FILE, find_resume_checkpoint
-from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
-from dsdpo.run_folder import LOCK_FILE, check_writable, cut_metrics_to, set_aside_later_checkpoints
+from dsdpo.runtime.checkpoint import LATEST_FILE, STATE_FILE, find_resume_checkpoint
+from dsdpo.runtime.run_folder import LOCK_FILE, check_writable, cut_metrics_to, set_aside_later_checkpoints
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.run_helpers import REPO, metrics_by_step, run_train, start_train, tail, train_args
 
 

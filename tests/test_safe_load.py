@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from dsdpo.checkpoint import STATE_FILE, TrainState, file_digests, load_checkpoint, save_checkpoint
-from dsdpo.demo import addition_pairs, write_jsonl
-from dsdpo.dist import barrier
 from dsdpo.errors import DsdpoError
-from dsdpo.models import load_config, load_tokenizer
-from dsdpo.safe_load import check_checkpoint_pickles
+from dsdpo.models.loading import load_config, load_tokenizer
+from dsdpo.runtime.checkpoint import STATE_FILE, TrainState, file_digests, load_checkpoint, save_checkpoint
+from dsdpo.runtime.dist import barrier
+from dsdpo.runtime.safe_load import check_checkpoint_pickles
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.cli_helpers import assert_one_line_error, run
 from tests.ds_helpers import cpu_ds_config, engines_for, micro_step
 from tests.run_helpers import run_train, tail, train_args

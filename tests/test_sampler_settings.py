@@ -84,9 +84,9 @@ def test_unset_fields_come_from_the_family_then_dsdpos_defaults(family, publishe
 def test_a_model_gets_its_familys_published_schedule(tokenizer):
     """LLaDA's OpenCompass GSM8K setting, Dream's eval script's (one block), SDAR's block of 4, and
     dsdpo's defaults for a model of no known family (dsdpo/families/__init__.py cites the sources)."""
+    from dsdpo.evaluation.sampler import sampler_for
     from dsdpo.families import DREAM, LLADA, SDAR
-    from dsdpo.generate import sampler_for
-    from dsdpo.models import load_config
+    from dsdpo.models.loading import load_config
 
     tiny = load_config(tokenizer.name_or_path)
     expected = {
@@ -123,7 +123,7 @@ def problems_file(tmp_path_factory):
 def _chat_used(command: str, model, problems_file, out_dir, *extra) -> bool:
     """The chat setting `command` used on `model`: as it printed it, and as its output file records it
     (make-pairs: rows would hold {role, content} prompts; a random tiny model answers no problem right,
-    so it makes no pair here, and dsdpo.on_policy's tests cover the rows)."""
+    so it makes no pair here, and dsdpo.evaluation.on_policy's tests cover the rows)."""
     out = out_dir / f"{command.replace(' ', '-')}.jsonl"
     report = out_dir / "report.json"
     args = {

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dsdpo.data import load_preference_data
-from dsdpo.draws import sample_draws
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig
-from dsdpo.sft import sft_micro_step
+from dsdpo.objective.draws import sample_draws
+from dsdpo.objective.losses import LossConfig
+from dsdpo.objective.sft import sft_micro_step
 from tests.ds_helpers import MASK, PAIRS, cpu_ds_config, engines_for, full_weights, micro_step, pair_batch
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
@@ -128,7 +128,7 @@ def test_sft_run_on_completions_lowers_the_held_in_nll(tiny_gemma_dir, tmp_path)
 def test_completions_are_padded_with_eos_to_the_longest_of_the_data_within_max_length():
     """Issue 20: padded to the longest of a micro-batch, a long prompt's row grew past --max-length."""
     from dsdpo.data.tokenize import TokenizedPair
-    from dsdpo.sft import pad_completions_with_eos
+    from dsdpo.objective.sft import pad_completions_with_eos
 
     pairs = [
         TokenizedPair("a", [1], [7, 2], [], None),
@@ -147,7 +147,7 @@ def test_sft_loss_does_not_depend_on_the_micro_batching(tiny_gemma_dir, tmp_path
     import copy
 
     from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-    from dsdpo.train import train
+    from dsdpo.training.loop import train
     from tests.ds_helpers import CPU_CONFIG
 
     rows = [{"id": f"r{i}", "prompt": f"{i}+1=", "completion": "1" * (1 + 2 * i)} for i in range(4)]

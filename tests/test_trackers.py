@@ -1,4 +1,4 @@
-"""--report-to (dsdpo/trackers.py) and the schedule options, end to end: one tiny run logs to W&B
+"""--report-to (dsdpo/training/trackers.py) and the schedule options, end to end: one tiny run logs to W&B
 (offline) and MLflow (its local database), and trackio where it is installed; each backend's own
 files, read back with its own reader, hold what metrics.jsonl holds. The same run's learning rates
 are checked against transformers' cosine schedule."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dsdpo.config import TrainConfig
-from dsdpo.demo import addition_pairs, write_jsonl
 from dsdpo.errors import DsdpoError
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
 PEAK, STEPS, WARMUP_RATIO = 1e-3, 8, 0.3  # warmup: ceil(0.3 × 8) = 3 steps

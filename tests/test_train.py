@@ -18,15 +18,15 @@ from dsdpo.config import (
 )
 from dsdpo.data import PairBatcher
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.ds_config import (
+from dsdpo.errors import DsdpoError
+from dsdpo.runtime.ds_config import (
     precision,
     read_ds_config,
     reference_ds_config,
     resolve_batch_sizes,
     resolve_ds_config,
 )
-from dsdpo.errors import DsdpoError
-from dsdpo.train import step_batches
+from dsdpo.training.loop import step_batches
 from tests.run_helpers import REPO
 
 
@@ -323,7 +323,7 @@ def test_a_second_stop_signal_stops_at_once(second):
     import os
     import signal
 
-    from dsdpo.train import StoppedAtOnce, StopRequest
+    from dsdpo.training.loop import StoppedAtOnce, StopRequest
 
     stop = StopRequest()
     try:
@@ -339,8 +339,8 @@ def test_a_budget_whose_draws_cannot_fit_is_refused_before_start_up(tiny_gemma_d
     """Issue 20: --budget 1000000 was accepted and grew memory for minutes without a step."""
     import psutil
 
-    from dsdpo.demo import addition_pairs, write_jsonl
-    from dsdpo.train import DRAW_ROW_BYTES, plan_run
+    from dsdpo.training.demo import addition_pairs, write_jsonl
+    from dsdpo.training.loop import DRAW_ROW_BYTES, plan_run
 
     data = write_jsonl(addition_pairs(8), tmp_path / "pairs.jsonl")
     free = psutil.virtual_memory().available

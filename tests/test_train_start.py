@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dsdpo.demo import addition_pairs, write_jsonl
+from dsdpo.training.demo import addition_pairs, write_jsonl
 from tests.cli_helpers import run
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 

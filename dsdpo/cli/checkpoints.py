@@ -31,7 +31,7 @@ def export_command(checkpoint, out_dir, dtype, max_shard_size, trust_checkpoint)
     Runs on the CPU, one shard in memory at a time. The folder loads with transformers'
     from_pretrained and with every dsdpo command.
     """
-    from dsdpo.export import export_checkpoint
+    from dsdpo.runtime.export import export_checkpoint
 
     out = export_checkpoint(
         checkpoint, out_dir, dtype=dtype, max_shard_size=max_shard_size, trust_checkpoint=trust_checkpoint
@@ -52,8 +52,8 @@ def convert_checkpoint_command(checkpoint, out_dir, trust_checkpoint):
     """
     from pathlib import Path
 
-    from dsdpo.checkpoint import convert_to_universal
-    from dsdpo.export import resolve_checkpoint
+    from dsdpo.runtime.checkpoint import convert_to_universal
+    from dsdpo.runtime.export import resolve_checkpoint
 
     folder = resolve_checkpoint(checkpoint)
     out = Path(out_dir) if out_dir else folder.with_name(folder.name + "_universal")
@@ -78,7 +78,7 @@ def plot_command(runs, out, metrics):
     metric (needs matplotlib: pip install 'dsdpo[plot]')."""
     from pathlib import Path
 
-    from dsdpo.plot import plot_runs
+    from dsdpo.training.plot import plot_runs
 
     plot_runs([Path(run) for run in runs], Path(out), metrics)
     click.echo(f"wrote {out}")

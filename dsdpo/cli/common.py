@@ -119,7 +119,8 @@ def sampler_options(command):
 
 def sampler_settings(knobs: dict):
     """Take the sampler's options out of a command's keyword arguments: the SamplerConfig given
-    (fields not given are decided by the model, dsdpo.generate.sampler_for), checked before any model
+    (fields not given are decided by the model, dsdpo.evaluation.sampler.sampler_for), checked before any
+    model
     is loaded."""
     from dataclasses import fields
 
@@ -146,8 +147,8 @@ def _load_for_sampling(
     """Model (eval mode, on `device`), tokenizer, mask token id and the sampler's settings resolved
     for this model (said on stderr); the mask token and the settings are checked before the weights
     are read."""
-    from dsdpo.generate import sampler_for
-    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
+    from dsdpo.evaluation.sampler import sampler_for
+    from dsdpo.models.loading import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)

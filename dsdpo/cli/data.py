@@ -35,7 +35,7 @@ def init_tiny_command(out_dir, **options):
 
     The folder loads with transformers and with every dsdpo command; its config names the mask token.
     """
-    from dsdpo.tiny import init_tiny
+    from dsdpo.models.tiny import init_tiny
 
     folder = init_tiny(out_dir, **options)
     click.echo(f"wrote a tiny {options['arch']} model to {folder}")
@@ -67,7 +67,7 @@ def data_stats_command(
 
     from dsdpo.data.loading import load_preference_data
     from dsdpo.data.stats import data_stats, format_stats
-    from dsdpo.models import load_tokenizer
+    from dsdpo.models.loading import load_tokenizer
 
     examples, skipped = load_preference_data(file, skip_invalid=skip_invalid, split=split)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
@@ -151,11 +151,11 @@ def make_pairs_command(source, out, num, seed, mix, pairs_per_problem, **model_s
 def _make_on_policy_pairs(
     out, num, seed, settings, *, model_dir, problems, samples, prompt_template, batch_size, **knobs
 ):
-    from dsdpo.accuracy import check_prompt_template
-    from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
     from dsdpo.data.reasoning.pairs import write_jsonl
     from dsdpo.errors import DsdpoError
-    from dsdpo.on_policy import check_diversity, on_policy_pairs
+    from dsdpo.evaluation.accuracy import check_prompt_template
+    from dsdpo.evaluation.answers import load_problems_jsonl, load_reasoning_gym
+    from dsdpo.evaluation.on_policy import check_diversity, on_policy_pairs
 
     if not model_dir or not problems:
         raise DsdpoError("--source model needs --model DIR and --problems FILE (or reasoning-gym:NAME)")

@@ -35,7 +35,7 @@ def generate_command(model_dir, device, prompts, data, out, **knobs):
     Prints each answer, separated by a line of dashes, or writes them to --out.
     """
     from dsdpo.errors import DsdpoError
-    from dsdpo.generate import generate_text, read_prompts_jsonl
+    from dsdpo.evaluation.sampler import generate_text, read_prompts_jsonl
 
     if bool(prompts) == bool(data):
         raise DsdpoError("give prompts with --prompt or a file with --data, not both and not neither")
@@ -106,9 +106,9 @@ def eval_accuracy_command(
     import json
     from dataclasses import asdict
 
-    from dsdpo.accuracy import check_prompt_template, evaluate_accuracy
-    from dsdpo.answers import load_problems_jsonl, load_reasoning_gym
     from dsdpo.errors import DsdpoError
+    from dsdpo.evaluation.accuracy import check_prompt_template, evaluate_accuracy
+    from dsdpo.evaluation.answers import load_problems_jsonl, load_reasoning_gym
 
     if bool(data) == bool(gym_name):
         raise DsdpoError("give problems with --data or --reasoning-gym, not both and not neither")

@@ -81,7 +81,7 @@ def eval_harness_command(
 
     from dsdpo.errors import DsdpoError
     from dsdpo.evaluation.harness import DsdpoLM, check_tasks, run_tasks, sampler_record
-    from dsdpo.scoring import ScoreSettings
+    from dsdpo.objective.scoring import ScoreSettings
 
     task_names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not task_names:

@@ -111,8 +111,8 @@ def plan_cli(model, ds_config, card_name, no_checkpointing, as_json, ram_gib, gp
 
 
 def _checked_ds_config(path: str | Path, world_size: int, largest_parameter: int) -> dict:
-    """The trainer's own checks of a DeepSpeed config (dsdpo.ds_config), without its NVMe folder."""
-    from dsdpo.ds_config import read_ds_config, resolve_ds_config
+    """The trainer's own checks of a DeepSpeed config (dsdpo.runtime.ds_config), without its NVMe folder."""
+    from dsdpo.runtime.ds_config import read_ds_config, resolve_ds_config
 
     return resolve_ds_config(
         read_ds_config(path),

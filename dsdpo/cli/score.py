@@ -95,7 +95,7 @@ def _score_settings(knobs: dict):
     """ScoreSettings from the score options of that name (checked before any model is loaded)."""
     from dataclasses import fields
 
-    from dsdpo.evaluate import ScoreSettings
+    from dsdpo.evaluation.reports import ScoreSettings
 
     return ScoreSettings(**{f.name: knobs[f.name] for f in fields(ScoreSettings) if f.name in knobs})
 
@@ -107,7 +107,7 @@ def _load_scoring_inputs(model_dirs, knobs: dict):
     """
     from dsdpo.data import load_preference_data, tokenize_pairs
     from dsdpo.errors import DsdpoError
-    from dsdpo.models import load_config, load_model, load_tokenizer, resolve_mask_token_id
+    from dsdpo.models.loading import load_config, load_model, load_tokenizer, resolve_mask_token_id
 
     examples, skipped = load_preference_data(
         knobs["data"], split=knobs["split"], skip_invalid=knobs["skip_invalid"]
@@ -172,7 +172,7 @@ def _report_data_changes(source, counts: dict[str, int]) -> None:
     "loss_type",
     default=LOSS.type,
     show_default=True,
-    help="The preference loss reported (sigmoid = DPO); any loss type of training (dsdpo/loss.py).",
+    help="The preference loss reported (sigmoid = DPO); any loss type of training (dsdpo.objective.losses).",
 )
 @click.option(
     "--beta", default=LOSS.beta, show_default=True, help="β of the implicit rewards r = β(B̂_θ − B̂_ref)."
@@ -188,7 +188,7 @@ def eval_preference_command(model_dir, ref_dir, loss_type, beta, label_smoothing
     their difference is free of the noise they share. Reward accuracy counts pairs whose chosen reward
     beats the rejected one (a tie is not a win).
     """
-    from dsdpo.evaluate import evaluate_preference
+    from dsdpo.evaluation.reports import evaluate_preference
 
     loss = LossConfig(
         type=loss_type, beta=beta, label_smoothing=label_smoothing, reference_free=ref_dir is None
@@ -217,7 +217,7 @@ def score_command(model_dir, out, **knobs):
     An ELBO is the mean of --budget keyed draws; its standard error is their sample std / sqrt(budget)
     (null with --budget 1). Draws are keyed as in training (seed, "<id>:chosen"/"<id>:rejected", epoch 0).
     """
-    from dsdpo.evaluate import score_pairs
+    from dsdpo.evaluation.reports import score_pairs
 
     settings = _score_settings(knobs)
     pairs, models, ids = _load_scoring_inputs([model_dir], knobs)
@@ -244,7 +244,7 @@ def compare_command(base_dir, tuned_dir, beta, json_out, **knobs):
     reference), each with a 95% confidence interval mean ± 1.96·sd/sqrt(pairs) (normal approximation
     over pairs; the draw noise is in the per-pair values).
     """
-    from dsdpo.evaluate import compare_preference
+    from dsdpo.evaluation.reports import compare_preference
 
     settings = _score_settings(knobs)
     pairs, (base, tuned), ids = _load_scoring_inputs([base_dir, tuned_dir], knobs)
@@ -274,8 +274,8 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
     precision (bf16 for ds_configs/rtx4080*.json). Training checks each, the tokenizer and every
     pair's tokens, and names any difference.
     """
-    from dsdpo.models import load_tokenizer
-    from dsdpo.reference import precompute_reference_scores
+    from dsdpo.models.loading import load_tokenizer
+    from dsdpo.reference.interface import precompute_reference_scores
 
     settings = _score_settings(knobs)  # checks the draw options before any model is loaded
     pairs, models, ids = _load_scoring_inputs([ref_dir], knobs)

@@ -48,7 +48,7 @@ def build_config(values: dict, *, config_file: str | None, assignments: list[str
     source = config_file or "command line"
     ds_config = None
     if demo:
-        from dsdpo.demo import prepare_demo
+        from dsdpo.training.demo import prepare_demo
 
         output = Path(values["train__output"] or "runs/demo")
         model_dir, data_file = prepare_demo(output / "inputs")
@@ -98,7 +98,7 @@ def _train(
         ds_config = ds_config or demo_ds_config
         if not ds_config:
             raise DsdpoError("--ds_config is required (e.g. ds_configs/rtx4080.json), or use --demo")
-        from dsdpo.train import TrainingStopped, train
+        from dsdpo.training.loop import TrainingStopped, train
 
         try:
             metrics = train(

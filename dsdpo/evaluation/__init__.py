@@ -1,1 +1,3 @@
-"""Evaluation through outside frameworks: lm-evaluation-harness (harness)."""
+"""Evaluation: sampling (sampler, block_sampler), answers and their judging (answers, accuracy),
+preference reports and likelihood scores (reports), held-out evaluation during training (held_out),
+on-policy pairs (on_policy), and lm-evaluation-harness (harness)."""

@@ -5,14 +5,16 @@
     lm_eval.simple_evaluate(model="dsdpo", model_args="pretrained=DIR,gen_length=256", tasks=["gsm8k"])
 
 What each request type runs:
-- generate_until: the family's sampler (dsdpo.generate.generate; a block model's own, dsdpo.block_sampler),
+- generate_until: the family's sampler (dsdpo.evaluation.sampler.generate; a block model's own,
+dsdpo.evaluation.block_sampler),
   with the settings the LM was built with, as `dsdpo eval accuracy` samples: the answer is decoded up to
   its first stop token (EOS, end of turn), then cut before the first of the task's `until` strings. The
   task's other generation keywords (max_gen_toks, temperature, do_sample) are not read: the sampler's
   settings are the run's, the same for every task (LLaDA's own harness model does the same).
-- loglikelihood: the Monte Carlo ELBO (dsdpo.diffusion.elbo) of the continuation as the response to the
+- loglikelihood: the Monte Carlo ELBO (dsdpo.objective.elbo.elbo) of the continuation as the response to the
   context as the prompt, a lower bound on log p(continuation | context). Its draws are keyed on the
-  request's token ids and the seed (dsdpo.draws), so the same request gives the same number in any batch,
+  request's token ids and the seed (dsdpo.objective.draws), so the same request gives the same number in
+  any batch,
   task or run. is_greedy: whether greedy denoising (temperature 0, one token a step, the most confident
   first: LLaDA's suffix_greedy_prediction) reproduces the continuation, computed only with
   check_greedy=True; otherwise False, as LLaDA's published runs set is_check_greedy=False: it costs one
@@ -22,7 +24,8 @@ What each request type runs:
 
 Chat: with chat=True (and a tokenizer with a chat template) pass apply_chat_template=True to lm_eval
 (run_tasks does): lm_eval renders the context with the template (few-shot examples as turns), and the
-rendered text is tokenised without adding special tokens again, as dsdpo.generate.encode_prompt does.
+rendered text is tokenised without adding special tokens again, as dsdpo.evaluation.sampler.encode_prompt
+does.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from tqdm import tqdm
 from dsdpo.config import SamplerConfig
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import elbo
-from dsdpo.draws import draw_keys
 from dsdpo.errors import DsdpoError
-from dsdpo.generate import answer_texts, generate
-from dsdpo.scoring import ScoreSettings
+from dsdpo.evaluation.sampler import answer_texts, generate
+from dsdpo.objective.draws import draw_keys
+from dsdpo.objective.elbo import elbo
+from dsdpo.objective.scoring import ScoreSettings
 
 try:
     from lm_eval.api.model import LM
@@ -102,7 +105,7 @@ class DsdpoLM(LM):
         if tokenizer.pad_token_id is None:
             raise DsdpoError("the tokenizer has no pad token: loglikelihood batches cannot be padded")
         self.model, self.tokenizer, self.mask_token_id = model.eval(), tokenizer, mask_token_id
-        self.sampler = dict(sampler or {})  # dsdpo.generate.generate's keywords
+        self.sampler = dict(sampler or {})  # dsdpo.evaluation.sampler.generate's keywords
         self.chat = bool(chat and getattr(tokenizer, "chat_template", None))
         self.batch_size, self.check_greedy = batch_size, check_greedy
         self.score = score or ScoreSettings(batch_size=batch_size)  # the ELBO's draws and batching
@@ -135,7 +138,8 @@ class DsdpoLM(LM):
     ) -> DsdpoLM:
         """Load a Hugging Face folder or a dsdpo checkpoint as `dsdpo eval accuracy` loads it; `sampler`:
         some of SAMPLER_KNOBS, the others and `chat` (None) as the model gives them (the family's
-        published schedule, the chat template when its tokenizer has one: dsdpo.generate.sampler_for)."""
+        published schedule, the chat template when its tokenizer has one:
+        dsdpo.evaluation.sampler.sampler_for)."""
         from dsdpo.cli.common import _generator, _load_for_sampling, _resolve_device
 
         unknown = set(sampler) - set(SAMPLER_KNOBS)

@@ -14,7 +14,8 @@ transformers does. The conventions are what the scorer, the sampler, LoRA and lo
 - trunk and head: where the hidden states end and the output layer starts (the scorer runs the
   head only at masked positions);
 - blocks: a block-diffusion model (SDAR, LLaDA 2.x) names the config field of its block length and
-  its published sampler (dsdpo.block_sampler); its score is the block-diffusion ELBO (dsdpo.blocks,
+  its published sampler (dsdpo.evaluation.block_sampler); its score is the block-diffusion ELBO
+  (dsdpo.objective.blocks,
   docs/design.md, "The block-diffusion ELBO");
 - sampler: the gen length and block length its authors evaluate with (GSM8K), the sampler's defaults
   for its models (dsdpo.config.SamplerConfig.resolved); steps default to the gen length.
@@ -30,7 +31,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from dsdpo.block_sampler import BlockSampling
+from dsdpo.evaluation.block_sampler import BlockSampling
 from dsdpo.families.dream import DreamConfig, DreamModel
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
 from dsdpo.families.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM

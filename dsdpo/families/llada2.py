@@ -20,7 +20,8 @@ itself and hides padded keys, and a ready 4-D mask (boolean, or additive 0/-inf)
 The block length is not in the released config.json: dsdpo reads `block_size` there, 32 when absent
 (generate()'s default block_length and dFactory's block-diffusion SFT recipe).
 
-Its score is the block-diffusion ELBO (dsdpo.blocks): [noised ; clean] rows under the block-diffusion
+Its score is the block-diffusion ELBO (dsdpo.objective.blocks): [noised ; clean] rows under the
+block-diffusion
 mask, as dFactory's block-diffusion training feeds it (train_llada2_bd.py:122-166, 424-434).
 """
 
@@ -34,10 +35,10 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from dsdpo.blocks import block_causal_mask
 from dsdpo.errors import DsdpoError
 from dsdpo.families.layers import GatedMLP, RMSNorm, TrunkWithHead, attend, default_positions, rotary_tables
 from dsdpo.families.routing import RoutedExperts
+from dsdpo.objective.blocks import block_causal_mask
 
 
 class LLaDA2MoeConfig(PretrainedConfig):

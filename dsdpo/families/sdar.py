@@ -11,7 +11,7 @@ norm is flash-attn's fused kernel (51, 366-367): the weight is applied in fp32 a
 once, where LLaDA's and Dream's round before the weight.
 
 Its score is the block-diffusion ELBO (each block denoised given the clean blocks before it), which
-the scorer computes from [noised ; clean] rows under the block-diffusion mask (dsdpo.blocks), as
+the scorer computes from [noised ; clean] rows under the block-diffusion mask (dsdpo.objective.blocks), as
 SDAR's own training does (prepare_for_bd_training, 1069-1110): given a ready 4-D mask, the model
 uses it as it is. The published model takes every mask from its caller and ignores a 2-D padding
 mask; given none or a 2-D one, this one builds the block-causal mask itself and hides padded keys.
@@ -25,7 +25,6 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from dsdpo.blocks import block_causal_mask
 from dsdpo.errors import DsdpoError
 from dsdpo.families.layers import (
     RMSNorm,
@@ -35,6 +34,7 @@ from dsdpo.families.layers import (
     rotary_tables,
     self_attention,
 )
+from dsdpo.objective.blocks import block_causal_mask
 
 
 class SDARConfig(PretrainedConfig):

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dsdpo.logprobs import HEAD_SLICE_BYTES, MaskedTokenScorer
+from dsdpo.objective.logprobs import HEAD_SLICE_BYTES, MaskedTokenScorer
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -86,7 +86,7 @@ def measured_activation_bytes(
     model, inputs: dict, *, grad: bool = True, slice_bytes: int = HEAD_SLICE_BYTES
 ) -> int:
     """Peak bytes beyond parameters and their gradients of scoring `inputs` (and its backward), the
-    output layer in slices of `slice_bytes` (dsdpo.logprobs)."""
+    output layer in slices of `slice_bytes` (dsdpo.objective.logprobs)."""
     scorer = MaskedTokenScorer(model, head_slice_bytes=slice_bytes)
     model.zero_grad(set_to_none=True)
     mode = LiveTensorBytes()

@@ -22,7 +22,8 @@ dsdpo/families/layers.py (the other Llama-shaped models save the same tensors):
 
     output layer        12·m·V           m = min(M, s): of the M masked positions (the head runs at
                                          those only) one slice of s positions exists at a time
-                                         (dsdpo.logprobs, s·4·V ≤ HEAD_SLICE_BYTES), in backward too:
+                                         (dsdpo.objective.logprobs, s·4·V ≤ HEAD_SLICE_BYTES), in backward
+                                         too:
                                          the recomputed fp32 log-softmax, its gradient and the
                                          gradient of the logits
     with checkpointing  N·b·T·d + max(norm + output layer, layer + b·T·(2d + 2f))
@@ -35,9 +36,9 @@ against measured peaks (benchmarks/planner_accuracy.py).
 Compute and activations follow a mixture of experts' ACTIVE parameters (f above, the FLOPs in
 report.py), model states its TOTAL ones (every expert is partitioned, offloaded and trained).
 
-A block-diffusion model (SDAR, LLaDA 2.x) scores one forward of [noised ; clean] (dsdpo.blocks): a
+A block-diffusion model (SDAR, LLaDA 2.x) scores one forward of [noised ; clean] (dsdpo.objective.blocks): a
 row of S tokens is 2S tokens wide in every forward, in T above, in the attention's width and in
---max-tokens-per-forward's budget (dsdpo.diffusion.row_widths); its masked positions are the noised
+--max-tokens-per-forward's budget (dsdpo.objective.elbo.row_widths); its masked positions are the noised
 half's, as many as a plain row's.
 
 A forward without gradients keeps one block's transients, b·T·(3d + 3f) + 4·T·d, or one slice of
@@ -68,9 +69,9 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from dsdpo.ds_config import fill_swap_buffer_size
-from dsdpo.logprobs import HEAD_SLICE_BYTES, positions_per_slice
+from dsdpo.objective.logprobs import HEAD_SLICE_BYTES, positions_per_slice
 from dsdpo.planner.shapes import ModelShape
+from dsdpo.runtime.ds_config import fill_swap_buffer_size
 
 ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # data_types.grad_accum_dtype
 ADAM_BYTES = 12  # fp32 master weight, exp_avg, exp_avg_sq
@@ -385,7 +386,8 @@ def _boundary_items(z: ZeroSettings, b: int, partitions: list[int], accelerator:
     2.5e8 (_constant_buffered_norm2), then it is cast to fp32 (no new tensor when it is fp32 already).
     A CPU optimizer copies each cast into its sub-group's buffer at once; for an NVMe optimizer
     DeepSpeed would keep every cast until one swap-out at the end, and dsdpo swaps each sub-group out
-    as soon as its casts are made (dsdpo.engine.finalize_swapped_gradients), so one sub-group's are kept."""
+    as soon as its casts are made (dsdpo.runtime.engine.finalize_swapped_gradients), so one sub-group's are
+    kept."""
     if z.optimizer == "none":
         return []
     peak = 0.0
@@ -542,7 +544,8 @@ def memory_plan(
 
 @dataclass(frozen=True)
 class Sweeps:
-    """Parameter sweeps (forward or backward calls) of one optimizer step, as dsdpo.gradient counts them."""
+    """Parameter sweeps (forward or backward calls) of one optimizer step, as dsdpo.objective.gradient
+    counts them."""
 
     reference: int
     policy_no_grad: int

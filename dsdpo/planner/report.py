@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dsdpo.ds_config import precision
 from dsdpo.planner.cards import MATMUL_EFFICIENCY, Card
 from dsdpo.planner.memory import (
     ADAM_BYTES,
@@ -30,6 +29,7 @@ from dsdpo.planner.memory import (
     sweeps_per_step,
 )
 from dsdpo.planner.shapes import ModelShape, model_shape
+from dsdpo.runtime.ds_config import precision
 
 GIB = 2**30
 

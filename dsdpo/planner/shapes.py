@@ -113,7 +113,7 @@ def read_config(source: str | Path | PretrainedConfig | dict) -> PretrainedConfi
 
 
 def _meta_model(config: PretrainedConfig):
-    from dsdpo.models import build_from_config
+    from dsdpo.models.loading import build_from_config
 
     # A config of the folder's own code was loaded with --trust-remote-code: its model is that code too.
     remote = type(config).__module__.startswith("transformers_modules")

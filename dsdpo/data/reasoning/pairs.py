@@ -13,10 +13,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from dsdpo.answers import extract_final_answer, final_answer_line, is_correct
 from dsdpo.data.reasoning.sources import ReasoningProblem
 from dsdpo.data.reasoning.variants import KINDS, VARIANTS, WRONG_KINDS
 from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.answers import extract_final_answer, final_answer_line, is_correct
 
 DEFAULT_MIX = {"wrong_arithmetic": 0.4, "truncated_chain": 0.2, "missing_step": 0.2, "verbose": 0.2}
 INSTRUCTION = 'Solve step by step, then give the final answer on a last line "#### <answer>".'

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsdpo.answers import ANSWER_MARK, answers_match, extract_final_answer
 from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.answers import ANSWER_MARK, answers_match, extract_final_answer
 
 
 @dataclass

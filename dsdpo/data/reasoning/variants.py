@@ -16,8 +16,8 @@ from __future__ import annotations
 import random
 from fractions import Fraction
 
-from dsdpo.answers import answers_match, normalize
 from dsdpo.data.reasoning.arithmetic import carry_wrong_result, correct_equations
+from dsdpo.evaluation.answers import answers_match, normalize
 
 WRONG_KINDS = ("wrong_arithmetic", "truncated_chain")
 FLAWED_KINDS = ("missing_step", "verbose")

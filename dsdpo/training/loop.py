@@ -2,7 +2,7 @@
 
 One optimizer step consumes train_batch_size pairs: gradient_accumulation_steps micro-batches of
 train_micro_batch_size_per_gpu pairs on each rank. A micro-batch's draws are split into forward
-chunks by the scorer (dsdpo.gradient); the chunking never changes what a step means.
+chunks by the scorer (dsdpo.objective.gradient); the chunking never changes what a step means.
 """
 
 from __future__ import annotations
@@ -19,7 +19,33 @@ from typing import Any
 
 import yaml
 
-from dsdpo.checkpoint import (
+from dsdpo.config import Config
+from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
+from dsdpo.data.rows import examples_digest
+from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
+from dsdpo.families import block_size_of
+from dsdpo.families.routing import router_metrics, take_router_counts
+from dsdpo.models.loading import (
+    check_finite_weights,
+    check_model_folder,
+    copy_code_files,
+    load_config,
+    load_tokenizer,
+    resolve_mask_token_id,
+)
+from dsdpo.models.start import StartModels
+from dsdpo.objective.draws import pair_draws
+from dsdpo.objective.elbo import ScoringBatch
+from dsdpo.objective.gradient import MicroStep, preference_micro_step
+from dsdpo.objective.scoring import ScoreSettings
+from dsdpo.objective.sft import pad_completions_with_eos, sft_micro_step
+from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
+from dsdpo.planner.monitor import ResourceMonitor
+from dsdpo.planner.shapes import largest_parameter
+from dsdpo.reference.interface import PrecomputedReference, Reference, ReferenceSettings, as_reference
+from dsdpo.reference.refresh import load_reference, mix_reference, save_reference
+from dsdpo.runtime.checkpoint import (
     TrainState,
     check_checkpoint,
     config_differences,
@@ -30,13 +56,8 @@ from dsdpo.checkpoint import (
     step_tag,
     write_best,
 )
-from dsdpo.config import Config
-from dsdpo.data import PairBatcher, collate_pairs, load_preference_data, tokenize_pairs
-from dsdpo.data.rows import examples_digest
-from dsdpo.diffusion import ScoringBatch
-from dsdpo.dist import all_reduce_max, all_reduce_mean, barrier, device, launcher_rank_and_world
-from dsdpo.draws import pair_draws
-from dsdpo.ds_config import (
+from dsdpo.runtime.dist import all_reduce_max, all_reduce_mean, barrier, device, launcher_rank_and_world
+from dsdpo.runtime.ds_config import (
     fill_training_options,
     precision,
     read_ds_config,
@@ -44,28 +65,9 @@ from dsdpo.ds_config import (
     resolve_ds_config,
     schedule_summary,
 )
-from dsdpo.engine import build_engines, finalize_swapped_gradients, init_distributed
-from dsdpo.errors import DsdpoError
-from dsdpo.families import block_size_of
-from dsdpo.families.routing import router_metrics, take_router_counts
-from dsdpo.faults import crash_point
-from dsdpo.gradient import MicroStep, preference_micro_step
-from dsdpo.held_out import HeldOutAccuracy, HeldOutEvaluation, write_generations
-from dsdpo.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
-from dsdpo.models import (
-    check_finite_weights,
-    check_model_folder,
-    copy_code_files,
-    load_config,
-    load_tokenizer,
-    resolve_mask_token_id,
-)
-from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
-from dsdpo.planner.monitor import ResourceMonitor
-from dsdpo.planner.shapes import largest_parameter
-from dsdpo.reference import PrecomputedReference, Reference, ReferenceSettings, as_reference
-from dsdpo.reference_sync import load_reference, mix_reference, save_reference
-from dsdpo.run_folder import (
+from dsdpo.runtime.engine import build_engines, finalize_swapped_gradients, init_distributed
+from dsdpo.runtime.faults import crash_point
+from dsdpo.runtime.run_folder import (
     ABANDONED,
     BEST_FILE,
     METRICS_FILE,
@@ -76,9 +78,7 @@ from dsdpo.run_folder import (
     run_lock,
     set_aside_later_checkpoints,
 )
-from dsdpo.scoring import ScoreSettings
-from dsdpo.sft import pad_completions_with_eos, sft_micro_step
-from dsdpo.start_models import StartModels
+from dsdpo.training.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class RunPlan:
     data_digest: str  # examples_digest of the data: a checkpoint records it, a resume checks it
     summary: str
     eval_pairs: list | None = None  # held-out pairs, tokenised as the training pairs are
-    eval_problems: list | None = None  # --eval-problems: held-out problems (dsdpo.answers.Problem)
+    eval_problems: list | None = None  # --eval-problems: held-out problems (dsdpo.evaluation.answers.Problem)
     notes: list[str] = field(default_factory=list)  # said once the run's log is open
     model_folder: Path | None = None  # the folder of config.json and the tokenizer (a checkpoint's hf/)
     start_models: StartModels | None = None  # the folders the engines load (a checkpoint's export)
@@ -297,11 +297,11 @@ def _resolve_eval_sampler(
     config: Config, hf_config, tokenizer, examples: list, *, is_rank0: bool
 ) -> list[str]:
     """The held-out sampler's settings for this model, every field set (the model family's published
-    schedule, the chat template when the tokenizer has one: dsdpo.generate.sampler_for) as
+    schedule, the chat template when the tokenizer has one: dsdpo.evaluation.sampler.sampler_for) as
     train_config.yaml then records them; --pad-responses-to auto as its gen length. A warning (now,
     before the start-up) when the held-out problems' prompts are given otherwise than the training
     prompts: conversational rows are rendered with the chat template, plain ones as they are."""
-    from dsdpo.generate import sampler_for
+    from dsdpo.evaluation.sampler import sampler_for
 
     config.eval_sampler = sampler_for(config.eval_sampler, hf_config, tokenizer, section="eval_sampler")
     if config.data.pad_responses_to == "auto":
@@ -349,7 +349,8 @@ DRAW_ROW_BYTES = (
 
 
 def _check_draws_fit(config: Config, micro_batch: int) -> None:
-    """A micro-batch's draws (dsdpo.draws: 2 responses × P pairs × budget rows, counted as max_length
+    """A micro-batch's draws (dsdpo.objective.draws: 2 responses × P pairs × budget rows, counted as
+    max_length
     positions wide) fit in half the free memory: an absurd --budget is refused here, not after minutes
     of growing memory before the first step. An estimate, per rank: rows counted at max_length (an
     upper bound), a trajectory estimator's extra rows per draw not counted."""
@@ -367,7 +368,7 @@ def _check_draws_fit(config: Config, micro_batch: int) -> None:
 
 
 def _sft_canvas(config: Config, pairs: list, tokenizer) -> list:
-    """SFT: each data set's completions padded with EOS once, before batching (dsdpo.sft)."""
+    """SFT: each data set's completions padded with EOS once, before batching (dsdpo.objective.sft)."""
     if not config.loss.supervised:
         return pairs
     return pad_completions_with_eos(pairs, tokenizer.eos_token_id, config.data.max_length)
@@ -377,7 +378,7 @@ def _held_out_problems(config: Config) -> list | None:
     """The first eval_num_problems rows of --eval-problems, read before start-up."""
     if not config.train.eval_problems:
         return None
-    from dsdpo.answers import load_problems_jsonl
+    from dsdpo.evaluation.answers import load_problems_jsonl
 
     return load_problems_jsonl(config.train.eval_problems, config.train.eval_num_problems)
 
@@ -420,7 +421,7 @@ def train(
 ) -> dict[str, float]:
     """Run (or resume) training; return the last step's metrics. `trust_checkpoint` lets the
     checkpoint resumed from (or started from, as --model or --ref-model) hold pickled code
-    (dsdpo.safe_load)."""
+    (dsdpo.runtime.safe_load)."""
     plan = plan_run(
         config, ds_config_path, nvme_path=nvme_path, resume=resume, trust_checkpoint=trust_checkpoint
     )
@@ -454,7 +455,7 @@ class Trainer:
                 model_config, plan.ds_config, with_reference=with_reference, seed=config.train.seed
             )
         self.policy = self.engines.policy
-        # A block model's forward row is [noised ; clean]: twice its sequence (dsdpo.blocks).
+        # A block model's forward row is [noised ; clean]: twice its sequence (dsdpo.objective.blocks).
         self.row_copies = 1 if block_size_of(plan.hf_config) is None else 2
         # The one place that says which of the four references this run has (docs/design.md,
         # "Reference model: four ways"); the steps only ask it for terms.

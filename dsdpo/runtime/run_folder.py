@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dsdpo.checkpoint import BEST_FILE, LATEST_FILE, STEP_PATTERN
 from dsdpo.errors import DsdpoError
+from dsdpo.runtime.checkpoint import BEST_FILE, LATEST_FILE, STEP_PATTERN
 
 METRICS_FILE = "metrics.jsonl"
 # What a run writes at the top of its folder; --overwrite removes these (and step_* folders) only.

@@ -18,19 +18,19 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from dsdpo.build_locks import (
+from dsdpo.config import ModelConfig
+from dsdpo.errors import DsdpoError
+from dsdpo.families import family_of_model, lora_targets
+from dsdpo.models.freeze import FreezeReport, freeze
+from dsdpo.models.loading import disable_dropout, load_model
+from dsdpo.objective.logprobs import MaskedTokenScorer
+from dsdpo.runtime.ds_config import precision, reference_ds_config
+from dsdpo.runtime.leftovers import (
     SHARED_MEMORY,
     clear_stale_build_locks,
     clear_stale_shared_buffers,
     quiet_cached_op_loads,
 )
-from dsdpo.config import ModelConfig
-from dsdpo.ds_config import precision, reference_ds_config
-from dsdpo.errors import DsdpoError
-from dsdpo.families import family_of_model, lora_targets
-from dsdpo.freeze import FreezeReport, freeze
-from dsdpo.logprobs import MaskedTokenScorer
-from dsdpo.models import disable_dropout, load_model
 
 
 def _free_port() -> int:
@@ -60,7 +60,7 @@ def init_distributed() -> None:
 
 
 def _unlink_shared_allreduce_buffer() -> None:
-    """Remove the name of this rank's /dev/shm all-reduce buffer (dsdpo.build_locks), keeping the
+    """Remove the name of this rank's /dev/shm all-reduce buffer (dsdpo.runtime.leftovers), keeping the
     buffer: every rank opens every rank's file inside deepspeed.init_distributed, so after a barrier
     the names can go, and the mappings live until the process exits. A run that crashes or is killed
     later leaves nothing behind.
@@ -97,7 +97,7 @@ class Engines:
 def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     """Load a model straight into ZeRO-3 partitions (never whole on one rank)."""
     if not (Path(path) / "config.json").is_file():
-        # plan_run checked the folders and exported a checkpoint given as one (dsdpo.start_models)
+        # plan_run checked the folders and exported a checkpoint given as one (dsdpo.models.start)
         raise DsdpoError(f"{path}: not a Hugging Face model folder (no config.json)")
     hf_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
     dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32
@@ -107,7 +107,7 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
 
 class AdapterDisabledReference:
     """The reference of a LoRA run: the policy engine with its adapters switched off (docs/design.md,
-    "Reference model: four ways"). Called like an engine, under no_grad, by dsdpo.gradient."""
+    "Reference model: four ways"). Called like an engine, under no_grad, by dsdpo.objective.gradient."""
 
     def __init__(self, policy_engine):
         self.policy = policy_engine

@@ -25,7 +25,7 @@ TRUST_HINT = "pass --trust-checkpoint only if you trust whoever wrote it"
 def deepspeed_checkpoint_types() -> list[type]:
     """The non-tensor types in a ZeRO-3 checkpoint's optimizer shards (and a universal checkpoint's
     optimizer_state.pt), fp32 or bf16: the stage marker and the static loss scaler, pickled whole.
-    (fp16's DynamicLossScaler never appears: dsdpo.ds_config refuses fp16.)"""
+    (fp16's DynamicLossScaler never appears: dsdpo.runtime.ds_config refuses fp16.)"""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 

@@ -7,7 +7,7 @@ sum, c_r = weight_r / n; see diffusion.row_weights):
     ∂ℓ/∂θ = Σ_responses (∂ℓ/∂B̂) ∇B̂ = Σ_rows (∂ℓ/∂B̂_{example(r)}) c_r ∇s_r
 
 Pass 1 computes every s_r without gradients (policy and reference), hence B̂, ℓ and g = ∂ℓ/∂B̂ by
-autograd on the scores alone (so any loss in dsdpo.loss works). Pass 2 recomputes the policy rows
+autograd on the scores alone (so any loss in dsdpo.objective.losses works). Pass 2 recomputes the policy rows
 chunk by chunk with gradients and backprops Σ_r g c_r s_r. When all rows fit in one chunk, one
 forward with gradients does both. Peak activation memory is one chunk whatever the budget.
 
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dsdpo.diffusion import (
+from dsdpo.objective.draws import Draws
+from dsdpo.objective.elbo import (
     ScoringBatch,
     draw_terms,
     forward_rows,
@@ -38,11 +39,10 @@ from dsdpo.diffusion import (
     row_widths,
     standard_error,
 )
-from dsdpo.dist import all_reduce_max
-from dsdpo.draws import Draws
-from dsdpo.loss import LossConfig, LossOutput, preference_loss
-from dsdpo.reference import Reference
-from dsdpo.scoring import no_grad_row_sums, padded_calls
+from dsdpo.objective.losses import LossConfig, LossOutput, preference_loss
+from dsdpo.objective.scoring import no_grad_row_sums, padded_calls
+from dsdpo.reference.interface import Reference
+from dsdpo.runtime.dist import all_reduce_max
 
 
 @dataclass
@@ -185,7 +185,7 @@ def preference_micro_step(
 ) -> MicroStep:
     """Score a micro-batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected) and backprop its loss.
 
-    `reference` gives the per-draw reference terms (dsdpo.reference: an engine, the adapter-off
+    `reference` gives the per-draw reference terms (dsdpo.reference.interface: an engine, the adapter-off
     policy, precomputed terms of `example_ids` at `epoch`, or none). It scores `draws` too
     (antithetic, the default), or its own `reference_draws` (an ablation of VRPO: no shared noise).
 

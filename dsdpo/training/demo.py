@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from dsdpo.tiny import init_tiny
+from dsdpo.models.tiny import init_tiny
 
 
 def addition_pairs(count: int, seed: int = 0) -> list[dict]:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dsdpo.dist import all_reduce_max
 from dsdpo.errors import DsdpoError
 from dsdpo.families import attribute, block_size_of_model, family_of, family_of_model, source_positions
-from dsdpo.models import is_remote_code
-from dsdpo.padding import distinct_lengths, ignores_padding, logits_without_padding
+from dsdpo.models.loading import is_remote_code
+from dsdpo.models.padding import distinct_lengths, ignores_padding, logits_without_padding
+from dsdpo.runtime.dist import all_reduce_max
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ class MaskedTokenScorer(nn.Module):
     This is the module a DeepSpeed engine wraps, so that ZeRO-3's hooks see one root forward call.
     A family's logit shift is applied here (Dream reads token i's logits at position i-1). A model
     with its own code is probed once for whether it ignores the padding mask; if it does, its rows
-    run without padding (dsdpo.padding). A block model's rows come as [noised ; clean] with their
-    positions and a ready 4-D mask (dsdpo.blocks): the scored positions are in the noised copy.
+    run without padding (dsdpo.models.padding). A block model's rows come as [noised ; clean] with their
+    positions and a ready 4-D mask (dsdpo.objective.blocks): the scored positions are in the noised copy.
     """
 
     def __init__(self, model: nn.Module, head_slice_bytes: int = HEAD_SLICE_BYTES):
@@ -163,7 +163,7 @@ class MaskedTokenScorer(nn.Module):
         if (self.block_size is None) != (position_ids is None):  # every scoring path comes through here
             raise DsdpoError(
                 "a block-diffusion model scores [noised ; clean] rows of block draws, any other model plain "
-                "rows: these draws were made for another kind of model (dsdpo.draws, block_size)"
+                "rows: these draws were made for another kind of model (dsdpo.objective.draws, block_size)"
             )
         rows, positions = scored.nonzero(as_tuple=True)
         # Only block rows carry positions (both copies share them); remote code may not take the argument.
@@ -197,7 +197,9 @@ class MaskedTokenScorer(nn.Module):
         slice_positions = positions_per_slice(output_size(self.model, head, states), self.head_slice_bytes)
         states, targets = states[rows, sources], targets[rows, positions]
         token_logprobs = target_logprobs(head, states, targets, slice_positions)
-        if scored.is_floating_point():  # a block model's per-position weights L_b / l (dsdpo.blocks)
+        if (
+            scored.is_floating_point()
+        ):  # a block model's per-position weights L_b / l (dsdpo.objective.blocks)
             token_logprobs = token_logprobs * scored[rows, positions].float()
         per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
         return per_row.index_add(0, rows, token_logprobs)

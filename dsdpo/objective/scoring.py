@@ -6,7 +6,7 @@
 `score_pairs` scores a data set with a plain module (evaluation, `dsdpo score`, the precomputed
 reference); `engine_terms` scores one batch with a ZeRO-3 engine in step with the other ranks (the
 reference during training, held-out evaluation). Both key their draws as training does
-(`dsdpo.draws.pair_draws`), so two models scored with the same settings see the same masks
+(`dsdpo.objective.draws.pair_draws`), so two models scored with the same settings see the same masks
 (antithetic, docs/design.md, "VRPO: variance-reduced preference scores (LLaDA 1.5)").
 """
 
@@ -23,7 +23,10 @@ from tqdm import tqdm
 from dsdpo.config import ESTIMATORS
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import (
+from dsdpo.errors import DsdpoError
+from dsdpo.families import block_size_of_model
+from dsdpo.objective.draws import Draws, pair_draws
+from dsdpo.objective.elbo import (
     ScoringBatch,
     draw_terms,
     forward_rows,
@@ -31,10 +34,7 @@ from dsdpo.diffusion import (
     row_logprob_sums,
     standard_error,
 )
-from dsdpo.dist import all_reduce_max
-from dsdpo.draws import Draws, pair_draws
-from dsdpo.errors import DsdpoError
-from dsdpo.families import block_size_of_model
+from dsdpo.runtime.dist import all_reduce_max
 
 
 def padded_calls(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:

@@ -5,11 +5,11 @@ change of `eval/*` between two evaluations is the policy's, not Monte Carlo nois
 sees those draws too (antithetic, docs/design.md, "VRPO"). The engines are ZeRO-3's, so every rank
 scores every held-out pair, in step with the others (each forward gathers parameters collectively).
 
-Preference runs log TRL's metrics of dsdpo.evaluate (eval/loss, eval/rewards/accuracies, ...), SFT
+Preference runs log TRL's metrics of dsdpo.evaluation.reports (eval/loss, eval/rewards/accuracies, ...), SFT
 runs the held-out NLL per response token (eval/loss) and mean ELBO (eval/logps/chosen).
 
 `--eval-problems FILE` adds generation accuracy (HeldOutAccuracy): the policy answers held-out
-problems with LLaDA's sampler (dsdpo.generate; the section eval_sampler sets it), seeded with the
+problems with LLaDA's sampler (dsdpo.evaluation.sampler; the section eval_sampler sets it), seeded with the
 run's seed at every evaluation, and each answer is judged as `dsdpo eval accuracy` judges
 (eval/accuracy with its 95% Wilson interval).
 Every rank generates every answer, so the ZeRO-3 forwards stay in lockstep.
@@ -25,18 +25,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dsdpo.accuracy import AccuracyReport, judge
-from dsdpo.answers import Problem
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import ScoringBatch
-from dsdpo.dist import device, world_size
-from dsdpo.draws import pair_draws
-from dsdpo.evaluate import preference_report
-from dsdpo.generate import cut_at_stop, encode_prompt, generate, stop_ids_of
-from dsdpo.loss import LossConfig, sft_losses
-from dsdpo.reference import PrecomputedReference, Reference
-from dsdpo.scoring import PairScores, ScoreSettings, engine_terms
+from dsdpo.evaluation.accuracy import AccuracyReport, judge
+from dsdpo.evaluation.answers import Problem
+from dsdpo.evaluation.reports import preference_report
+from dsdpo.evaluation.sampler import cut_at_stop, encode_prompt, generate, stop_ids_of
+from dsdpo.objective.draws import pair_draws
+from dsdpo.objective.elbo import ScoringBatch
+from dsdpo.objective.losses import LossConfig, sft_losses
+from dsdpo.objective.scoring import PairScores, ScoreSettings, engine_terms
+from dsdpo.reference.interface import PrecomputedReference, Reference
+from dsdpo.runtime.dist import device, world_size
 
 EVAL_BATCH = 8  # held-out pairs scored together (and problems answered together)
 GENERATIONS = "eval_generations"  # --eval-problems: OUTPUT/eval_generations/step_NNNNNN.jsonl
@@ -56,7 +56,7 @@ class HeldOutEvaluation:
         pad_token_id: int,
         block_size: int | None = None,
     ):
-        self.pairs = list(pairs)  # SFT: completions already padded with EOS (plan_run, dsdpo.sft)
+        self.pairs = list(pairs)  # SFT: completions already padded with EOS (plan_run, dsdpo.objective.sft)
         self.loss = loss
         self.settings = replace(settings, epoch=0)  # the same draws at every evaluation
         self.max_tokens = max_tokens_no_grad
@@ -153,7 +153,7 @@ class HeldOutAccuracy:
 
     @torch.no_grad()
     def run(self, policy) -> tuple[dict[str, float], list[dict]]:
-        """`policy`: the training engine (its module is a dsdpo.logprobs.MaskedTokenScorer)."""
+        """`policy`: the training engine (its module is a dsdpo.objective.logprobs.MaskedTokenScorer)."""
         model = policy.module.model
         was_training = model.training
         model.eval()

@@ -18,9 +18,9 @@ from pathlib import Path
 from torch import nn
 from tqdm import tqdm
 
-from dsdpo.answers import Problem, extract_answer
 from dsdpo.errors import DsdpoError
-from dsdpo.generate import generate_text
+from dsdpo.evaluation.answers import Problem, extract_answer
+from dsdpo.evaluation.sampler import generate_text
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 

@@ -24,9 +24,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dsdpo.checkpoint import cast_weight, is_checkpoint, resolve_checkpoint, verify_checkpoint, weight_sources
 from dsdpo.errors import DsdpoError
 from dsdpo.families import family_of, family_of_folder
+from dsdpo.runtime.checkpoint import (
+    cast_weight,
+    is_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+    weight_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +99,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load the denoiser in `path` for scoring or training: a Hugging Face folder, or a dsdpo
     checkpoint (a step_NNNNNN folder, or a run folder whose `latest` names one), whose shards must
-    hold only weights unless `trust_checkpoint` (dsdpo.safe_load)."""
+    hold only weights unless `trust_checkpoint` (dsdpo.runtime.safe_load)."""
     config = load_config(path, trust_remote_code=trust_remote_code)
     if isinstance(dtype, str):
         if dtype not in DTYPES:

@@ -38,8 +38,8 @@ import torch
 
 from dsdpo import __version__
 from dsdpo.errors import DsdpoError
-from dsdpo.faults import crash_point
-from dsdpo.safe_load import check_checkpoint_pickles
+from dsdpo.runtime.faults import crash_point
+from dsdpo.runtime.safe_load import check_checkpoint_pickles
 
 STATE_FILE = "dsdpo_state.json"
 LATEST_FILE = "latest"
@@ -104,7 +104,7 @@ def save_checkpoint(
     then renamed to step_NNNNNN: a crash leaves a .partial folder that nothing reads (the next save
     of that step removes it), and an existing step_NNNNNN (a re-save of a step) is replaced whole,
     never mixed with new shards. `save_extra(folder)`, called on every rank before the checkpoint is
-    marked complete, writes what else a resume needs (a refreshed reference, dsdpo.reference_sync).
+    marked complete, writes what else a resume needs (a refreshed reference, dsdpo.reference.refresh).
     `best`: this checkpoint becomes the one `best` names (before pruning, which spares it).
     A write that fails (a full disk) is an error saying so; `latest` still names the last good one.
     """
@@ -189,7 +189,7 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 def verify_checkpoint(folder: Path, *, trust_checkpoint: bool) -> None:
     """Before any shard is read: every file matches the digest recorded at save (an error naming the
-    first that does not), and holds only data unless `trust_checkpoint` (dsdpo.safe_load)."""
+    first that does not), and holds only data unless `trust_checkpoint` (dsdpo.runtime.safe_load)."""
     digests = check_checkpoint(folder).get("digests")
     if digests is None:
         print(
@@ -352,7 +352,7 @@ def load_checkpoint(
     """Load weights, optimizer and scheduler into `engine`; return the train state and saved config.
 
     A universal checkpoint needs `"checkpoint": {"load_universal": true}` in the engine's config.
-    Shards holding more than data are refused unless `trust_checkpoint` (dsdpo.safe_load).
+    Shards holding more than data are refused unless `trust_checkpoint` (dsdpo.runtime.safe_load).
     """
     meta = check_checkpoint(folder)
     if meta["world_size"] != world_size and not meta.get("universal"):
@@ -374,7 +374,7 @@ def load_checkpoint(
     return TrainState(**client_state["dsdpo"]), meta["config"]
 
 
-# --- reading a checkpoint's weights (dsdpo.models.load_model, dsdpo export) ---
+# --- reading a checkpoint's weights (dsdpo.models.loading.load_model, dsdpo export) ---
 
 # The engine wraps the model in MaskedTokenScorer, whose only child is `model`.
 WRAPPER_PREFIX = "model."

@@ -5,8 +5,8 @@ cross-entropy weighted by 1/t, with the ELBO of a response
 
     B̂(y | x) = (1/n) Σ_k Σ_{i masked in draw k} w_k log p_θ(y_i | x, y_masked_k)
 
-(dsdpo.diffusion: w_k = 1/t for one_over_t, L/l for l_over_L, the lower-variance form of the same
-bound). The loss of a micro-batch of P completions is dsdpo.loss.sft_losses, averaged:
+(dsdpo.objective.elbo: w_k = 1/t for one_over_t, L/l for l_over_L, the lower-variance form of the same
+bound). The loss of a micro-batch of P completions is dsdpo.objective.losses.sft_losses, averaged:
 
     TRL's sft (default)         −Σ_p B̂(y_p) / Σ_p |y_p|       the NLL per token of the micro-batch
     LLaDA's (sft_per_response)  −(1/P) Σ_p B̂(y_p) / |y_p|     each response's NLL per token, averaged
@@ -15,7 +15,7 @@ Both are linear in the rows' log-probability sums, so each chunk of draws backpr
 the sum of the chunks' gradients is exact: no first pass, no reference. Under gradient accumulation
 and several ranks the step's gradient is the mean over micro-batches of each one's loss, so TRL's token
 count is that of each micro-batch on each rank, as in TRL's DPOTrainer (its compute_loss ignores
-num_items_in_batch). The same value is the `sft` term of dsdpo.loss on a pair's chosen side.
+num_items_in_batch). The same value is the `sft` term of dsdpo.objective.losses on a pair's chosen side.
 
 As in LLaDA's SFT (Nie et al. 2025, appendix B), completions are padded with EOS (here to the longest
 of the data set, within --max-length, so that the loss does not depend on the micro-batching; LLaDA
@@ -31,12 +31,12 @@ from dataclasses import replace
 import torch
 
 from dsdpo.data.tokenize import TokenizedPair, eos_filled
-from dsdpo.diffusion import ScoringBatch, draw_terms, forward_rows, plan_chunks
-from dsdpo.dist import all_reduce_max
-from dsdpo.draws import Draws
-from dsdpo.gradient import MicroStep
-from dsdpo.loss import sft_losses
-from dsdpo.scoring import padded_calls
+from dsdpo.objective.draws import Draws
+from dsdpo.objective.elbo import ScoringBatch, draw_terms, forward_rows, plan_chunks
+from dsdpo.objective.gradient import MicroStep
+from dsdpo.objective.losses import sft_losses
+from dsdpo.objective.scoring import padded_calls
+from dsdpo.runtime.dist import all_reduce_max
 
 
 def pad_completions_with_eos(

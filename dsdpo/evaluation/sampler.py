@@ -15,7 +15,8 @@ layer a slice at a time"): memory does not grow with the canvas times the vocabu
 
 Prompts of different lengths are left-padded so every answer starts at the same column. Padding is
 hidden from every query (a key-padding mask, 4D for bidirectional decoders, see
-dsdpo.logprobs.bidirectional_attention_mask) and position ids restart at each row's first real token,
+dsdpo.objective.logprobs.bidirectional_attention_mask) and position ids restart at each row's first real
+token,
 so a row decodes as it would alone.
 """
 
@@ -31,19 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsdpo.block_sampler import block_generate
 from dsdpo.config import REMASKING, SamplerConfig, check_schedule
 from dsdpo.errors import DsdpoError
+from dsdpo.evaluation.block_sampler import block_generate
 from dsdpo.families import FAMILIES, block_size_of_model, family_of, family_of_model, source_positions
-from dsdpo.logprobs import (
+from dsdpo.models.loading import is_remote_code
+from dsdpo.models.padding import ignores_padding, logits_without_padding
+from dsdpo.objective.logprobs import (
     bidirectional_attention_mask,
     output_size,
     position_slices,
     positions_per_slice,
     trunk_and_head,
 )
-from dsdpo.models import is_remote_code
-from dsdpo.padding import ignores_padding, logits_without_padding
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 @dataclass(frozen=True)
 class Denoised:
     """One forward pass over the canvas, stopped before the output layer where the model lets it be
-    split off (dsdpo.logprobs.trunk_and_head): then `states` are the final hidden states and `head` is
+    split off (dsdpo.objective.logprobs.trunk_and_head): then `states` are the final hidden states and
+    `head` is
     the output layer; any other model gives its logits as states and an identity head."""
 
     states: Tensor  # [B, S, d] hidden states, or [B, S, V] logits
@@ -156,7 +158,7 @@ def _padded_inputs(model: nn.Module, module: nn.Module, canvas: Tensor, attentio
 
 
 def _ignores_padding(model: nn.Module, canvas: Tensor) -> bool:
-    """Probed once per model with its own code (dsdpo.padding); other models honour the mask."""
+    """Probed once per model with its own code (dsdpo.models.padding); other models honour the mask."""
     if not is_remote_code(model):
         return False
     if not hasattr(model, "_dsdpo_ignores_padding"):
@@ -227,7 +229,7 @@ def propose(
 ) -> tuple[Tensor, Tensor]:
     """([n] proposed tokens, [n] their remasking scores) at the positions (rows, columns).
 
-    A slice of positions at a time (dsdpo.logprobs.HEAD_SLICE_BYTES): the logits and their float64
+    A slice of positions at a time (dsdpo.objective.logprobs.HEAD_SLICE_BYTES): the logits and their float64
     copies exist for one slice only.
     """
     tokens, scores = [], []
@@ -298,7 +300,8 @@ def _block_model_answers(
     stop_token_ids: Sequence[int],
     device: torch.device | None,
 ) -> Tensor:
-    """[B, gen_length] answers of a block model by its own sampler (dsdpo.block_sampler), one prompt at
+    """[B, gen_length] answers of a block model by its own sampler (dsdpo.evaluation.block_sampler), one
+    prompt at
     a time: its blocks count from position 0 of each row, so rows of other prompt lengths do not align.
     This sampler's options map onto it: the blocks are the model's own (config.json's block size,
     whatever block_length says: a block model denoises no other), `steps` keep their number per answer

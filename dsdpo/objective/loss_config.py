@@ -1,5 +1,6 @@
 """The preference loss's settings (LossConfig) and the names of the losses: importable without torch,
-so that the command line is built without loading it. The losses themselves are in dsdpo.loss, which
+so that the command line is built without loading it. The losses themselves are in dsdpo.objective.losses,
+which
 checks that it implements exactly LOSS_TYPES."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 from dsdpo.errors import DsdpoError
 
-# dsdpo.loss.LOSSES implements each, in this order (formulas in dsdpo/loss.py, docs/losses.md)
+# dsdpo.objective.losses.LOSSES implements each, in this order (formulas there and in docs/losses.md)
 LOSS_TYPES = (
     "sigmoid",
     "ipo",
@@ -93,7 +94,7 @@ class LossConfig:
         0.0, "add lambda * max(0, B_ref(chosen) - B_policy(chosen)): keeps the chosen likelihood up"
     )
     chosen_floor_per_token: bool = _setting(False, "the floor's gap per token")
-    # per_draw: Diffusion-DPO's mean over draws k of the loss of the draw-k terms (dsdpo.gradient).
+    # per_draw: Diffusion-DPO's mean over draws k of the loss of the draw-k terms (dsdpo.objective.gradient).
     objective: str = _setting(
         "sequence",
         "sequence: the loss of the Monte Carlo scores; per_draw: Diffusion-DPO's mean of the per-draw "
@@ -107,7 +108,7 @@ class LossConfig:
 
     @property
     def supervised(self) -> bool:
-        """`--loss sft` alone: SFT on completions (dsdpo.sft), no rejected side and no reference."""
+        """`--loss sft` alone: SFT on completions (dsdpo.objective.sft), no rejected side and no reference."""
         return self.types == ("sft",) and not (self.sft_weight or self.chosen_floor)
 
     @property

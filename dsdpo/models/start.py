@@ -14,8 +14,8 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from dsdpo.checkpoint import is_checkpoint, resolve_checkpoint
 from dsdpo.config import ModelConfig
+from dsdpo.runtime.checkpoint import is_checkpoint, resolve_checkpoint
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class StartModels:
     @classmethod
     def of(cls, model: ModelConfig, precision: str, *, trust_checkpoint: bool = False) -> StartModels:
         """Export every checkpoint among `model`'s path and reference_path (once if both name it)."""
-        from dsdpo.export import export_checkpoint
+        from dsdpo.runtime.export import export_checkpoint
 
         folders: dict[str, str] = {}
         notes, exports = [], []

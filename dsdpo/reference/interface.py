@@ -38,10 +38,10 @@ from torch import Tensor, nn
 
 from dsdpo import __version__
 from dsdpo.data.tokenize import TokenizedPair, tokenizer_fingerprint
-from dsdpo.diffusion import ScoringBatch
-from dsdpo.draws import Draws
 from dsdpo.errors import DsdpoError
-from dsdpo.scoring import ScoreSettings, engine_terms, score_pairs
+from dsdpo.objective.draws import Draws
+from dsdpo.objective.elbo import ScoringBatch
+from dsdpo.objective.scoring import ScoreSettings, engine_terms, score_pairs
 
 
 class Reference:
@@ -75,7 +75,7 @@ class NoReference(Reference):
 
 
 class ModelReference(Reference):
-    """A model called like an engine (the reference engine, or dsdpo.engine.AdapterDisabledReference):
+    """A model called like an engine (the reference engine, or dsdpo.runtime.engine.AdapterDisabledReference):
     it scores the draws it is given, without gradients, in chunks of at most `max_tokens`."""
 
     def __init__(self, model):

@@ -9,7 +9,7 @@ away, with no output.
 Shared-memory buffers. Under the `deepspeed` launcher the CPU accelerator's communication op maps a
 66 MB file per rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (DeepSpeed's
 csrc/cpu/comm/shm.cpp), and never removes it: RAM lost until reboot, 19 GB after a day of test runs,
-until the machine's memory ran out. dsdpo.engine removes its own ranks' names once every rank has
+until the machine's memory ran out. dsdpo.runtime.engine removes its own ranks' names once every rank has
 mapped them; runs from before that, or of other programs, are cleared here.
 
 Either file, when no process on this machine holds it open, is such a leftover: it is removed (said

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dsdpo.checkpoint import (
+from dsdpo.errors import DsdpoError
+from dsdpo.models.loading import DTYPES, check_config_fits_weights, load_checkpoint_model
+from dsdpo.runtime.checkpoint import (
     ADAPTER_CONFIG,
     cast_weight,
     is_checkpoint,
@@ -21,10 +23,8 @@ from dsdpo.checkpoint import (
     verify_checkpoint,
     weight_sources,
 )
-from dsdpo.errors import DsdpoError
-from dsdpo.models import DTYPES, check_config_fits_weights, load_checkpoint_model
 
-# Re-exported: checkpoint reading lives in dsdpo.checkpoint, model building in dsdpo.models.
+# Re-exported: checkpoint reading lives in dsdpo.runtime.checkpoint, model building in dsdpo.models.loading.
 __all__ = ["export_checkpoint", "is_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
 
 

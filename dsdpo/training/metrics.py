@@ -1,4 +1,4 @@
-"""What a run reports: a progress bar, metrics.jsonl, and the --report-to backends (dsdpo.trackers:
+"""What a run reports: a progress bar, metrics.jsonl, and the --report-to backends (dsdpo.training.trackers:
 TensorBoard where installed, by default).
 
 Only rank 0 writes; the other ranks get a logger that does nothing.
@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm import tqdm
 
-from dsdpo.trackers import open_trackers
+from dsdpo.training.trackers import open_trackers
 
 
 def peak_memory_mb() -> float:
@@ -53,7 +53,7 @@ class RunLogger:
         report_to: Sequence[str] = (),
         config: dict[str, Any] | None = None,
     ):
-        """`report_to`: the --report-to backends (dsdpo.trackers), given the run's `config`."""
+        """`report_to`: the --report-to backends (dsdpo.training.trackers), given the run's `config`."""
         self.enabled = enabled
         if not enabled:
             return

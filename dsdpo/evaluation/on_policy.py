@@ -1,7 +1,7 @@
 """On-policy preference pairs: the model's own answers, judged (`dsdpo make-pairs --source model`).
 
 For each problem the model samples K answers with dsdpo's sampler; each is judged by the problem's
-checker (dsdpo.answers, as `dsdpo eval accuracy` judges). A problem with a correct and a wrong
+checker (dsdpo.evaluation.answers, as `dsdpo eval accuracy` judges). A problem with a correct and a wrong
 answer gives one pair: its first correct answer (chosen) and its first wrong one (rejected), in
 sampling order (an empty answer is no response to train on). Problems the model always solves or
 never solves give no pair; they are counted.
@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from torch import nn
 from tqdm import tqdm
 
-from dsdpo.accuracy import judge
-from dsdpo.answers import Problem
 from dsdpo.errors import DsdpoError
-from dsdpo.generate import generate_text
+from dsdpo.evaluation.accuracy import judge
+from dsdpo.evaluation.answers import Problem
+from dsdpo.evaluation.sampler import generate_text
 
 
 def check_diversity(samples: int, sampler: dict) -> None:

@@ -4,8 +4,8 @@
     report = evaluate_preference(policy, reference, pairs, mask_token_id=m, pad_token_id=p)
     comparison = compare_preference(base, tuned, pairs, mask_token_id=m, pad_token_id=p)
 
-Every response is scored with `settings.budget` keyed draws (dsdpo.draws), keyed exactly as training
-keys them (`dsdpo.draws.pair_draws`): two models scored with the same settings see the same
+Every response is scored with `settings.budget` keyed draws (dsdpo.objective.draws), keyed exactly as training
+keys them (`dsdpo.objective.draws.pair_draws`): two models scored with the same settings see the same
 masks, so the shared noise cancels in their difference (antithetic, docs/design.md, "VRPO").
 
 Standard errors. A score is B̂ = (1/n) Σ_k f_k; its standard error is estimated as std_k(f_k)/sqrt(n)
@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from dsdpo.data.tokenize import TokenizedPair
-from dsdpo.diffusion import standard_error
 from dsdpo.errors import DsdpoError
-from dsdpo.loss import LossConfig, preference_loss
-from dsdpo.scoring import PairScores, ScoreSettings, score_pairs
+from dsdpo.objective.elbo import standard_error
+from dsdpo.objective.losses import LossConfig, preference_loss
+from dsdpo.objective.scoring import PairScores, ScoreSettings, score_pairs
 
-# Re-exported: the scores evaluation reads are computed by dsdpo.scoring, shared with training.
+# Re-exported: the scores evaluation reads are computed by dsdpo.objective.scoring, shared with training.
 __all__ = [
     "PairScores",
     "PreferenceComparison",

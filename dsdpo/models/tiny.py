@@ -1,6 +1,6 @@
 """Tiny masked-diffusion models with a character tokenizer, for tests, the demo and examples.
 
-`init_tiny(DIR)` writes a folder that `dsdpo.models.load_model` and transformers load like any
+`init_tiny(DIR)` writes a folder that `dsdpo.models.loading.load_model` and transformers load like any
 other: config.json, model.safetensors and a fast tokenizer with a real mask token. Two kinds:
 
 - "gemma": a Gemma decoder with bidirectional attention, the shape of LLaDA and Dream.
