@@ -106,7 +106,7 @@ def test_checkpoint_reading_runs_one_way_models_then_export():
 DEEPSPEED_MODULES = {
     "dsdpo.runtime.engine",
     "dsdpo.runtime.checkpoint",
-    "dsdpo.reference.refresh",
+    "dsdpo.runtime.zero",
     "dsdpo.runtime.ds_config",
     "dsdpo.runtime.safe_load",
     "dsdpo.runtime.dist",

@@ -1,5 +1,5 @@
 """The gradient boundary of an optimizer swapped to NVMe, one sub-group at a time
-(dsdpo.runtime.engine.finalize_swapped_gradients): the step DeepSpeed's own finalize gives, without holding
+(dsdpo.runtime.zero.finalize_swapped_gradients): the step DeepSpeed's own finalize gives, without holding
 every parameter's fp32 gradient at once (on a GPU: 4 bytes a parameter, 29.9 GiB for LLaDA-8B)."""
 
 import pytest
@@ -10,7 +10,8 @@ from dsdpo.models.tiny import init_tiny
 from dsdpo.objective.losses import LossConfig
 from dsdpo.planner.measure import LiveTensorBytes
 from dsdpo.runtime.ds_config import resolve_ds_config
-from dsdpo.runtime.engine import build_engines, finalize_swapped_gradients, init_distributed
+from dsdpo.runtime.engine import build_engines, init_distributed
+from dsdpo.runtime.zero import finalize_swapped_gradients
 from tests.ds_helpers import cpu_ds_config, full_weights, micro_step
 from tests.run_helpers import nvme_available
 

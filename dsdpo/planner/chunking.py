@@ -23,7 +23,6 @@ retry is for one rank only (a several-rank run stops with the error).
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -41,6 +40,7 @@ from dsdpo.planner.memory import (
     row_width,
 )
 from dsdpo.planner.shapes import ModelShape, model_shape
+from dsdpo.runtime.zero import release_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,28 +122,6 @@ def resolve_chunk_sizes(
         f"--max-tokens-per-forward auto: {chosen}, from the planner's activation formulas and "
         f"{free / 2**30:.1f} GiB free {where} ({max(room, 0) / 2**30:.1f} GiB for activations)"
     )
-
-
-def release_memory(*engines) -> None:
-    """Throw away the step's partial gradient and what ZeRO-3 had gathered, then collect."""
-    for engine in engines:
-        if hasattr(engine, "empty_partition_cache"):
-            engine.empty_partition_cache()  # DeepSpeed: release and reset every gathered parameter
-    policy = engines[0]
-    for param in policy.module.parameters():
-        param.grad = None  # a backward cut short leaves some (zero_grad's record_stream fails on the CPU)
-    optimizer = policy.optimizer
-    # A backward cut short leaves gradients waiting in ZeRO-3's reduce buckets and marked as reduced;
-    # DeepSpeed 0.19 clears them only at step(). (Its internals: guarded, absent in other versions.)
-    for bucket in getattr(optimizer, "ipg_buckets", {}).values():
-        bucket.clear_params()
-    reduced = getattr(optimizer, "params_already_reduced", {})
-    for key in reduced:
-        reduced[key] = False
-    optimizer.zero_grad()  # the next backward overwrites instead of adding
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def halve_chunks(score, widest_row: int) -> str:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import deepspeed
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsdpo.errors import DsdpoError
+from dsdpo.runtime.zero import gathered
 
 REFERENCE_WEIGHTS = "reference.safetensors"
 
@@ -36,8 +36,8 @@ def mix_reference(policy_engine, reference_engine, alpha: float, *, is_rank0: bo
     """θ_ref ← α·θ + (1 − α)·θ_ref (module docstring). Every rank calls it (gathers are collective)."""
     for policy_param, reference_param in _pairs(policy_engine, reference_engine):
         with (
-            deepspeed.zero.GatheredParameters([policy_param]),
-            deepspeed.zero.GatheredParameters([reference_param], modifier_rank=0),
+            gathered([policy_param]),
+            gathered([reference_param], modifier_rank=0),
         ):
             if is_rank0:
                 mixed = alpha * policy_param.data.float() + (1 - alpha) * reference_param.data.float()
@@ -49,7 +49,7 @@ def save_reference(reference_engine, folder: Path, *, is_rank0: bool) -> None:
     """The reference's full weights to folder/reference.safetensors (rank 0 writes; all ranks call)."""
     weights = {}
     for name, param in reference_engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
+        with gathered([param]):
             if is_rank0:
                 weights[name] = param.data.detach().cpu().clone()
     if is_rank0:
@@ -71,6 +71,6 @@ def load_reference(reference_engine, folder: Path, *, is_rank0: bool) -> None:
         for name, param in reference_engine.module.named_parameters():
             if name not in names:
                 raise DsdpoError(f"{path}: no weight {name!r}; it was not written for this model")
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            with gathered([param], modifier_rank=0):
                 if is_rank0:
                     param.data.copy_(stored.get_tensor(name).to(param.dtype))

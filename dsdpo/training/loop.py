@@ -65,7 +65,7 @@ from dsdpo.runtime.ds_config import (
     resolve_ds_config,
     schedule_summary,
 )
-from dsdpo.runtime.engine import build_engines, finalize_swapped_gradients, init_distributed
+from dsdpo.runtime.engine import build_engines, init_distributed
 from dsdpo.runtime.faults import crash_point
 from dsdpo.runtime.run_folder import (
     ABANDONED,
@@ -78,6 +78,7 @@ from dsdpo.runtime.run_folder import (
     run_lock,
     set_aside_later_checkpoints,
 )
+from dsdpo.runtime.zero import apply_step, drop_step
 from dsdpo.training.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -651,14 +652,9 @@ class Trainer:
         finite = all(result.finite for result in results)
         lr = float(policy.get_lr()[0])  # the rate this step applies (step() moves the schedule on)
         if finite:
-            finalize_swapped_gradients(policy)  # else DeepSpeed holds 4 bytes a parameter on the GPU here
-            policy.step()
-            # DeepSpeed skips an update whose global gradient norm (all ranks) is not finite: a finite
-            # loss can have an infinite gradient (a huge beta, a bf16 overflow in backward).
-            finite = policy.was_step_applied()
+            finite = apply_step(policy)
         else:
-            # Throw the step's accumulated gradient away: the next backward overwrites instead of adding.
-            policy.optimizer.zero_grad()
+            drop_step(policy)
         names = results[0].metrics.keys()
         averaged = {name: sum(r.metrics[name] for r in results) / len(results) for name in names}
         averaged["sweeps"] = float(sum(r.sweeps for r in results))
