@@ -27,6 +27,7 @@ def test_metrics_give_the_peak_the_time_of_the_timed_steps_and_the_achieved_rate
 def test_dry_run_plans_and_measures_a_shipped_config_and_writes_one_json(tmp_path):
     out = tmp_path / "check.json"
     argv = ["--dry-run", "--skip-tests", "--configs", "rtx4080.json", "absent.json", "--steps", "2"]
+    argv += ["--run-timeout", "900"]  # the H100's 115 s is too short for a loaded 2-core CPU
     report = main([*argv, "--out", str(out), "--work-dir", str(tmp_path / "work")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     run = report["runs"]["rtx4080.json"]

@@ -128,14 +128,9 @@ def _load_scoring_inputs(model_dirs, knobs: dict):
         )
     if tokenizer.pad_token_id is None:
         raise DsdpoError(f"{model_dirs[0]}: the tokenizer has no pad token")
+    # The options training cuts and pads its data with (DataConfig.tokenize_options), taken by name.
     pairs, cuts = tokenize_pairs(
-        examples,
-        tokenizer,
-        max_length=knobs["max_length"],
-        max_prompt_length=knobs["max_prompt_length"],
-        skip_invalid=knobs["skip_invalid"],
-        refuse_long_prompts=knobs["refuse_long_prompts"],
-        pad_responses_to=knobs["pad_responses_to"],
+        examples, tokenizer, **{name: knobs[name] for name in DATA.tokenize_options()}
     )
     _report_data_changes(knobs["data"], {**skipped, **cuts})
     device = _resolve_device(knobs["device"])
