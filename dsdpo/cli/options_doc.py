@@ -14,7 +14,7 @@ import click
 
 from dsdpo.cli import main
 
-OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "options.md"
+OUTPUT = Path(__file__).resolve().parents[2] / "docs/options.md"
 HEADER = """# Options of every `dsdpo` command
 
 Generated from the commands' own definitions by `python -m dsdpo.cli.options_doc`; do not edit by
