@@ -7,7 +7,7 @@ block's tokens from the logits at their own positions, draws every one of them (
 some by the remasking rule; after each block, generation stops once a stop token appears anywhere
 after the prompt (201-202). The published code feeds each block to a KV cache of the finished
 ones; running the prefix up to the block's end through the block-causal model is the same
-computation (FRONTIER_CONVENTIONS.md, sdar), so no cache is kept here.
+computation (docs/published_code.md, "sdar"), so no cache is kept here.
 
 The published draw always samples: there is no greedy branch, and temperature 0 divides by zero
 (39-40). Its greedy is top_k = 1 (the draw then falls on the argmax), which is what

@@ -15,7 +15,7 @@ Attention is BLOCK-CAUSAL at inference: position i sees position j iff j // bloc
 i // block_size, blocks counted from position 0 of prompt + response, as the published generate()
 builds its mask (1335-1347). The published model takes that mask from its caller (an additive 0/-inf
 4-D mask; given none it attends bidirectionally, and a 2-D padding mask becomes a CAUSAL one:
-FRONTIER_CONVENTIONS.md, llada2_moe); given none or a 2-D one, this one builds the block-causal mask
+docs/published_code.md, "llada2_moe"); given none or a 2-D one, this one builds the block-causal mask
 itself and hides padded keys, and a ready 4-D mask (boolean, or additive 0/-inf) is used as it is.
 The block length is not in the released config.json: dsdpo reads `block_size` there, 32 when absent
 (generate()'s default block_length and dFactory's block-diffusion SFT recipe).

@@ -90,7 +90,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.moe_layer_freq = list(moe_layer_freq or [])
         self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
         self.mask_token_id = mask_token_id
-        # Router fields the published code stores and never reads (FRONTIER_CONVENTIONS.md, llada_moe):
+        # Router fields the published code stores and never reads (docs/published_code.md, "llada_moe"):
         # norm_topk_prob (663 hard-codes False), moe_router_score_function (666: always softmax),
         # routed_scaling_factor, router_num_group, router_topk_group. They stay in **kwargs, and so
         # in the config.json a checkpoint writes.

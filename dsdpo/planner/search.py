@@ -32,7 +32,7 @@ RECIPES = {
     "rtx4080_nvme.json": "full",
     "rtx4080_lora.json": "lora",
 }
-DEFAULT_LORA_RANK = 16  # README's LoRA example
+DEFAULT_LORA_RANK = 16  # the LoRA example of docs/training.md
 
 
 @dataclass(frozen=True)
