@@ -53,10 +53,11 @@ import torch  # noqa: E402
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
 from dsdpo.models.tiny import build_tokenizer  # noqa: E402
 from dsdpo.planner.cards import card  # noqa: E402
-from dsdpo.planner.memory import RunShape, Sweeps, sweeps_per_step  # noqa: E402
+from dsdpo.planner.memory import RunShape  # noqa: E402
 from dsdpo.planner.monitor import offloads_to_nvme  # noqa: E402
 from dsdpo.planner.report import GIB, plan, step_flops  # noqa: E402
 from dsdpo.planner.shapes import model_shape  # noqa: E402
+from dsdpo.planner.sweeps import Sweeps, sweeps_per_step  # noqa: E402
 from dsdpo.runtime.ds_config import read_ds_config  # noqa: E402
 from dsdpo.training.demo import write_jsonl  # noqa: E402
 from tests.run_helpers import free_port, nvme_available  # noqa: E402

@@ -177,8 +177,8 @@ def activation_table(dtype_name: str, rows=4, width=256, masked=128) -> None:
     import torch
 
     from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
+    from dsdpo.planner.activations import activation_bytes, no_grad_activation_bytes
     from dsdpo.planner.measure import measured_activation_bytes, scored_inputs
-    from dsdpo.planner.memory import activation_bytes, no_grad_activation_bytes
     from dsdpo.planner.shapes import model_shape
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32

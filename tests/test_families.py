@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from dsdpo.errors import DsdpoError
-from dsdpo.evaluation.sampler import denoise
+from dsdpo.evaluation.canvas import denoise
 from dsdpo.families import DREAM, LLADA, LLADA2, LLADA_MOE, SDAR, family_of_model, lora_targets
 from dsdpo.models.loading import load_config, load_model, load_tokenizer, resolve_mask_token_id
 from dsdpo.models.tiny import build_tokenizer

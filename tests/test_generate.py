@@ -7,7 +7,8 @@ from torch import nn
 
 import dsdpo.evaluation.sampler
 from dsdpo.errors import DsdpoError
-from dsdpo.evaluation.sampler import check_schedule, cut_at_stop, generate, generate_text, reveal_plan
+from dsdpo.evaluation.sampler import check_schedule, generate, reveal_plan
+from dsdpo.evaluation.text_generation import cut_at_stop, generate_text
 from dsdpo.families import family_of_model
 from dsdpo.models.loading import load_model
 

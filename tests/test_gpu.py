@@ -50,8 +50,8 @@ def test_planner_activations_match_the_cuda_allocators_peak(checkpointing):
     (forward and backward, bf16, dsdpo's LLaDA) above what was allocated before it."""
     from dsdpo.families.llada import LLaDAModelLM
     from dsdpo.objective.logprobs import MaskedTokenScorer
+    from dsdpo.planner.activations import activation_bytes
     from dsdpo.planner.measure import scored_inputs
-    from dsdpo.planner.memory import activation_bytes
     from dsdpo.planner.shapes import model_shape
     from tests.test_planner import tiny_llada
 

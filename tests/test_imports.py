@@ -110,7 +110,7 @@ DEEPSPEED_MODULES = {
     "dsdpo.runtime.ds_config",
     "dsdpo.runtime.safe_load",
     "dsdpo.runtime.dist",
-    "dsdpo.planner.memory",
+    "dsdpo.planner.model_states",
 }
 
 

@@ -16,7 +16,7 @@ from dsdpo.objective.draws import sample_draws
 from dsdpo.objective.elbo import forward_rows
 from dsdpo.objective.logprobs import MaskedTokenScorer
 from dsdpo.objective.losses import LossConfig
-from dsdpo.runtime.engine import AdapterDisabledReference
+from dsdpo.reference.interface import AdapterDisabledReference
 from dsdpo.training.demo import addition_pairs, write_jsonl
 from dsdpo.training.loop import train
 from tests.ds_helpers import CPU_CONFIG, MASK, cpu_ds_config, engines_for, micro_step, pair_batch

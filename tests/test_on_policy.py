@@ -6,7 +6,7 @@ import torch
 
 from dsdpo.evaluation.answers import Problem, extract_answer, numbers_match
 from dsdpo.evaluation.on_policy import on_policy_pairs
-from dsdpo.evaluation.sampler import generate_text
+from dsdpo.evaluation.text_generation import generate_text
 from tests.cli_helpers import assert_one_line_error, run
 
 MASK = 4

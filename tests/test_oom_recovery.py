@@ -12,8 +12,9 @@ from dsdpo.objective.draws import sample_draws
 from dsdpo.objective.elbo import plan_chunks
 from dsdpo.objective.gradient import preference_micro_step
 from dsdpo.objective.losses import LossConfig
+from dsdpo.planner.activations import activation_bytes
 from dsdpo.planner.chunking import auto_chunk_tokens, resolve_chunk_sizes, retry_on_out_of_memory
-from dsdpo.planner.memory import RunShape, activation_bytes
+from dsdpo.planner.memory import RunShape
 from dsdpo.reference.interface import as_reference
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, pair_batch
 

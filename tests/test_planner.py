@@ -13,21 +13,13 @@ from click.testing import CliRunner
 from dsdpo.cli import main
 from dsdpo.families.dream import DreamConfig, DreamModel
 from dsdpo.families.llada import LLaDAConfig, LLaDAModelLM
+from dsdpo.planner.activations import activation_bytes, layer_bytes, no_grad_activation_bytes
 from dsdpo.planner.measure import measured_activation_bytes, scored_inputs
-from dsdpo.planner.memory import (
-    PROCESS_BASELINE,
-    Item,
-    MemoryPlan,
-    RunShape,
-    activation_bytes,
-    layer_bytes,
-    model_state_plan,
-    no_grad_activation_bytes,
-    pinned,
-    sub_groups,
-    sweeps_per_step,
-)
+from dsdpo.planner.memory import RunShape
+from dsdpo.planner.model_states import PROCESS_BASELINE, Item, MemoryPlan, model_state_plan
 from dsdpo.planner.shapes import model_shape
+from dsdpo.planner.sweeps import sweeps_per_step
+from dsdpo.planner.zero_settings import pinned, sub_groups
 
 FIXTURES = Path(__file__).parent / "fixtures" / "planner"
 REPO = Path(__file__).resolve().parents[1]

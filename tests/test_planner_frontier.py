@@ -12,18 +12,14 @@ import torch
 from torch import nn
 
 from dsdpo.families.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
+from dsdpo.planner.activations import activation_bytes, no_grad_activation_bytes
 from dsdpo.planner.cards import card
 from dsdpo.planner.chunking import auto_chunk_tokens
 from dsdpo.planner.measure import measured_activation_bytes, scored_inputs
-from dsdpo.planner.memory import (
-    RunShape,
-    activation_bytes,
-    memory_plan,
-    no_grad_activation_bytes,
-    sweeps_per_step,
-)
+from dsdpo.planner.memory import RunShape, memory_plan
 from dsdpo.planner.report import plan, run_shape_from
 from dsdpo.planner.shapes import _idle_expert_parameters, _moe_mlp_width, model_shape
+from dsdpo.planner.sweeps import sweeps_per_step
 from tests.cli_helpers import run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ def generate_command(model_dir, device, prompts, data, out, **knobs):
     Prints each answer, separated by a line of dashes, or writes them to --out.
     """
     from dsdpo.errors import DsdpoError
-    from dsdpo.evaluation.sampler import generate_text, read_prompts_jsonl
+    from dsdpo.evaluation.text_generation import generate_text, read_prompts_jsonl
 
     if bool(prompts) == bool(data):
         raise DsdpoError("give prompts with --prompt or a file with --data, not both and not neither")

@@ -270,7 +270,7 @@ def precompute_reference_command(ref_dir, out, epochs, **knobs):
     pair's tokens, and names any difference.
     """
     from dsdpo.models.loading import load_tokenizer
-    from dsdpo.reference.interface import precompute_reference_scores
+    from dsdpo.reference.scores_file import precompute_reference_scores
 
     settings = _score_settings(knobs)  # checks the draw options before any model is loaded
     pairs, models, ids = _load_scoring_inputs([ref_dir], knobs)

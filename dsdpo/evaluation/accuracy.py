@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dsdpo.errors import DsdpoError
 from dsdpo.evaluation.answers import Problem, extract_answer
-from dsdpo.evaluation.sampler import generate_text
+from dsdpo.evaluation.text_generation import generate_text
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 

@@ -24,8 +24,8 @@ dsdpo.evaluation.block_sampler),
 
 Chat: with chat=True (and a tokenizer with a chat template) pass apply_chat_template=True to lm_eval
 (run_tasks does): lm_eval renders the context with the template (few-shot examples as turns), and the
-rendered text is tokenised without adding special tokens again, as dsdpo.evaluation.sampler.encode_prompt
-does.
+rendered text is tokenised without adding special tokens again, as
+dsdpo.evaluation.text_generation.encode_prompt does.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from dsdpo.config import SamplerConfig
 from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.errors import DsdpoError
-from dsdpo.evaluation.sampler import answer_texts, generate
+from dsdpo.evaluation.sampler import generate
+from dsdpo.evaluation.text_generation import answer_texts
 from dsdpo.objective.draws import draw_keys
 from dsdpo.objective.elbo import elbo
 from dsdpo.objective.scoring import ScoreSettings

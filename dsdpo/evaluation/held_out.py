@@ -30,7 +30,8 @@ from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.evaluation.accuracy import AccuracyReport, judge
 from dsdpo.evaluation.answers import Problem
 from dsdpo.evaluation.reports import preference_report
-from dsdpo.evaluation.sampler import cut_at_stop, encode_prompt, generate, stop_ids_of
+from dsdpo.evaluation.sampler import generate
+from dsdpo.evaluation.text_generation import cut_at_stop, encode_prompt, stop_ids_of
 from dsdpo.objective.draws import pair_draws
 from dsdpo.objective.elbo import ScoringBatch
 from dsdpo.objective.losses import LossConfig, sft_losses

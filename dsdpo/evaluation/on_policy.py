@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dsdpo.errors import DsdpoError
 from dsdpo.evaluation.accuracy import judge
 from dsdpo.evaluation.answers import Problem
-from dsdpo.evaluation.sampler import generate_text
+from dsdpo.evaluation.text_generation import generate_text
 
 
 def check_diversity(samples: int, sampler: dict) -> None:

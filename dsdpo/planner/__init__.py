@@ -1,9 +1,13 @@
 """Will it fit, and how fast: memory and time of a run planned from config.json alone.
 
-shapes.py    the model's shape and parameter counts, from its config on the meta device
-memory.py    bytes per device (GPU peak, CPU RAM, NVMe) and parameter sweeps per step (formulas)
-cards.py     the card table: memory, memory bandwidth, PCIe bandwidth, bf16 rate
-report.py    time per pair and the printed plan (`dsdpo plan`)
-chunking.py  --max-tokens-per-forward auto, and the retry that halves it on an out-of-memory error
-monitor.py   memory and swap traffic of a running process, for metrics.jsonl
+shapes.py        the model's shape and parameter counts, from its config on the meta device
+activations.py   bytes one forward saves for backward, or keeps without gradients (formulas)
+zero_settings.py the DeepSpeed config's ZeRO-3 settings that size those allocations
+model_states.py  what ZeRO-3 allocates on each device, item by item (formulas; DeepSpeed's estimator)
+memory.py        bytes per device (GPU peak, CPU RAM, NVMe) for a run: model states plus activations
+sweeps.py        parameter sweeps per optimizer step
+cards.py         the card table: memory, memory bandwidth, PCIe bandwidth, bf16 rate
+report.py        time per pair and the printed plan (`dsdpo plan`)
+chunking.py      --max-tokens-per-forward auto, and the retry that halves it on an out-of-memory error
+monitor.py       memory and swap traffic of a running process, for metrics.jsonl
 """

@@ -31,15 +31,11 @@ import torch
 
 from dsdpo.config import DEFAULT_TOKENS
 from dsdpo.errors import DsdpoError
-from dsdpo.planner.memory import (
-    RunShape,
-    activation_bytes,
-    dtype_bytes,
-    model_state_plan,
-    no_grad_activation_bytes,
-    row_width,
-)
+from dsdpo.planner.activations import activation_bytes, no_grad_activation_bytes, row_width
+from dsdpo.planner.memory import RunShape
+from dsdpo.planner.model_states import model_state_plan
 from dsdpo.planner.shapes import ModelShape, model_shape
+from dsdpo.planner.zero_settings import dtype_bytes
 from dsdpo.runtime.zero import release_memory
 
 log = logging.getLogger(__name__)

@@ -16,19 +16,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dsdpo.planner.activations import row_width
 from dsdpo.planner.cards import MATMUL_EFFICIENCY, Card
-from dsdpo.planner.memory import (
-    ADAM_BYTES,
-    MemoryPlan,
-    RunShape,
-    Sweeps,
-    _offload,
-    dtype_bytes,
-    memory_plan,
-    row_width,
-    sweeps_per_step,
-)
+from dsdpo.planner.memory import RunShape, memory_plan
+from dsdpo.planner.model_states import ADAM_BYTES, MemoryPlan
 from dsdpo.planner.shapes import ModelShape, model_shape
+from dsdpo.planner.sweeps import Sweeps, sweeps_per_step
+from dsdpo.planner.zero_settings import _offload, dtype_bytes
 from dsdpo.runtime.ds_config import precision
 
 GIB = 2**30

@@ -21,10 +21,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsdpo.planner.activations import no_grad_activation_bytes, row_width
 from dsdpo.planner.cards import MATMUL_EFFICIENCY, Card
-from dsdpo.planner.memory import RunShape, dtype_bytes, no_grad_activation_bytes, row_width
+from dsdpo.planner.memory import RunShape
 from dsdpo.planner.report import GIB, forward_flops, plan
 from dsdpo.planner.shapes import ModelShape
+from dsdpo.planner.zero_settings import dtype_bytes
 
 RECIPES = {
     "rtx4080.json": "full",

@@ -24,6 +24,7 @@ from dsdpo.families import family_of_model, lora_targets
 from dsdpo.models.freeze import FreezeReport, freeze
 from dsdpo.models.loading import disable_dropout, load_model
 from dsdpo.objective.logprobs import MaskedTokenScorer
+from dsdpo.reference.interface import AdapterDisabledReference
 from dsdpo.runtime.ds_config import precision, reference_ds_config
 from dsdpo.runtime.leftovers import (
     SHARED_MEMORY,
@@ -103,18 +104,6 @@ def _load_partitioned(path: str, ds_config: dict, model_config: ModelConfig):
     dtype = torch.bfloat16 if precision(ds_config) == "bf16" else torch.float32
     model = load_model(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
     return model, hf_config
-
-
-class AdapterDisabledReference:
-    """The reference of a LoRA run: the policy engine with its adapters switched off (docs/design.md,
-    "Reference model: four ways"). Called like an engine, under no_grad, by dsdpo.objective.gradient."""
-
-    def __init__(self, policy_engine):
-        self.policy = policy_engine
-
-    def __call__(self, **inputs):
-        with self.policy.module.model.disable_adapter():
-            return self.policy(**inputs)
 
 
 def _add_lora(model, model_config: ModelConfig, seed: int):

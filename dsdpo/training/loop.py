@@ -43,8 +43,9 @@ from dsdpo.objective.sft import pad_completions_with_eos, sft_micro_step
 from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
 from dsdpo.planner.monitor import ResourceMonitor
 from dsdpo.planner.shapes import largest_parameter
-from dsdpo.reference.interface import PrecomputedReference, Reference, ReferenceSettings, as_reference
+from dsdpo.reference.interface import PrecomputedReference, Reference, as_reference
 from dsdpo.reference.refresh import load_reference, mix_reference, save_reference
+from dsdpo.reference.scores_file import ReferenceSettings
 from dsdpo.runtime.checkpoint import (
     TrainState,
     check_checkpoint,
