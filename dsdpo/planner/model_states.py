@@ -35,6 +35,7 @@ from dsdpo.planner.zero_settings import (
     sub_group_members,
     sub_groups,
 )
+from dsdpo.runtime.estimate import zero3_model_states_estimate
 
 ADAM_BYTES = 12  # fp32 master weight, exp_avg, exp_avg_sq
 
@@ -105,7 +106,13 @@ def model_state_plan(
     _policy_items(plan, z, b, partitions, trained, accelerator)
     if reference == "engine":
         _reference_items(plan, z, b, partitions, accelerator)
-    plan.cross_check = deepspeed_estimate(shape, z.params, z.optimizer, world_size)
+    plan.cross_check = zero3_model_states_estimate(
+        shape.parameters,
+        shape.largest_module,
+        world_size=world_size,
+        offload_optimizer=z.optimizer != "none",
+        offload_params=z.params != "none",
+    )
     return plan
 
 
@@ -160,7 +167,7 @@ def _boundary_items(z: ZeroSettings, b: int, partitions: list[int], accelerator:
     2.5e8 (_constant_buffered_norm2), then it is cast to fp32 (no new tensor when it is fp32 already).
     A CPU optimizer copies each cast into its sub-group's buffer at once; for an NVMe optimizer
     DeepSpeed would keep every cast until one swap-out at the end, and dsdpo swaps each sub-group out
-    as soon as its casts are made (dsdpo.runtime.engine.finalize_swapped_gradients), so one sub-group's are
+    as soon as its casts are made (dsdpo.runtime.zero.finalize_swapped_gradients), so one sub-group's are
     kept."""
     if z.optimizer == "none":
         return []
@@ -252,18 +259,3 @@ def _reference_items(
     # partition_parameters.Init._partition_param: each partition its own tensor, pinned with pin_memory.
     size = sum(pinned(b * n, accelerator) if z.pin_params else b * n for n in partitions)
     (plan.cpu if z.params == "cpu" else plan.gpu).append(Item("reference parameters (partitions)", size))
-
-
-def deepspeed_estimate(shape: ModelShape, params: str, optimizer: str, world_size: int) -> dict[str, float]:
-    """DeepSpeed's estimator of ZeRO-3 model states (policy only, with its 1.5 buffer factor)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        shape.parameters,
-        shape.largest_module,
-        num_gpus_per_node=world_size,
-        cpu_offload=optimizer != "none",
-        cpu_offload_params=params != "none",
-        zero_init=True,
-    )
-    return {"gpu_bytes": float(gpu), "cpu_bytes": float(cpu)}
