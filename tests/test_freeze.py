@@ -40,30 +40,20 @@ def test_bad_freeze_specs_name_the_item(tiny_gemma_dir, spec, message):
 
 
 def test_a_frozen_run_resumes_exactly(tiny_gemma_dir, tmp_path):
-    import copy
-    import json
-
-    from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
-    from dsdpo.training.demo import addition_pairs, write_jsonl
     from dsdpo.training.loop import train
-    from tests.ds_helpers import CPU_CONFIG
     from tests.run_helpers import metrics_by_step
+    from tests.tiny_runs import addition_data, constant_lr_ds_config, tiny_run_config
 
-    ds = copy.deepcopy(CPU_CONFIG)
-    ds.pop("scheduler")
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    data = write_jsonl(addition_pairs(16, seed=5), tmp_path / "pairs.jsonl")
+    ds_config, data = constant_lr_ds_config(tmp_path), addition_data(tmp_path, seed=5)
 
     def config(output, max_steps):
-        return Config(
-            model=ModelConfig(path=str(tiny_gemma_dir), freeze="embeddings,layers:1"),
-            data=DataConfig(path=str(data)),
-            score=ScoreConfig(budget=2),
-            train=TrainConfig(output=str(tmp_path / output), max_steps=max_steps, save_every=2),
-        )
+        return tiny_run_config(
+            tiny_gemma_dir, data, tmp_path / output, model=dict(freeze="embeddings,layers:1"),
+            max_steps=max_steps, save_every=2,
+        )  # fmt: skip
 
-    train(config("straight", 4), tmp_path / "ds.json")
-    train(config("resumed", 2), tmp_path / "ds.json")
-    train(config("resumed", 4), tmp_path / "ds.json", resume="auto")
+    train(config("straight", 4), ds_config)
+    train(config("resumed", 2), ds_config)
+    train(config("resumed", 4), ds_config, resume="auto")
     straight, resumed = metrics_by_step(tmp_path / "straight"), metrics_by_step(tmp_path / "resumed")
     assert [resumed[s]["loss"] for s in (3, 4)] == [straight[s]["loss"] for s in (3, 4)]

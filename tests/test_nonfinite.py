@@ -1,21 +1,16 @@
 """A non-finite loss never reaches the weights: the step is skipped and counted, and a run of them
 stops training with a clear error (in-process training on real ZeRO-3 engines)."""
 
-import copy
-import json
-
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 import dsdpo.objective.gradient
-from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
 from dsdpo.errors import DsdpoError
 from dsdpo.objective.losses import LossConfig
-from dsdpo.training.demo import addition_pairs, write_jsonl
 from dsdpo.training.loop import train
-from tests.ds_helpers import CPU_CONFIG
 from tests.run_helpers import metrics_by_step
+from tests.tiny_runs import addition_data, constant_lr_ds_config, tiny_run_config
 
 
 @pytest.fixture
@@ -39,25 +34,12 @@ def nan_on_calls(monkeypatch):
 
 
 def _run(tmp_path, model_dir, steps, max_bad_steps, beta=0.5, micro_batch=2):
-    ds = copy.deepcopy(CPU_CONFIG)
-    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=2 // micro_batch)
-    ds.pop("scheduler")
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
-    config = Config(
-        model=ModelConfig(path=str(model_dir)),
-        data=DataConfig(path=str(data)),
-        score=ScoreConfig(budget=2),
-        loss=LossConfig(beta=beta),
-        train=TrainConfig(
-            output=str(tmp_path / "run"),
-            max_steps=steps,
-            save_every=1,
-            keep_last=10,
-            max_bad_steps=max_bad_steps,
-        ),
-    )
-    return train(config, tmp_path / "ds.json")
+    ds_config = constant_lr_ds_config(tmp_path, micro=micro_batch, accumulation=2 // micro_batch)
+    config = tiny_run_config(
+        model_dir, addition_data(tmp_path), tmp_path / "run", loss=LossConfig(beta=beta),
+        max_steps=steps, save_every=1, keep_last=10, max_bad_steps=max_bad_steps,
+    )  # fmt: skip
+    return train(config, ds_config)
 
 
 def _weights(run, step):

@@ -1,20 +1,16 @@
 """TR-DPO's reference refresh: the mix is θ_ref ← α·θ + (1 − α)·θ_ref through real ZeRO-3 engines,
 checkpoints carry the refreshed reference, and a resumed run equals a straight one."""
 
-import copy
-import json
-
 import pytest
 import torch
 
-from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
 from dsdpo.errors import DsdpoError
 from dsdpo.objective.losses import LossConfig
 from dsdpo.reference.refresh import REFERENCE_WEIGHTS, mix_reference
-from dsdpo.training.demo import addition_pairs, write_jsonl
 from dsdpo.training.loop import train
-from tests.ds_helpers import CPU_CONFIG, cpu_ds_config, engines_for, full_weights, micro_step
+from tests.ds_helpers import cpu_ds_config, engines_for, full_weights, micro_step
 from tests.run_helpers import metrics_by_step
+from tests.tiny_runs import addition_data, constant_lr_ds_config, tiny_run_config
 
 
 @pytest.mark.parametrize("alpha", [0.6, 1.0])
@@ -35,26 +31,18 @@ def test_mix_moves_the_reference_towards_the_policy(tiny_gemma_dir, tokenizer, a
 def sync_runs(tiny_gemma_dir, tmp_path_factory):
     """Four steps with a refresh every two: straight, and stopped after step 2 then resumed."""
     folder = tmp_path_factory.mktemp("tr-dpo")
-    ds = copy.deepcopy(CPU_CONFIG)
-    ds.pop("scheduler")  # the learning rate from step 1, so the policy (and then the reference) moves
-    ds["optimizer"]["params"]["lr"] = 2e-2
-    (folder / "ds.json").write_text(json.dumps(ds))
-    data = write_jsonl(addition_pairs(16, seed=4), folder / "pairs.jsonl")
+    # The learning rate from step 1, so the policy (and then the reference) moves.
+    ds_config, data = constant_lr_ds_config(folder, lr=2e-2), addition_data(folder, seed=4)
 
     def config(output, max_steps):
-        return Config(
-            model=ModelConfig(path=str(tiny_gemma_dir)),
-            data=DataConfig(path=str(data)),
-            score=ScoreConfig(budget=2),
-            loss=LossConfig(beta=0.5),
-            train=TrainConfig(
-                output=str(folder / output), max_steps=max_steps, save_every=2, ref_sync_steps=2
-            ),
-        )
+        return tiny_run_config(
+            tiny_gemma_dir, data, folder / output, loss=LossConfig(beta=0.5),
+            max_steps=max_steps, save_every=2, ref_sync_steps=2,
+        )  # fmt: skip
 
-    train(config("straight", 4), folder / "ds.json")
-    train(config("resumed", 2), folder / "ds.json")
-    train(config("resumed", 4), folder / "ds.json", resume="auto")
+    train(config("straight", 4), ds_config)
+    train(config("resumed", 2), ds_config)
+    train(config("resumed", 4), ds_config, resume="auto")
     return folder
 
 

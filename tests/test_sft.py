@@ -144,28 +144,17 @@ def test_completions_are_padded_with_eos_to_the_longest_of_the_data_within_max_l
 def test_sft_loss_does_not_depend_on_the_micro_batching(tiny_gemma_dir, tmp_path):
     """Two micro-batches of 1 or one of 2 make the same step: each completion's EOS canvas is set by
     the data, not by the completion it is batched with."""
-    import copy
-
-    from dsdpo.config import Config, DataConfig, ModelConfig, ScoreConfig, TrainConfig
     from dsdpo.training.loop import train
-    from tests.ds_helpers import CPU_CONFIG
+    from tests.tiny_runs import constant_lr_ds_config, tiny_run_config
 
     rows = [{"id": f"r{i}", "prompt": f"{i}+1=", "completion": "1" * (1 + 2 * i)} for i in range(4)]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     losses = []
     for micro in (1, 2):
-        ds = copy.deepcopy(CPU_CONFIG)
-        ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=2 // micro)
-        ds.pop("scheduler")
-        (tmp_path / f"ds{micro}.json").write_text(json.dumps(ds))
-        config = Config(
-            model=ModelConfig(path=str(tiny_gemma_dir)),
-            data=DataConfig(path=str(data)),
-            score=ScoreConfig(budget=2),
-            loss=LossConfig(type="sft", sft_per_response=True),
-            train=TrainConfig(output=str(tmp_path / f"run{micro}"), max_steps=2),
-        )
-        train(config, tmp_path / f"ds{micro}.json")
+        ds_config = constant_lr_ds_config(tmp_path, f"ds{micro}.json", micro=micro, accumulation=2 // micro)
+        loss = LossConfig(type="sft", sft_per_response=True)
+        config = tiny_run_config(tiny_gemma_dir, data, tmp_path / f"run{micro}", loss=loss, max_steps=2)
+        train(config, ds_config)
         losses.append([metrics_by_step(tmp_path / f"run{micro}")[step]["loss"] for step in (1, 2)])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
