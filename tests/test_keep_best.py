@@ -7,8 +7,8 @@ import pytest
 
 from dsdpo.config import Config, TrainConfig
 from dsdpo.runtime.checkpoint import TrainState
+from dsdpo.training.checkpoint_policy import best_improved
 from dsdpo.training.demo import addition_pairs, write_jsonl
-from dsdpo.training.loop import _best_improved
 from tests.cli_helpers import run
 from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
 
@@ -77,7 +77,7 @@ def test_the_best_checkpoint_holds_the_weights_of_its_step(resumed_run, tiny_gem
 )
 def test_direction_of_each_metric(metric, value, better):
     config = Config(train=TrainConfig(keep_best=metric))
-    assert _best_improved(config, {metric: value}, TrainState(best_step=3, best_value=0.6)) is better
+    assert best_improved(config, {metric: value}, TrainState(best_step=3, best_value=0.6)) is better
 
 
 def test_unknown_metric_or_one_without_its_data_is_refused():

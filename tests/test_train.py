@@ -26,7 +26,7 @@ from dsdpo.runtime.ds_config import (
     resolve_batch_sizes,
     resolve_ds_config,
 )
-from dsdpo.training.loop import step_batches
+from dsdpo.training.setup import step_batches
 from tests.run_helpers import REPO
 
 
@@ -323,7 +323,7 @@ def test_a_second_stop_signal_stops_at_once(second):
     import os
     import signal
 
-    from dsdpo.training.loop import StoppedAtOnce, StopRequest
+    from dsdpo.training.stopping import StoppedAtOnce, StopRequest
 
     stop = StopRequest()
     try:
@@ -340,7 +340,7 @@ def test_a_budget_whose_draws_cannot_fit_is_refused_before_start_up(tiny_gemma_d
     import psutil
 
     from dsdpo.training.demo import addition_pairs, write_jsonl
-    from dsdpo.training.loop import DRAW_ROW_BYTES, plan_run
+    from dsdpo.training.setup import DRAW_ROW_BYTES, plan_run
 
     data = write_jsonl(addition_pairs(8), tmp_path / "pairs.jsonl")
     free = psutil.virtual_memory().available

@@ -98,7 +98,8 @@ def _train(
         ds_config = ds_config or demo_ds_config
         if not ds_config:
             raise DsdpoError("--ds_config is required (e.g. ds_configs/rtx4080.json), or use --demo")
-        from dsdpo.training.loop import TrainingStopped, train
+        from dsdpo.training.loop import train
+        from dsdpo.training.stopping import TrainingStopped
 
         try:
             metrics = train(

@@ -1,1 +1,3 @@
-"""A training run: the loop (loop), what it reports (metrics, trackers, plot), the demo run (demo)."""
+"""A training run: its set-up before start-up (setup), the loop (loop), when it saves and what a resume
+brings back (checkpoint_policy), its held-out evaluations (evaluations), stopping it (stopping), what it
+reports (metrics, trackers, plot), the demo run (demo)."""
