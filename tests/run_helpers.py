@@ -58,6 +58,15 @@ def run_train(args, *, ranks: int | None = None, env: dict | None = None, timeou
     )
 
 
+def train_on_cpu(model_dir, data_file, output, *flags, **options) -> Path:
+    """`python launch/train.py` on ds_configs/cpu.json with train_args' options, then `flags` (e.g.
+    "--resume", "auto"); it must succeed. Returns the output folder."""
+    args = train_args(REPO / "ds_configs" / "cpu.json", model_dir, data_file, output, **options)
+    result = run_train([*args, *flags])
+    assert result.returncode == 0, tail(result)
+    return Path(output)
+
+
 def start_train(args, *, env: dict | None = None) -> subprocess.Popen:
     """python launch/train.py ARGS in the background (its output in .stdout/.stderr pipes)."""
     return subprocess.Popen(

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.demo import write_jsonl
 from tests.cli_helpers import run
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args, train_on_cpu
+from tests.tiny_runs import training_and_held_out_rows
 
 OPTIONS = dict(budget=4, beta=0.5, seed=3)
 
@@ -15,21 +16,11 @@ OPTIONS = dict(budget=4, beta=0.5, seed=3)
 @pytest.fixture(scope="module")
 def trained(tiny_gemma_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("held-out")
-    train = write_jsonl(addition_pairs(16, seed=1), folder / "train.jsonl")
-    held_out = [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(6, seed=2)]
+    train, held_out = training_and_held_out_rows(folder)
     eval_file = write_jsonl(held_out, folder / "eval.jsonl")
-    args = train_args(
-        REPO / "ds_configs" / "cpu.json",
-        tiny_gemma_dir,
-        train,
-        folder / "run",
-        epochs=2,
-        eval_data=eval_file,
-        eval_every=3,
-        **OPTIONS,
+    train_on_cpu(
+        tiny_gemma_dir, train, folder / "run", epochs=2, eval_data=eval_file, eval_every=3, **OPTIONS
     )
-    result = run_train(args)
-    assert result.returncode == 0, tail(result)
     return folder, eval_file
 
 

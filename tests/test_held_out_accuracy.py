@@ -6,9 +6,10 @@ import json
 import pytest
 
 from dsdpo.evaluation.accuracy import wilson_interval
-from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.demo import write_jsonl
 from tests.cli_helpers import run
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args, train_on_cpu
+from tests.tiny_runs import training_and_held_out_rows
 
 SAMPLER = dict(eval_gen_length=4, eval_block_length=2, eval_steps=4)
 
@@ -16,28 +17,13 @@ SAMPLER = dict(eval_gen_length=4, eval_block_length=2, eval_steps=4)
 @pytest.fixture(scope="module")
 def trained(tiny_gemma_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("held-out-accuracy")
-    train = write_jsonl(addition_pairs(16, seed=1), folder / "train.jsonl")
-    rows = addition_pairs(12, seed=2)
+    train, rows = training_and_held_out_rows(folder, held_out=12)
     problems = [{"question": row["prompt"], "answer": int(row["chosen"])} for row in rows]
     problems_file = write_jsonl(problems, folder / "problems.jsonl")
-    args = train_args(
-        REPO / "ds_configs" / "cpu.json",
-        tiny_gemma_dir,
-        train,
-        folder / "run",
-        epochs=2,
-        budget=2,
-        beta=0.5,
-        seed=3,
-        eval_problems=problems_file,
-        eval_num_problems=10,
-        eval_every=4,
-        save_every=4,
-        keep_last=3,
-        **SAMPLER,
-    )
-    result = run_train(args)
-    assert result.returncode == 0, tail(result)
+    train_on_cpu(
+        tiny_gemma_dir, train, folder / "run", epochs=2, budget=2, beta=0.5, seed=3,
+        eval_problems=problems_file, eval_num_problems=10, eval_every=4, save_every=4, keep_last=3, **SAMPLER,
+    )  # fmt: skip
     return folder, problems_file
 
 

@@ -8,9 +8,10 @@ import pytest
 from dsdpo.config import Config, TrainConfig
 from dsdpo.runtime.checkpoint import TrainState
 from dsdpo.training.checkpoint_policy import best_improved
-from dsdpo.training.demo import addition_pairs, write_jsonl
+from dsdpo.training.demo import write_jsonl
 from tests.cli_helpers import run
-from tests.run_helpers import REPO, metrics_by_step, run_train, tail, train_args
+from tests.run_helpers import metrics_by_step, train_on_cpu
+from tests.tiny_runs import training_and_held_out_rows
 
 OPTIONS = dict(epochs=2, budget=2, beta=0.5, seed=1, eval_every=1, keep_last=1, keep_best="eval/loss")
 
@@ -20,18 +21,13 @@ def resumed_run(tiny_gemma_dir, tmp_path_factory):
     """A DPO run whose held-out pairs prefer what training rejects: eval/loss rises as training goes
     on, so its best evaluation comes early, not last. 5 steps, then resumed to 8."""
     folder = tmp_path_factory.mktemp("keep-best")
-    train = write_jsonl(addition_pairs(16, seed=1), folder / "train.jsonl")
-    swapped = [
-        {**row, "id": f"held-{row['id']}", "chosen": row["rejected"], "rejected": row["chosen"]}
-        for row in addition_pairs(6, seed=2)
-    ]
+    train, held_out = training_and_held_out_rows(folder)
+    swapped = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in held_out]
     eval_file = write_jsonl(swapped, folder / "eval.jsonl")
-    base = [REPO / "ds_configs" / "cpu.json", tiny_gemma_dir, train, folder / "run"]
-    first = run_train(train_args(*base, max_steps=5, eval_data=eval_file, **OPTIONS))
-    assert first.returncode == 0, tail(first)
+    run = (tiny_gemma_dir, train, folder / "run")
+    train_on_cpu(*run, max_steps=5, eval_data=eval_file, **OPTIONS)
     best_after_first = (folder / "run" / "best").read_text().strip()
-    second = run_train([*train_args(*base, max_steps=8, eval_data=eval_file, **OPTIONS), "--resume", "auto"])
-    assert second.returncode == 0, tail(second)
+    train_on_cpu(*run, "--resume", "auto", max_steps=8, eval_data=eval_file, **OPTIONS)
     return folder, eval_file, best_after_first
 
 

@@ -48,3 +48,10 @@ def tiny_run_config(
         loss=loss or LossConfig(),
         train=TrainConfig(output=str(output), **train),
     )
+
+
+def training_and_held_out_rows(folder: Path, held_out: int = 6) -> tuple[Path, list[dict]]:
+    """folder/train.jsonl with 16 addition pairs (seed 1), and `held_out` other pairs (seed 2, ids
+    "held-N" so that none is a training row), for the caller to shape and write."""
+    train = write_jsonl(addition_pairs(16, seed=1), Path(folder) / "train.jsonl")
+    return train, [{**row, "id": f"held-{row['id']}"} for row in addition_pairs(held_out, seed=2)]
