@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from dsdpo.errors import DsdpoError
-from dsdpo.runtime.ds_config import AUTO_DEFAULTS, LORA_AUTO_DEFAULTS, LR_SCHEDULERS
+from dsdpo.runtime.ds_config.options import AUTO_DEFAULTS, LORA_AUTO_DEFAULTS, LR_SCHEDULERS
 from dsdpo.settings import setting
 from dsdpo.training.trackers import TRACKERS, check_installed
 
