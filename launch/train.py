@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 launch/train.py ...          # several GPUs: the same command
     python launch/train.py --demo                        # tiny model, built-in data, CPU, a minute
 
-Every option is `dsdpo train`'s (dsdpo/cli/train.py, built from the settings in dsdpo/config.py).
+Every option is `dsdpo train`'s (dsdpo/cli/train.py, built from the settings in dsdpo/config/).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def test_choices_come_from_the_modules_that_implement_them():
 
 @pytest.mark.parametrize("flag", ["--budget", "--max-length", "--beta", "--estimator", "--keep-last"])
 def test_a_default_is_the_schemas_in_both_helps_and_in_a_config_file(helps, flag, tmp_path):
-    """The default is written once, in dsdpo/config.py: change it there and both helps and a config
+    """The default is written once, in dsdpo/config/: change it there and both helps and a config
     file without the field follow (checked by hand with score.budget 8 -> 5)."""
     dotted = DOCUMENTED[flag]
     section, name = dotted.split(".")

@@ -97,14 +97,14 @@ def _fake_checkpoint(output, step: int, best_step: int | None) -> None:
 def test_pruning_spares_the_best_that_a_kept_checkpoint_would_restore(tmp_path):
     """Best at 10, a plain checkpoint at 20 (its best: 10), a new best at 25 with --keep-last 2:
     step_000010 must stay, since `--resume step_000020` points `best` at it again (issue 20)."""
-    from dsdpo.runtime.checkpoint import _prune, write_best
+    from dsdpo.runtime.checkpoint import prune_checkpoints, write_best
 
     _fake_checkpoint(tmp_path, 10, best_step=10)
     _fake_checkpoint(tmp_path, 20, best_step=10)
     _fake_checkpoint(tmp_path, 25, best_step=25)
     write_best(tmp_path, "step_000025")
-    _prune(tmp_path, keep=2, protect="step_000025")
+    prune_checkpoints(tmp_path, keep=2, protect="step_000025")
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000010", "step_000020", "step_000025"]
     _fake_checkpoint(tmp_path, 30, best_step=25)  # step_000020 goes, and the best only it named with it
-    _prune(tmp_path, keep=2, protect="step_000030")
+    prune_checkpoints(tmp_path, keep=2, protect="step_000030")
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000025", "step_000030"]

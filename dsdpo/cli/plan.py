@@ -1,5 +1,5 @@
 """`dsdpo plan`: the click command (dsdpo/cli/__init__.py adds it to the group); heavy imports when it
-runs. Defaults are training's: the settings schema's (dsdpo/config.py) and chunking's off-CUDA size."""
+runs. Defaults are training's: the settings schema's (dsdpo/config/) and chunking's off-CUDA size."""
 
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ checks that it implements exactly LOSS_TYPES."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dsdpo.errors import DsdpoError
+from dsdpo.settings import setting
 
 # dsdpo.objective.losses.LOSSES implements each, in this order (formulas there and in docs/losses.md)
 LOSS_TYPES = (
@@ -45,57 +46,52 @@ SORTED_LOSSES = ("aot", "aot_unpaired")
 OBJECTIVES = ("sequence", "per_draw")
 
 
-def _setting(default, help: str, *, flag: str | None = None, choices=None):
-    """A field with its command-line help (as dsdpo.config.setting; dsdpo.config imports this module)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
-
-
 @dataclass(frozen=True)
 class LossConfig:
     """Which preference loss, and its parameters. Validates itself; errors name the field."""
 
-    type: str = _setting(
+    type: str = setting(
         "sigmoid",
         f"one of {', '.join(LOSS_TYPES)}, or several comma-separated (with --loss-weights); sigmoid is "
         "DPO; TRL's names compute TRL 1.16's numbers; formulas, sources and TRL counterparts in "
         "docs/losses.md",
         flag="--loss",
     )
-    beta: float = _setting(0.1, "DPO beta")
-    label_smoothing: float = _setting(
+    beta: float = setting(0.1, "DPO beta")
+    label_smoothing: float = setting(
         0.0, f"epsilon of {', '.join(SMOOTHED_LOSSES)} (exo_pair needs it > 0; EXO suggests 1e-3)"
     )
-    reference_free: bool = _setting(False, "no reference model")
-    weights: str = _setting(
+    reference_free: bool = setting(False, "no reference model")
+    weights: str = setting(
         "", "comma-separated weight >= 0 of each --loss type (default 1 each)", flag="--loss-weights"
     )
-    f_divergence: str = _setting(
+    f_divergence: str = setting(
         "reverse_kl",
         "divergence of f-DPO (reverse_kl: DPO; js is TRL's js_divergence, alpha TRL's alpha_divergence "
         "with coefficient 1 - alpha)",
         choices=F_DIVERGENCES,
     )
-    f_alpha: float = _setting(1.0, "alpha of --f-divergence alpha (f-DPO's alpha; 1: forward KL)")
-    discopop_tau: float = _setting(0.05, "tau of the discopop loss")
-    wpo_unaligned: bool = _setting(
+    f_alpha: float = setting(1.0, "alpha of --f-divergence alpha (f-DPO's alpha; 1: forward KL)")
+    discopop_tau: float = setting(0.05, "tau of the discopop loss")
+    wpo_unaligned: bool = setting(
         False,
         "weight pairs by WPO's weight exp(B/|y_w| + B/|y_l|) without TRL's alignment term (not TRL's "
         "use_weighting; not with aot, aot_unpaired)",
     )
-    sft_weight: float = _setting(
+    sft_weight: float = setting(
         0.0, "RPO: add this times the sft loss (TRL: loss types sigmoid,sft, weights 1,this)"
     )
-    sft_per_response: bool = _setting(
+    sft_per_response: bool = setting(
         False,
         "LLaDA's SFT normalisation for the sft loss and RPO's term: the mean over pairs of each chosen "
         "NLL per token, instead of TRL's NLL per token of the micro-batch's chosen tokens",
     )
-    chosen_floor: float = _setting(
+    chosen_floor: float = setting(
         0.0, "add lambda * max(0, B_ref(chosen) - B_policy(chosen)): keeps the chosen likelihood up"
     )
-    chosen_floor_per_token: bool = _setting(False, "the floor's gap per token")
+    chosen_floor_per_token: bool = setting(False, "the floor's gap per token")
     # per_draw: Diffusion-DPO's mean over draws k of the loss of the draw-k terms (dsdpo.objective.gradient).
-    objective: str = _setting(
+    objective: str = setting(
         "sequence",
         "sequence: the loss of the Monte Carlo scores; per_draw: Diffusion-DPO's mean of the per-draw "
         "losses (an upper bound, one pass with gradients)",
