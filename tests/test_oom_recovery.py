@@ -8,8 +8,8 @@ import torch
 
 from dsdpo.config import ScoreConfig
 from dsdpo.errors import DsdpoError
+from dsdpo.objective.chunks import plan_chunks
 from dsdpo.objective.draws import sample_draws
-from dsdpo.objective.elbo import plan_chunks
 from dsdpo.objective.gradient import preference_micro_step
 from dsdpo.objective.losses import LossConfig
 from dsdpo.planner.activations import activation_bytes
