@@ -15,8 +15,9 @@ from dsdpo.errors import DsdpoError
 from dsdpo.models.loading import load_model
 from dsdpo.models.tiny import build_tokenizer
 from dsdpo.objective.blocks import response_segments
+from dsdpo.objective.chunks import plan_chunks
 from dsdpo.objective.draws import DrawKey, sample_draws
-from dsdpo.objective.elbo import ScoringBatch, draw_terms, elbo, exact_elbo, plan_chunks, row_logprob_sums
+from dsdpo.objective.elbo import ScoringBatch, draw_terms, elbo, exact_elbo, row_logprob_sums
 from dsdpo.objective.logprobs import MaskedTokenScorer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"

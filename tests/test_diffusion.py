@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dsdpo.errors import DsdpoError
+from dsdpo.objective.chunks import plan_chunks
 from dsdpo.objective.draws import draw_keys, sample_draws
-from dsdpo.objective.elbo import ScoringBatch, elbo, elbo_terms, exact_elbo, forward_rows, plan_chunks
+from dsdpo.objective.elbo import ScoringBatch, elbo, elbo_terms, exact_elbo, forward_rows
 from dsdpo.objective.logprobs import MaskedTokenScorer
 
 MASK = 4  # the tiny tokenizer's [MASK]

@@ -8,14 +8,15 @@ import torch
 
 from dsdpo.config import ScoreConfig
 from dsdpo.errors import DsdpoError
+from dsdpo.objective.chunks import plan_chunks
 from dsdpo.objective.draws import sample_draws
-from dsdpo.objective.elbo import plan_chunks
 from dsdpo.objective.gradient import preference_micro_step
 from dsdpo.objective.losses import LossConfig
 from dsdpo.planner.activations import activation_bytes
-from dsdpo.planner.chunking import auto_chunk_tokens, resolve_chunk_sizes, retry_on_out_of_memory
+from dsdpo.planner.chunking import auto_chunk_tokens, resolve_chunk_sizes
 from dsdpo.planner.memory import RunShape
 from dsdpo.reference.interface import as_reference
+from dsdpo.training.out_of_memory import retry_on_out_of_memory
 from tests.ds_helpers import MASK, cpu_ds_config, engines_for, full_weights, pair_batch
 
 MICRO_BATCHES = [[0, 1], [2, 3]]

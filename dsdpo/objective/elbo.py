@@ -9,8 +9,9 @@ docs/design.md, "The score of a response".
 returns logits or an output with `.logits`), a MaskedTokenScorer, or a DeepSpeed engine around one.
 Only response tokens are ever masked; the prompt is always visible; padding never counts.
 The rows of all draws go through the model in as few forward calls as `max_tokens_per_forward`
-allows (rows × sequence length per call), never one forward per draw. A block model's rows go as
-[noised ; clean] (dsdpo.objective.blocks), twice the length: every block is scored in the same forward.
+allows (rows × sequence length per call, dsdpo.objective.chunks), never one forward per draw. A
+block model's rows go as [noised ; clean] (dsdpo.objective.blocks), twice the length: every block is
+scored in the same forward. The batch itself is dsdpo.objective.batch.ScoringBatch.
 """
 
 from __future__ import annotations
@@ -18,68 +19,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from dsdpo.errors import DsdpoError
+from dsdpo.objective.batch import ScoringBatch
 from dsdpo.objective.blocks import block_diffusion_inputs, response_segments
+from dsdpo.objective.chunks import plan_chunks
 from dsdpo.objective.draws import DrawKey, Draws, sample_draws
 from dsdpo.objective.logprobs import as_scorer
-
-
-@dataclass
-class ScoringBatch:
-    """Tokenised sequences (prompt + response) and which tokens are response tokens."""
-
-    input_ids: Tensor  # [B, S]
-    response_mask: Tensor  # [B, S] bool
-    attention_mask: Tensor  # [B, S] long, 0 on padding
-
-    @classmethod
-    def build(cls, input_ids: Tensor, response_mask: Tensor, attention_mask: Tensor | None) -> ScoringBatch:
-        response_mask = response_mask.bool()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if input_ids.shape != response_mask.shape or input_ids.shape != attention_mask.shape:
-            raise DsdpoError(
-                f"input_ids {tuple(input_ids.shape)}, response_mask {tuple(response_mask.shape)} and "
-                f"attention_mask {tuple(attention_mask.shape)} must have the same shape"
-            )
-        if bool((response_mask & (attention_mask == 0)).any()):
-            raise DsdpoError("response_mask marks padding positions (attention_mask 0) as response tokens")
-        empty = (response_mask.sum(1) == 0).nonzero().flatten()
-        if empty.numel():
-            raise DsdpoError(f"response {int(empty[0])} of the batch is empty: there is nothing to score")
-        return cls(input_ids, response_mask, attention_mask)
-
-    @cached_property
-    def response_lengths(self) -> Tensor:
-        return self.response_mask.sum(1).cpu()
-
-    @cached_property
-    def response_positions(self) -> Tensor:
-        """[B, Lmax] sequence index of each response token, padded with S (an out-of-range column)."""
-        lengths = self.response_mask.sum(1)
-        width = int(lengths.max())
-        # A stable sort puts the response positions first, in sequence order.
-        order = torch.argsort((~self.response_mask).to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=order.device) < lengths[:, None]
-        return torch.where(valid, order, self.input_ids.shape[1])
-
-    @cached_property
-    def response_starts(self) -> Tensor:
-        """[B] the sequence position of each response's first token (where a block model's blocks
-        are counted from: position 0)."""
-        return self.response_positions[:, 0].cpu()
-
-    @cached_property
-    def sequence_ends(self) -> Tensor:
-        """[B] one past the last attended token: columns beyond it are padding for that row."""
-        columns = torch.arange(1, self.input_ids.shape[1] + 1, device=self.input_ids.device)
-        return (self.attention_mask.bool() * columns).amax(1).cpu()
 
 
 def _scatter_to_sequence(relative: Tensor, positions: Tensor, width: int) -> Tensor:
@@ -108,31 +57,6 @@ def forward_rows(batch: ScoringBatch, draws: Draws, rows: Tensor, mask_token_id:
     if draws.block_size is not None:
         inputs = block_diffusion_inputs(noised, targets, attention, draws.block_size)
     return {**inputs, "scored": scored, "targets": targets}
-
-
-def row_widths(batch: ScoringBatch, draws: Draws) -> Tensor:
-    """[R] each row's width in a forward: its sequence, twice over for a block model ([noised ; clean])."""
-    copies = 1 if draws.block_size is None else 2
-    return batch.sequence_ends[draws.example] * copies
-
-
-def plan_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int | None) -> list[Tensor]:
-    """Split the rows into consecutive chunks of at most `max_tokens_per_forward` (rows × width) tokens.
-
-    A row longer than the budget goes alone. No budget: one chunk holding every row.
-    """
-    if max_tokens_per_forward is None or draws.num_rows == 0:
-        return [torch.arange(draws.num_rows)]
-    ends = row_widths(batch, draws).tolist()
-    chunks, start, width = [], 0, 0
-    for row, end in enumerate(ends):
-        new_width = max(width, end)
-        if row > start and (row - start + 1) * new_width > max_tokens_per_forward:
-            chunks.append(torch.arange(start, row))
-            start, new_width = row, end
-        width = new_width
-    chunks.append(torch.arange(start, len(ends)))
-    return chunks
 
 
 def row_weights(draws: Draws) -> Tensor:

@@ -2,7 +2,7 @@
 
 docs/design.md, "Exact gradients when the score is chunked". The loss ℓ is not linear in the scores, so a
 chunk cannot backprop its own piece of ℓ. With B̂ = Σ_rows c_r s_r (s_r: a row's log-probability
-sum, c_r = weight_r / n; see diffusion.row_weights):
+sum, c_r = weight_r / n; see elbo.row_weights):
 
     ∂ℓ/∂θ = Σ_responses (∂ℓ/∂B̂) ∇B̂ = Σ_rows (∂ℓ/∂B̂_{example(r)}) c_r ∇s_r
 
@@ -17,60 +17,25 @@ chosen and rejected share draw k's stratum and key). By Jensen it bounds the seq
 for a convex ℓ. Each (pair, draw) unit's loss depends on that unit's rows alone, so chunks of whole
 units backprop their own losses in one pass: no first pass of the policy.
 
-Under ZeRO-3 every forward gathers parameters collectively, so all ranks run the same number of
-forward and backward calls: a rank with fewer chunks repeats its first one with a zero coefficient.
+Both run their chunks through dsdpo.objective.chunk_loop, which keeps the ranks in step under ZeRO-3.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from dsdpo.objective.batch import ScoringBatch
+from dsdpo.objective.chunk_loop import MicroStep, backward_chunks
+from dsdpo.objective.chunks import calls_per_rank, plan_chunks, plan_unit_chunks
 from dsdpo.objective.draws import Draws
-from dsdpo.objective.elbo import (
-    ScoringBatch,
-    draw_terms,
-    forward_rows,
-    plan_chunks,
-    row_weights,
-    row_widths,
-    standard_error,
-)
+from dsdpo.objective.elbo import draw_terms, forward_rows, row_weights, standard_error
 from dsdpo.objective.losses import LossConfig, LossOutput, preference_loss
-from dsdpo.objective.scoring import no_grad_row_sums, padded_calls
+from dsdpo.objective.scoring import no_grad_row_sums
 from dsdpo.reference.interface import Reference
 from dsdpo.runtime.dist import all_reduce_max
-
-
-@dataclass
-class MicroStep:
-    """What one micro-batch did: its loss (None when non-finite and skipped) and diagnostics."""
-
-    finite: bool
-    metrics: dict[str, float] = field(default_factory=dict)
-    sweeps: int = 0  # parameter sweeps: forward and backward calls of the policy and the reference
-
-
-def plan_unit_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int) -> list[Tensor]:
-    """Rows in chunks of whole (pair, draw) units, at most `max_tokens_per_forward` (rows × width)
-    tokens each unless one unit alone is larger: a unit's chosen and rejected rows of draw k go together."""
-    pairs = draws.batch_size // 2
-    unit = (draws.example % pairs) * draws.budget + draws.draw
-    ends = row_widths(batch, draws)
-    chunks, current, count, width = [], [], 0, 0
-    for u in unit.unique().tolist():
-        rows = (unit == u).nonzero(as_tuple=True)[0]
-        new_width = max(width, int(ends[rows].max()))
-        if current and (count + len(rows)) * new_width > max_tokens_per_forward:
-            chunks.append(torch.cat(current))
-            current, count, new_width = [], 0, int(ends[rows].max())
-        current.append(rows)
-        count, width = count + len(rows), new_width
-    chunks.append(torch.cat(current))
-    return chunks
 
 
 def _per_draw_micro_step(
@@ -92,7 +57,7 @@ def _per_draw_micro_step(
     backprops Σ_units ℓ(f_k) / (P n), so the step's gradient is that of the mean per-draw loss."""
     pairs, budget = draws.batch_size // 2, draws.budget
     grad_chunks = plan_unit_chunks(batch, draws, max_tokens_per_forward)
-    (grad_calls,) = (int(n) for n in all_reduce_max([len(grad_chunks)]))
+    (grad_calls,) = calls_per_rank(grad_chunks)
     reference_terms, sweeps = reference.terms(
         batch, draws, mask_token_id=mask_token_id, max_tokens=max_tokens_no_grad, example_ids=example_ids,
         epoch=epoch,
@@ -102,11 +67,8 @@ def _per_draw_micro_step(
     unit = ((draws.example % pairs) * budget + draws.draw).to(device)
     policy_terms = torch.zeros(2 * pairs, budget, device=device)
     unit_losses = torch.zeros(pairs * budget, device=device)
-    for rows, real in padded_calls(grad_chunks, grad_calls):
-        sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
-        if not real:
-            policy.backward((sums * 0).sum(), scale_wrt_gas=False)
-            continue
+
+    def units_loss(rows: Tensor, sums: Tensor) -> Tensor | None:
         terms = draw_terms(sums, draws, rows)  # [2P, n], zero outside the chunk's units
         units = unit[rows.to(device)].unique()
         p, k = units // budget, units % budget
@@ -120,11 +82,15 @@ def _per_draw_micro_step(
             chosen_lengths=lengths[p],
             rejected_lengths=lengths[p + pairs],
         )
-        finite = bool(torch.isfinite(out.losses).all())
-        chunk_loss = out.losses.sum() / (pairs * budget) if finite else (sums * 0).sum()
-        policy.backward(chunk_loss * loss_scale, scale_wrt_gas=False)
         unit_losses[units] = out.losses.detach()
-        policy_terms += terms.detach()
+        policy_terms.add_(terms.detach())
+        if not bool(torch.isfinite(out.losses).all()):
+            return None
+        return out.losses.sum() / (pairs * budget) * loss_scale
+
+    finite = backward_chunks(
+        policy, batch, draws, grad_chunks, grad_calls, mask_token_id=mask_token_id, chunk_loss=units_loss
+    )
     sweeps += 2 * grad_calls
     # Metrics of the sequence scores (rewards, log-probabilities); the loss is the per-draw one.
     scores = policy_terms.mean(1)
@@ -144,7 +110,7 @@ def _per_draw_micro_step(
         "loss": float(unit_losses.mean()),
         **_diagnostics(policy_terms, reference_terms),
     }
-    finite = all_reduce_max([0.0 if bool(torch.isfinite(unit_losses).all()) else 1.0]) == [0.0]
+    finite = all_reduce_max([0.0 if finite else 1.0]) == [0.0]  # finite on every rank
     return MicroStep(finite=finite, metrics=metrics, sweeps=sweeps)
 
 
@@ -211,7 +177,7 @@ def preference_micro_step(
     reference_draws = reference_draws or draws
     grad_chunks = plan_chunks(batch, draws, max_tokens_per_forward)
     no_grad_chunks = plan_chunks(batch, draws, max_tokens_no_grad)
-    grad_calls, no_grad_calls = (int(n) for n in all_reduce_max([len(grad_chunks), len(no_grad_chunks)]))
+    grad_calls, no_grad_calls = calls_per_rank(grad_chunks, no_grad_chunks)
     single_pass = grad_calls == 1
     coefficients = row_weights(draws).to(batch.input_ids.device)
 
@@ -254,8 +220,8 @@ def preference_micro_step(
     # g = ∂(scaled loss)/∂B̂ per response, spread onto rows: ∂/∂s_r = g[example(r)] · c_r.
     (out.loss * loss_scale).backward()
     row_grads = scores.grad[draws.example.to(scores.device)] * coefficients
-    for rows, real in padded_calls(grad_chunks, grad_calls):
-        sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
-        weight = row_grads[rows.to(row_grads.device)] if real else torch.zeros_like(sums)
-        policy.backward((sums * weight).sum(), scale_wrt_gas=False)
+    backward_chunks(
+        policy, batch, draws, grad_chunks, grad_calls, mask_token_id=mask_token_id,
+        chunk_loss=lambda rows, sums: (sums * row_grads[rows.to(row_grads.device)]).sum(),
+    )  # fmt: skip
     return MicroStep(finite=True, metrics=metrics, sweeps=sweeps + 2 * grad_calls)

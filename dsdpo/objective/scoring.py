@@ -25,21 +25,10 @@ from dsdpo.data.collate import collate_pairs
 from dsdpo.data.tokenize import TokenizedPair
 from dsdpo.errors import DsdpoError
 from dsdpo.families import block_size_of_model
+from dsdpo.objective.batch import ScoringBatch
+from dsdpo.objective.chunks import calls_per_rank, padded_calls, plan_chunks
 from dsdpo.objective.draws import Draws, pair_draws
-from dsdpo.objective.elbo import (
-    ScoringBatch,
-    draw_terms,
-    forward_rows,
-    plan_chunks,
-    row_logprob_sums,
-    standard_error,
-)
-from dsdpo.runtime.dist import all_reduce_max
-
-
-def padded_calls(chunks: list[Tensor], count: int) -> list[tuple[Tensor, bool]]:
-    """(rows, is_real) for `count` calls: the real chunks, then repeats of the first as fillers."""
-    return [(rows, True) for rows in chunks] + [(chunks[0], False)] * (count - len(chunks))
+from dsdpo.objective.elbo import draw_terms, forward_rows, row_logprob_sums, standard_error
 
 
 @torch.no_grad()
@@ -60,7 +49,7 @@ def engine_terms(engine, batch: ScoringBatch, draws: Draws, *, mask_token_id: in
     parameters collectively): one collective agrees on the count.
     """
     chunks = plan_chunks(batch, draws, max_tokens)
-    (calls,) = (int(n) for n in all_reduce_max([len(chunks)]))
+    (calls,) = calls_per_rank(chunks)
     sums = no_grad_row_sums(engine, batch, draws, mask_token_id, chunks, calls)
     return draw_terms(sums, draws), calls
 

@@ -29,13 +29,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from torch import Tensor
 
 from dsdpo.data.tokenize import TokenizedPair, eos_filled
+from dsdpo.objective.batch import ScoringBatch
+from dsdpo.objective.chunk_loop import MicroStep, backward_chunks
+from dsdpo.objective.chunks import calls_per_rank, plan_chunks
 from dsdpo.objective.draws import Draws
-from dsdpo.objective.elbo import ScoringBatch, draw_terms, forward_rows, plan_chunks
-from dsdpo.objective.gradient import MicroStep
+from dsdpo.objective.elbo import draw_terms
 from dsdpo.objective.losses import sft_losses
-from dsdpo.objective.scoring import padded_calls
 from dsdpo.runtime.dist import all_reduce_max
 
 
@@ -74,20 +76,18 @@ def sft_micro_step(
     responses, device = draws.batch_size, batch.input_ids.device
     lengths = batch.response_lengths.to(device)
     chunks = plan_chunks(batch, draws, max_tokens_per_forward)
-    (calls,) = (int(n) for n in all_reduce_max([len(chunks)]))
+    (calls,) = calls_per_rank(chunks)
     elbos = torch.zeros(responses, device=device)
-    finite = True
-    for rows, real in padded_calls(chunks, calls):
-        sums = policy(**forward_rows(batch, draws, rows, mask_token_id))
-        if not real:  # a filler call keeps the ranks' collectives in step
-            policy.backward((sums * 0).sum(), scale_wrt_gas=False)
-            continue
+
+    def chunk_loss(rows: Tensor, sums: Tensor) -> Tensor | None:
         part = draw_terms(sums, draws, rows).mean(1)  # this chunk's share of each B̂
-        chunk_loss = sft_losses(part, lengths, per_response).mean()  # linear in `part`: chunks add up
-        if not torch.isfinite(chunk_loss):
-            finite, chunk_loss = False, (sums * 0).sum()  # the step is thrown away (see train.py)
-        policy.backward(chunk_loss * loss_scale, scale_wrt_gas=False)
-        elbos += part.detach()
+        elbos.add_(part.detach())
+        loss = sft_losses(part, lengths, per_response).mean()  # linear in `part`: chunks add up
+        return loss * loss_scale if torch.isfinite(loss) else None  # None: the step is thrown away
+
+    finite = backward_chunks(
+        policy, batch, draws, chunks, calls, mask_token_id=mask_token_id, chunk_loss=chunk_loss
+    )
     metrics = {
         "loss": float(sft_losses(elbos, lengths, per_response).mean()),
         "logps/chosen": float(elbos.mean()),

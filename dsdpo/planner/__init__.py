@@ -8,6 +8,6 @@ memory.py        bytes per device (GPU peak, CPU RAM, NVMe) for a run: model sta
 sweeps.py        parameter sweeps per optimizer step
 cards.py         the card table: memory, memory bandwidth, PCIe bandwidth, bf16 rate
 report.py        time per pair and the printed plan (`dsdpo plan`)
-chunking.py      --max-tokens-per-forward auto, and the retry that halves it on an out-of-memory error
+chunking.py      --max-tokens-per-forward auto: the largest chunks that fit the free device memory
 monitor.py       memory and swap traffic of a running process, for metrics.jsonl
 """

@@ -38,7 +38,7 @@ report.py), model states its TOTAL ones (every expert is partitioned, offloaded 
 
 A block-diffusion model (SDAR, LLaDA 2.x) scores one forward of [noised ; clean] (dsdpo.objective.blocks): a
 row of S tokens is 2S tokens wide in every forward, in T above, in the attention's width and in
---max-tokens-per-forward's budget (dsdpo.objective.elbo.row_widths); its masked positions are the noised
+--max-tokens-per-forward's budget (dsdpo.objective.chunks.row_widths); its masked positions are the noised
 half's, as many as a plain row's.
 
 A forward without gradients keeps one block's transients, b·T·(3d + 3f) + 4·T·d, or one slice of

@@ -1,4 +1,4 @@
-"""--max-tokens-per-forward auto, and what happens when a chunk runs out of device memory.
+"""--max-tokens-per-forward auto: how many tokens a chunk may hold, from the planner's formulas.
 
 auto: the largest chunks (whole rows of --max-length tokens) whose activations, by the planner's
 formulas (dsdpo/planner/memory.py, every response position masked: a bound), fit in 90% of the
@@ -7,39 +7,24 @@ forward and backward calls (gathered parameters, a module's gradients, reduce-sc
 bucket). The same for the forwards without gradients, unless --max-tokens-no-grad is given. Unset
 (the default) means auto on CUDA and 4096 elsewhere, as before.
 
-Out of memory: chunking is exact (docs/design.md, "Exact gradients when the score is chunked"), so a
-step whose chunk ran out of memory can be redone with smaller chunks and give the same gradient.
-The gradient the step's earlier backward calls had accumulated is thrown away (the optimizer's
-zero_grad, as for a non-finite step, and the gradients a backward cut short left in ZeRO-3's reduce
-buckets), ZeRO-3's gathered parameters are released, and the step's
-micro-batches run again with both chunk budgets halved. When every chunk already holds one row, a
-row does not fit: the run stops with one line saying so.
-
-GPU-only: the CUDA allocator's free memory and a real CUDA out-of-memory error are not seen on the
-CPU; there the same code runs on the CPU's available RAM and on an injected torch.OutOfMemoryError.
-With several ranks a rank that runs out of memory leaves the others waiting in a collective, so the
-retry is for one rank only (a several-rank run stops with the error).
+Which rows go in which chunk is dsdpo/objective/chunks.py; a step whose chunk runs out of memory
+anyway is redone with smaller ones by dsdpo/training/out_of_memory.py. The CUDA allocator's free
+memory is not seen on the CPU: there the same code runs on the CPU's available RAM.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
 from dsdpo.config import DEFAULT_TOKENS
-from dsdpo.errors import DsdpoError
 from dsdpo.planner.activations import activation_bytes, no_grad_activation_bytes, row_width
 from dsdpo.planner.memory import RunShape
 from dsdpo.planner.model_states import model_state_plan
 from dsdpo.planner.shapes import ModelShape, model_shape
 from dsdpo.planner.zero_settings import dtype_bytes
-from dsdpo.runtime.zero import release_memory
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 SAFETY = 0.9  # of the free memory; the rest is the allocator's fragmentation and what was not counted
 
 
@@ -118,39 +103,3 @@ def resolve_chunk_sizes(
         f"--max-tokens-per-forward auto: {chosen}, from the planner's activation formulas and "
         f"{free / 2**30:.1f} GiB free {where} ({max(room, 0) / 2**30:.1f} GiB for activations)"
     )
-
-
-def halve_chunks(score, widest_row: int) -> str:
-    """Halve both chunk budgets (not below one row); raise when every chunk is one row already."""
-    grad, no_grad = score.max_tokens_per_forward, score.no_grad_tokens
-    if grad < 2 * widest_row and no_grad < 2 * widest_row:
-        raise DsdpoError(
-            f"out of device memory with one row of {widest_row} tokens per forward: a single row does "
-            "not fit. Lower --max-length, keep gradient checkpointing on, or offload more "
-            "(`dsdpo plan` shows where the memory goes)"
-        )
-    new_grad = grad // 2 if grad >= 2 * widest_row else grad
-    new_no_grad = no_grad // 2 if no_grad >= 2 * widest_row else no_grad
-    score.max_tokens_per_forward, score.max_tokens_no_grad = new_grad, new_no_grad
-    return (
-        f"out of device memory in a chunk: the step is redone with --max-tokens-per-forward {grad} -> "
-        f"{new_grad} and --max-tokens-no-grad {no_grad} -> {new_no_grad} (chunking is exact)"
-    )
-
-
-def retry_on_out_of_memory(
-    run: Callable[[], T], score, *, widest_row: int, engines: tuple, say: Callable[[str], None] = log.warning
-) -> tuple[T, int]:
-    """run() (the step's forward and backward calls), redone with halved chunks after an out-of-memory
-    error (module docstring); returns its result and the number of retries."""
-    retries = 0
-    while True:
-        try:
-            return run(), retries
-        except torch.OutOfMemoryError:
-            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                raise
-        # Outside the except block: the traceback, and the chunk's tensors it holds, are gone.
-        release_memory(*engines)
-        say(halve_chunks(score, widest_row))
-        retries += 1

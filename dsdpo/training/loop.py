@@ -21,7 +21,7 @@ from dsdpo.objective.draws import pair_draws
 from dsdpo.objective.elbo import ScoringBatch
 from dsdpo.objective.gradient import MicroStep, preference_micro_step
 from dsdpo.objective.sft import sft_micro_step
-from dsdpo.planner.chunking import resolve_chunk_sizes, retry_on_out_of_memory
+from dsdpo.planner.chunking import resolve_chunk_sizes
 from dsdpo.planner.monitor import ResourceMonitor
 from dsdpo.reference.interface import Reference, as_reference
 from dsdpo.reference.refresh import mix_reference
@@ -34,6 +34,7 @@ from dsdpo.runtime.zero import apply_step, drop_step
 from dsdpo.training.checkpoint_policy import CheckpointPolicy
 from dsdpo.training.evaluations import RunEvaluations
 from dsdpo.training.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
+from dsdpo.training.out_of_memory import retry_on_out_of_memory
 from dsdpo.training.setup import RunPlan, plan_run, prepare_output, step_batches
 from dsdpo.training.stopping import StopRequest, TooManyBadSteps, TrainingStopped
 
