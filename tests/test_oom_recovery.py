@@ -1,7 +1,7 @@
-"""Out-of-memory recovery and --max-tokens-per-forward auto (dsdpo/planner/chunking.py), through real
-ZeRO-3 engines on the CPU: a real torch.OutOfMemoryError is raised from a chunk-level hook (the CUDA
-allocator's own error cannot happen here), the step is redone with halved chunks, and its gradient
-equals the unchunked step's."""
+"""Out-of-memory recovery (dsdpo/training/out_of_memory.py) and --max-tokens-per-forward auto
+(dsdpo/planner/chunking.py), through real ZeRO-3 engines on the CPU: a real torch.OutOfMemoryError is
+raised from a chunk-level hook (the CUDA allocator's own error cannot happen here), the step is redone
+with halved chunks, and its gradient equals the unchunked step's."""
 
 import pytest
 import torch
@@ -201,13 +201,8 @@ def test_auto_on_the_cpu_resolves_from_the_planner_and_says_so(tiny_gemma_dir):
 
 
 def _train(tmp_path, model_dir, name, monkeypatch, *, tokens, inject=None, steps=2):
-    import copy
-    import json
-
     import dsdpo.training.loop
-    from dsdpo.config import Config, DataConfig, ModelConfig, TrainConfig
-    from dsdpo.training.demo import addition_pairs, write_jsonl
-    from tests.ds_helpers import CPU_CONFIG
+    from tests.tiny_runs import addition_data, constant_lr_ds_config, tiny_run_config
 
     if inject is not None:
         real = dsdpo.training.loop.build_engines
@@ -218,19 +213,12 @@ def _train(tmp_path, model_dir, name, monkeypatch, *, tokens, inject=None, steps
             return engines
 
         monkeypatch.setattr(dsdpo.training.loop, "build_engines", build_engines)
-    ds = copy.deepcopy(CPU_CONFIG)
-    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
-    ds.pop("scheduler")
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    data = write_jsonl(addition_pairs(16), tmp_path / "pairs.jsonl")
-    config = Config(
-        model=ModelConfig(path=str(model_dir)),
-        data=DataConfig(path=str(data)),
-        score=ScoreConfig(budget=2, max_tokens_per_forward=tokens),
-        loss=LossConfig(beta=0.5),
-        train=TrainConfig(output=str(tmp_path / name), max_steps=steps, save_every=1, keep_last=10),
-    )
-    dsdpo.training.loop.train(config, tmp_path / "ds.json")
+    ds_config = constant_lr_ds_config(tmp_path, micro=2, accumulation=1)
+    config = tiny_run_config(
+        model_dir, addition_data(tmp_path), tmp_path / name, score=dict(max_tokens_per_forward=tokens),
+        loss=LossConfig(beta=0.5), max_steps=steps, save_every=1, keep_last=10,
+    )  # fmt: skip
+    dsdpo.training.loop.train(config, ds_config)
     return tmp_path / name
 
 

@@ -1,11 +1,11 @@
 """--max-tokens-per-forward auto: how many tokens a chunk may hold, from the planner's formulas.
 
 auto: the largest chunks (whole rows of --max-length tokens) whose activations, by the planner's
-formulas (dsdpo/planner/memory.py, every response position masked: a bound), fit in 90% of the
-device memory free when training starts, less the model states that come and go during the
-forward and backward calls (gathered parameters, a module's gradients, reduce-scatter's copy of a
-bucket). The same for the forwards without gradients, unless --max-tokens-no-grad is given. Unset
-(the default) means auto on CUDA and 4096 elsewhere, as before.
+formulas (dsdpo/planner/activations.py and model_states.py, every response position masked: a
+bound), fit in 90% of the device memory free when training starts, less the model states that come
+and go during the forward and backward calls (gathered parameters, a module's gradients,
+reduce-scatter's copy of a bucket). The same for the forwards without gradients, unless
+--max-tokens-no-grad is given. Unset (the default) means auto on CUDA and 4096 elsewhere.
 
 Which rows go in which chunk is dsdpo/objective/chunks.py; a step whose chunk runs out of memory
 anyway is redone with smaller ones by dsdpo/training/out_of_memory.py. The CUDA allocator's free

@@ -175,7 +175,7 @@ class Trainer:
     def step(self, epoch: int, micro_batches: list[list]) -> dict[str, float]:
         """All micro-batches of one step, then the optimizer update (or nothing, if any loss or the
         gradient was not finite); the step's metrics, averaged over micro-batches and ranks. A chunk out
-        of device memory redoes the step's micro-batches with halved chunks (dsdpo/planner/chunking.py).
+        of device memory redoes the step's micro-batches with halved chunks (dsdpo/training/out_of_memory.py).
         A mixture-of-experts policy adds its router statistics (dsdpo/families/routing.py)."""
         policy = self.policy
         take_router_counts(policy.module)  # forget the forwards outside training steps (evaluation)
