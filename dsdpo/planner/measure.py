@@ -4,7 +4,7 @@ A dispatch mode sees every tensor an operation returns (on the CPU as on a GPU) 
 storage until it is freed: the peak of the live bytes is what a caching allocator would have to hold
 at least. Parameters exist before and are not counted; the gradients of parameters that exist at
 the peak are taken off, so the number is the activations (and transient buffers) the planner's
-formula predicts (dsdpo/planner/memory.py). torch's MemTracker was tried first: under gradient
+formula predicts (dsdpo/planner/activations.py). torch's MemTracker was tried first: under gradient
 checkpointing its peak did not change with the number of layers or the vocabulary, so it is not used.
 """
 
