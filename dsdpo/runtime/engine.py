@@ -27,7 +27,7 @@ from dsdpo.objective.logprobs import MaskedTokenScorer
 from dsdpo.reference.interface import AdapterDisabledReference
 from dsdpo.runtime.ds_config import precision, reference_ds_config
 from dsdpo.runtime.leftovers import (
-    SHARED_MEMORY,
+    allreduce_buffer,
     clear_stale_build_locks,
     clear_stale_shared_buffers,
     quiet_cached_op_loads,
@@ -67,11 +67,7 @@ def _unlink_shared_allreduce_buffer() -> None:
     later leaves nothing behind.
     """
     dist.barrier()
-    name = "_".join(
-        ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-         os.environ.get("MASTER_PORT", ""), str(dist.get_rank())]
-    )  # fmt: skip
-    (SHARED_MEMORY / name).unlink(missing_ok=True)
+    allreduce_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
 def finish_distributed() -> None:

@@ -100,9 +100,20 @@ def clear_stale_build_locks() -> list[Path]:
 SHARED_MEMORY = Path("/dev/shm")
 
 
+def _allreduce_buffer_prefix() -> str:
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_"  # shm.cpp, shm_initialize: SHM_BUFFER_NAME_<uid>_
+
+
+def allreduce_buffer(rank: int) -> Path:
+    """This process group's all-reduce file of `rank`, named as shm.cpp names it: the prefix, then the
+    launcher's MASTER_ADDR and MASTER_PORT and the rank."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHARED_MEMORY / f"{_allreduce_buffer_prefix()}{addr}_{port}_{rank}"
+
+
 def shared_allreduce_buffers() -> list[Path]:
     """This user's DeepSpeed CPU all-reduce files in /dev/shm."""
-    return sorted(SHARED_MEMORY.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    return sorted(SHARED_MEMORY.glob(f"{_allreduce_buffer_prefix()}*"))
 
 
 def clear_stale_shared_buffers() -> list[Path]:
