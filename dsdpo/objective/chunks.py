@@ -49,11 +49,16 @@ def plan_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int |
     return chunks
 
 
+def draw_units(draws: Draws) -> Tensor:
+    """[R] each row's (pair, draw) unit, pair × budget + draw: a pair's chosen and rejected rows of
+    draw k share one (the rows of P pairs' 2P responses, chosen first)."""
+    return (draws.example % (draws.batch_size // 2)) * draws.budget + draws.draw
+
+
 def plan_unit_chunks(batch: ScoringBatch, draws: Draws, max_tokens_per_forward: int) -> list[Tensor]:
     """Rows in chunks of whole (pair, draw) units, at most `max_tokens_per_forward` (rows × width)
     tokens each unless one unit alone is larger: a unit's chosen and rejected rows of draw k go together."""
-    pairs = draws.batch_size // 2
-    unit = (draws.example % pairs) * draws.budget + draws.draw
+    unit = draw_units(draws)
     ends = row_widths(batch, draws)
     chunks, current, count, width = [], [], 0, 0
     for u in unit.unique().tolist():

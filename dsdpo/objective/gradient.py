@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dsdpo.objective.batch import ScoringBatch
 from dsdpo.objective.chunk_loop import MicroStep, backward_chunks
-from dsdpo.objective.chunks import calls_per_rank, plan_chunks, plan_unit_chunks
+from dsdpo.objective.chunks import calls_per_rank, draw_units, plan_chunks, plan_unit_chunks
 from dsdpo.objective.draws import Draws
 from dsdpo.objective.elbo import draw_terms, forward_rows, row_weights, standard_error
 from dsdpo.objective.losses import LossConfig, LossOutput, preference_loss
@@ -64,7 +64,7 @@ def _per_draw_micro_step(
     )  # fmt: skip
     device = batch.input_ids.device
     lengths = batch.response_lengths.to(device)
-    unit = ((draws.example % pairs) * budget + draws.draw).to(device)
+    unit = draw_units(draws).to(device)
     policy_terms = torch.zeros(2 * pairs, budget, device=device)
     unit_losses = torch.zeros(pairs * budget, device=device)
 
