@@ -53,6 +53,12 @@ def gathered(params, *, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
+def is_engine(obj) -> bool:
+    """Whether `obj` is a DeepSpeed engine: a reference of its own, not the policy with its adapters
+    off (reference.interface.AdapterDisabledReference) or none."""
+    return isinstance(obj, deepspeed.DeepSpeedEngine)
+
+
 def apply_step(policy) -> bool:
     """The optimizer step of the gradient the step's backward calls accumulated; whether DeepSpeed
     applied it: it skips an update whose global gradient norm (all ranks) is not finite, as a finite
@@ -71,7 +77,7 @@ def release_memory(*engines) -> None:
     """Throw away the step's partial gradient and what ZeRO-3 had gathered, then collect (after a chunk
     ran out of device memory; engines: the policy first, then the reference's or None)."""
     for engine in engines:
-        if isinstance(engine, deepspeed.DeepSpeedEngine):
+        if is_engine(engine):
             engine.empty_partition_cache()  # release and reset every gathered parameter
     policy = engines[0]
     for param in policy.module.parameters():

@@ -30,7 +30,7 @@ from dsdpo.runtime.dist import all_reduce_max, all_reduce_mean, device
 from dsdpo.runtime.engine import build_engines, init_distributed
 from dsdpo.runtime.faults import crash_point
 from dsdpo.runtime.run_folder import run_lock
-from dsdpo.runtime.zero import apply_step, drop_step
+from dsdpo.runtime.zero import apply_step, drop_step, is_engine
 from dsdpo.training.checkpoint_policy import CheckpointPolicy
 from dsdpo.training.evaluations import RunEvaluations
 from dsdpo.training.metrics import DisplacementMonitor, RunLogger, peak_memory_mb
@@ -96,7 +96,7 @@ class Trainer:
             budget=config.score.budget,
             micro_batch=plan.batch_sizes["train_micro_batch_size_per_gpu"],
             gradient_checkpointing=config.model.gradient_checkpointing,
-            reference="engine" if hasattr(self.engines.reference, "empty_partition_cache") else "none",
+            reference="engine" if is_engine(self.engines.reference) else "none",
             device=device(),
         ):
             plan.notes.append(note)
